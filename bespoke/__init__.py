@@ -1,0 +1,40 @@
+"""bespoke: make a pretrained network fast on many target devices at low cost.
+
+The public API for plugins and embedding applications is re-exported here.
+"""
+
+from bespoke.errors import BespokeError, NotImplementedYet, UsageError
+from bespoke.hookspecs import hookimpl
+from bespoke.types import (
+    AlternativeSpec,
+    BlockContext,
+    BlockSource,
+    Candidate,
+    DeviceInfo,
+    DistillLoss,
+    LatencyEstimator,
+    LatencyQuery,
+    PluginOptions,
+    PluginRecord,
+    SearchProblem,
+    SearchStrategy,
+    SegmentInfo,
+    Solution,
+)
+
+__version__ = "0.1.0"
+
+
+def load_student(path):
+    """Reload a student saved by bespoke (recipe JSON + safetensors) as an ``nn.Module``."""
+    from bespoke.student import load_student as _load
+
+    return _load(path)
+
+
+__all__ = [
+    "AlternativeSpec", "BespokeError", "BlockContext", "BlockSource", "Candidate", "DeviceInfo",
+    "DistillLoss", "LatencyEstimator", "LatencyQuery", "NotImplementedYet", "PluginOptions",
+    "PluginRecord", "SearchProblem", "SearchStrategy", "SegmentInfo", "Solution", "UsageError",
+    "hookimpl", "load_student", "__version__",
+]

@@ -1,0 +1,220 @@
+"""The ``bespoke`` command line (typer + rich). Thin: parses flags, calls the stage modules.
+
+Errors bespoke raises on purpose (:class:`bespoke.errors.BespokeError`) print as one clear
+message and exit with code 2; no traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bespoke.errors import BespokeError, UsageError
+
+app = typer.Typer(
+    name="bespoke",
+    help="Make a pretrained network fast on many target devices at low cost.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+PluginOpt = typer.Option(None, "--plugin", "-p", help="Use this plugin (repeatable); its category says what it replaces. See `bespoke plugins`.")
+
+
+def _registry():
+    from bespoke.plugins import get_registry
+
+    reg = get_registry()
+    for w in reg.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+    return reg
+
+
+def _parse_budgets(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--budget {text!r}: give comma-separated numbers, e.g. 0.6,0.8 (ratios) or 12.5 (ms)") from None
+    if not vals:
+        raise UsageError("--budget is empty; give e.g. 0.6,0.8")
+    return vals
+
+
+def _config(config: Optional[Path], plugins: Optional[List[str]], **flags: Any):
+    """Config file + CLI overrides + --plugin selections, validated, with the registry."""
+    from bespoke.config import apply_plugin_flags, check_plugin_selection, load_config
+
+    reg = _registry()
+    overrides: dict[str, Any] = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        node = overrides
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    cfg = load_config(config, overrides)
+    cfg = apply_plugin_flags(cfg, list(plugins or []), reg)
+    check_plugin_selection(cfg, reg)
+    return cfg, reg
+
+
+@app.command()
+def plugins(as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table.")) -> None:
+    """List installed plugins: name, category, distribution, version, description."""
+    reg = _registry()
+    rows = [
+        {"name": r.name, "category": r.category, "distribution": r.distribution,
+         "version": r.version, "description": r.description}
+        for r in sorted(reg.records.values(), key=lambda r: (r.category, r.name))
+    ]
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title="bespoke plugins")
+    for col in ("name", "category", "distribution", "version", "description"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(r[c] for c in ("name", "category", "distribution", "version", "description")))
+    console.print(table)
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="timm model name, or package.module:attribute returning an nn.Module"),
+    input_size: int = typer.Option(None, "--input-size", help="square input resolution (default: the model's own)"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show the cut points of MODEL: where it splits into single-input/single-output segments."""
+    from bespoke.partition import inspect_model
+
+    info = inspect_model(model, input_size)
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return
+    table = Table(title=f"{info['model']}  input {tuple(info['input_shape'])}: {len(info['cut_points'])} cut points")
+    for col in ("index", "node", "output shape", "stride"):
+        table.add_column(col)
+    for cp in info["cut_points"]:
+        table.add_row(str(cp["index"]), cp["name"], str(tuple(cp["shape"])), str(cp["stride"]))
+    console.print(table)
+
+
+@app.command()
+def build(
+    config: Optional[Path] = typer.Argument(None, help="YAML/TOML run configuration"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="model house directory"),
+    data: Optional[str] = typer.Option(None, "--data", help="image folder or package.module:attribute"),
+    teacher: Optional[str] = typer.Option(None, "--teacher"),
+    plugin: Optional[List[str]] = PluginOpt,
+) -> None:
+    """Build (or resume) a model house: sample segments, create alternatives, distil them."""
+    from bespoke import pipeline
+
+    cfg, reg = _config(config, plugin, data=data, teacher=teacher, house=str(out) if out else None)
+    pipeline.build(cfg, reg, console=console)
+
+
+@app.command()
+def profile(
+    house: Path = typer.Argument(..., help="model house directory"),
+    output: Path = typer.Option(..., "--output", "-o", help="latency lookup table (JSON) to write"),
+    plugin: Optional[List[str]] = PluginOpt,
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Measure every alternative and teacher segment of HOUSE on this device; write a LUT."""
+    from bespoke import pipeline
+
+    cfg, reg = _config(None, plugin, threads=threads, house=str(house))
+    pipeline.profile(cfg, reg, Path(output), console=console)
+
+
+@app.command()
+def search(
+    house: Path = typer.Argument(..., help="model house directory"),
+    budget: Optional[str] = typer.Option(None, "--budget", "-b", help="comma-separated ratios of the teacher latency (<=1) or ms (>1)"),
+    output: Path = typer.Option(Path("search.json"), "--output", "-o"),
+    plugin: Optional[List[str]] = PluginOpt,
+    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: SQLite file beside the output)"),
+    study: Optional[str] = typer.Option(None, "--study", help="Optuna study name (processes sharing storage and name cooperate)"),
+) -> None:
+    """Search which segments to replace under each budget; write recipes (and the Pareto front)."""
+    from bespoke import pipeline
+
+    cfg, reg = _config(config, plugin, budgets=_parse_budgets(budget), house=str(house))
+    pipeline.search(cfg, reg, Path(output), storage=storage, study=study, console=console)
+
+
+@app.command()
+def finetune(
+    recipe: Path = typer.Argument(..., help="a recipe from `bespoke search` (JSON)"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory for the student"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    data: Optional[str] = typer.Option(None, "--data"),
+    plugin: Optional[List[str]] = PluginOpt,
+) -> None:
+    """Assemble a student, recalibrate BatchNorm, fine-tune it with distillation (resumable)."""
+    from bespoke import pipeline
+
+    cfg, reg = _config(config, plugin, data=data)
+    pipeline.finetune(cfg, reg, recipe, out, console=console)
+
+
+@app.command()
+def export(
+    student: Path = typer.Argument(..., help="a saved student directory"),
+    out: Path = typer.Option(..., "--out", "-o"),
+    formats: str = typer.Option("onnx,torch-export,safetensors", "--formats"),
+) -> None:
+    """Export a student to ONNX (checked with onnxruntime), torch.export and recipe+safetensors."""
+    from bespoke import pipeline
+
+    pipeline.export(student, out, [f.strip() for f in formats.split(",") if f.strip()], console=console)
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Argument(None, help="YAML/TOML run configuration (optional)"),
+    plugin: Optional[List[str]] = PluginOpt,
+    budget: Optional[str] = typer.Option(None, "--budget", "-b", help="comma-separated ratios (<=1) or ms (>1)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o"),
+    data: Optional[str] = typer.Option(None, "--data", help="image folder or package.module:attribute"),
+    val_data: Optional[str] = typer.Option(None, "--val-data"),
+    teacher: Optional[str] = typer.Option(None, "--teacher"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="quick or full"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+) -> None:
+    """Everything: build (or reuse) the house, profile, search each budget, fine-tune, export, report."""
+    from bespoke import pipeline
+
+    cfg, reg = _config(config, plugin, budgets=_parse_budgets(budget), out=str(out) if out else None,
+                       data=data, val_data=val_data, teacher=teacher, preset=preset, seed=seed)
+    pipeline.run(cfg, reg, console=console)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="bespoke")
+    except BespokeError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; rerun the same command to resume where it stopped")
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main()

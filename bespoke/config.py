@@ -1,0 +1,206 @@
+"""Run configuration: one pydantic model, loaded from YAML or TOML, overridable from the CLI.
+
+Each plugin validates its own options (``plugin_options.<name>``) with its own pydantic model.
+Every validation problem becomes a :class:`bespoke.errors.UsageError` naming the file, the key,
+the value and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bespoke.errors import UsageError
+
+CONFIG_SCHEMA_VERSION = 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BuildConfig(Strict):
+    """The one-time stage: segments, alternatives, block-level distillation."""
+
+    segments: int = Field(12, ge=1, description="segments to sample from the teacher")
+    max_fraction: float = Field(0.3, gt=0, le=1, description="longest segment, as a fraction of the remaining cut points")
+    enumerate_max_len: int | None = Field(None, ge=1, description="instead of sampling, take every segment up to this many cut points")
+    epochs: int = Field(1, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1, description="cap the steps per epoch")
+    batch_size: int = Field(16, ge=1)
+    bunch_size: int = Field(64, ge=1, description="alternatives trained together per teacher forward")
+    lr: float = Field(1e-3, gt=0)
+    cache_activations: bool = Field(True, description="cache teacher activations at cut points after the first epoch")
+    calibration_images: int = Field(64, ge=1, description="images used to initialise adapters and choose channels")
+    validation_images: int = Field(64, ge=0, description="held-out images for the distillation error and replace-one scores")
+
+
+class FinetuneConfig(Strict):
+    epochs: int = Field(1, ge=0)
+    steps: int | None = Field(None, ge=0, description="cap the total fine-tuning steps")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    beta: float = Field(0.3, ge=0, description="weight of the distillation terms")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    bn_recalibration_batches: int = Field(8, ge=0)
+
+
+class PluginSelection(Strict):
+    """Which implementation of each family runs; names come from ``bespoke plugins``."""
+
+    block_sources: list[str] = Field(default_factory=lambda: ["timm-donors", "pruned-self", "lowrank", "skip"])
+    distill_loss: str = "mse"
+    latency: str = "measured-latency"
+    search: str = "optuna"
+
+
+class RunConfig(Strict):
+    schema_version: int = CONFIG_SCHEMA_VERSION
+    teacher: str = Field("tf_efficientnet_lite2", description="timm name, package.module:attribute, or a checkpoint path")
+    teacher_weights: str | None = Field(None, description="checkpoint file for the teacher ('packaged' = the packaged Lite weights)")
+    donors: list[str] = Field(default_factory=lambda: ["tf_efficientnet_lite0", "tf_efficientnet_lite1"])
+    input_size: int | None = Field(None, ge=16, description="square input resolution; default: the teacher's own")
+    data: str | None = Field(None, description="image folder (flat or class subfolders) or package.module:attribute; default: sample photos shipped by scikit-image")
+    val_data: str | None = Field(None, description="held-out image folder; default: split off the training data")
+    class_list: str | None = Field(None, description="classes.txt mapping WordNet ids to indices, for files named by WordNet id")
+    budgets: list[float] = Field(default_factory=lambda: [0.6, 0.8], description="latency budgets: ratios of the teacher (<= 1) or milliseconds (> 1)")
+    out: str = Field("bespoke-out", description="output directory")
+    house: str | None = Field(None, description="model house directory; default: OUT/house")
+    seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    device: str = Field("cpu", description="cpu or cuda")
+    preset: Literal["quick", "full"] = "quick"
+    plugins: PluginSelection = Field(default_factory=PluginSelection)
+    plugin_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    build: BuildConfig = Field(default_factory=BuildConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    reference_models: list[str] = Field(default_factory=list, description="models drawn on the Pareto plot for comparison (e.g. the donors)")
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets_positive(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("give at least one budget")
+        for b in v:
+            if b <= 0:
+                raise ValueError(f"budget {b} must be > 0 (a ratio of the teacher's latency, or milliseconds)")
+        return v
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
+        value = err.get("input")
+        try:
+            shown = json.dumps(value, default=str)
+        except Exception:
+            shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  {key} = {shown}: {err.get('msg')}")
+    return "\n".join(lines)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML (.yaml/.yml) or TOML (.toml) file into a dict; clear errors otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {str(p)!r} does not exist; give the path to a .yaml or .toml file")
+    text = p.read_text(encoding="utf-8")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml", ".json"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            raise UsageError(f"config file {str(p)!r}: unknown extension {suffix!r}; use .yaml, .yml or .toml")
+    except UsageError:
+        raise
+    except Exception as exc:  # parse errors from yaml/tomllib carry line numbers
+        raise UsageError(f"config file {str(p)!r} could not be parsed: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {str(p)!r} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load ``path`` (optional), apply ``overrides`` (nested dict from CLI flags), validate."""
+    data: dict[str, Any] = read_config_file(path) if path else {}
+    if overrides:
+        data = _deep_merge(data, overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        source = f"{path}" if path else "command-line options"
+        if path and overrides:
+            source = f"{path} (with command-line overrides)"
+        raise UsageError(format_validation_error(exc, source)) from None
+
+
+def apply_plugin_flags(cfg: RunConfig, names: list[str], registry: Any) -> RunConfig:
+    """``--plugin NAME``: each name's category (from its registration) says what it replaces.
+
+    Latency and search names replace the configured one; distill-loss too; block-source names,
+    when any are given, become the list of enabled sources.
+    """
+    sel = cfg.plugins.model_copy(deep=True)
+    sources: list[str] = []
+    for name in names:
+        rec = registry.get(name)
+        if rec.category == "latency":
+            sel.latency = name
+        elif rec.category == "search":
+            sel.search = name
+        elif rec.category == "distill-loss":
+            sel.distill_loss = name
+        elif rec.category == "block-source":
+            sources.append(name)
+    if sources:
+        sel.block_sources = sources
+    return cfg.model_copy(update={"plugins": sel})
+
+
+def check_plugin_selection(cfg: RunConfig, registry: Any) -> None:
+    """Every configured name exists in its category; every plugin's options validate."""
+    sel = cfg.plugins
+    for name in sel.block_sources:
+        registry.get(name, "block-source")
+    registry.get(sel.distill_loss, "distill-loss")
+    registry.get(sel.latency, "latency")
+    registry.get(sel.search, "search")
+    for name, opts in cfg.plugin_options.items():
+        rec = registry.get(name)
+        if rec.options_model is not None:
+            validate_plugin_options(rec, opts)
+
+
+def validate_plugin_options(record: Any, options: dict[str, Any]) -> Any:
+    try:
+        return record.options_model.model_validate(options or {})
+    except ValidationError as exc:
+        raise UsageError(format_validation_error(exc, f"plugin_options.{record.name}")) from None
+
+
+def plugin_options(cfg: RunConfig, name: str) -> dict[str, Any]:
+    return dict(cfg.plugin_options.get(name, {}))
