@@ -44,6 +44,8 @@ class Registry:
 
     records: dict[str, PluginRecord] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # name -> every record claiming it, when more than one plugin does; using the name is an error
+    conflicts: dict[str, list[PluginRecord]] = field(default_factory=dict)
     loaded: list[tuple[str, str, str]] = field(default_factory=list)  # (entry point, dist, version)
 
     def add(self, record: PluginRecord) -> None:
@@ -54,13 +56,22 @@ class Registry:
             )
         prior = self.records.get(record.name)
         if prior is not None:
-            raise DuplicatePluginError(
-                f"two plugins claim the name {record.name!r}: {prior.plugin!r} from "
-                f"distribution {prior.distribution!r} and {record.plugin!r} from distribution "
-                f"{record.distribution!r}. Uninstall one, or disable one with "
-                f"BESPOKE_DISABLE_PLUGINS={record.plugin}"
-            )
+            # Not fatal at load time (the rest of the CLI keeps working, `bespoke plugins` shows
+            # it); selecting the contested name is an error naming both.
+            claims = self.conflicts.setdefault(record.name, [prior])
+            claims.append(record)
+            self.warnings.append(self._conflict_message(record.name))
+            return
         self.records[record.name] = record
+
+    def _conflict_message(self, name: str) -> str:
+        claims = " and ".join(
+            f"{r.plugin!r} from distribution {r.distribution!r}" for r in self.conflicts[name]
+        )
+        return (
+            f"two plugins claim the name {name!r}: {claims}. Uninstall one, or disable one with "
+            f"BESPOKE_DISABLE_PLUGINS=<entry point name>"
+        )
 
     def by_category(self, category: str) -> list[PluginRecord]:
         return [r for r in self.records.values() if r.category == category]
@@ -69,6 +80,8 @@ class Registry:
         return {c: sorted(r.name for r in self.by_category(c)) for c in CATEGORIES}
 
     def get(self, name: str, category: str | None = None) -> PluginRecord:
+        if name in self.conflicts:
+            raise DuplicatePluginError(self._conflict_message(name))
         rec = self.records.get(name)
         if rec is None or (category is not None and rec.category != category):
             want = f" {category}" if category else ""
@@ -118,25 +131,31 @@ def _entry_points() -> Iterable[metadata.EntryPoint]:
         yield ep
 
 
-def _collect(pm: pluggy.PluginManager, plugin: Any, name: str, dist: str, version: str,
-             registry: Registry) -> None:
-    """Call the plugin's hooks one by one, tagging each record with where it came from."""
+def _collect(plugin: Any, name: str, dist: str, version: str) -> list[PluginRecord]:
+    """Call the plugin's hooks one by one, tagging each record with where it came from.
+
+    Records are returned, not added, so a plugin that fails half-way registers nothing.
+    """
+    records: list[PluginRecord] = []
     for category, hook_name in HOOKS_BY_CATEGORY.items():
         impl = getattr(plugin, hook_name, None)
         if impl is None:
             continue
 
-        def register(record: PluginRecord, _cat: str = category) -> None:
+        def register(record: PluginRecord, _cat: str = category, _hook: str = hook_name) -> None:
             if not isinstance(record, PluginRecord):
-                raise TypeError(f"{hook_name} must register PluginRecord objects, got {record!r}")
+                raise TypeError(f"{_hook} must register bespoke.PluginRecord objects, got {record!r}")
             if record.category != _cat:
                 raise UsageError(
                     f"plugin {name!r} registered {record.name!r} as {record.category!r} "
-                    f"from {hook_name}, which is for {_cat!r}"
+                    f"from {_hook}, which is for {_cat!r}"
                 )
-            registry.add(replace(record, distribution=dist, version=version, plugin=name))
+            if not callable(record.factory):
+                raise TypeError(f"{record.name!r}: factory must be callable")
+            records.append(replace(record, distribution=dist, version=version, plugin=name))
 
         impl(register=register)
+    return records
 
 
 def load_registry(extra_plugins: Iterable[Any] = ()) -> Registry:
@@ -158,9 +177,7 @@ def load_registry(extra_plugins: Iterable[Any] = ()) -> Registry:
         try:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
-            _collect(pm, plugin, ep.name, dist, version, registry)
-        except DuplicatePluginError:
-            raise
+            records = _collect(plugin, ep.name, dist, version)
         except Exception as exc:  # a broken third-party plugin must not take the CLI down
             registry.warnings.append(
                 f"plugin {ep.name!r} from distribution {dist!r} {version} failed to load and "
@@ -171,11 +188,14 @@ def load_registry(extra_plugins: Iterable[Any] = ()) -> Registry:
             except Exception:
                 pass
             continue
+        for record in records:
+            registry.add(record)
         registry.loaded.append((ep.name, dist, version))
     for i, plugin in enumerate(extra_plugins):
         name = getattr(plugin, "__name__", f"extra-{i}")
         pm.register(plugin, name=name)
-        _collect(pm, plugin, name, "(in-process)", "", registry)
+        for record in _collect(plugin, name, "(in-process)", ""):
+            registry.add(record)
     return registry
 
 

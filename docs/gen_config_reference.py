@@ -1,0 +1,69 @@
+"""Regenerate docs/configuration.md from the RunConfig model: `python docs/gen_config_reference.py`.
+
+tests/test_meta.py fails when a config key is missing from the page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from bespoke.config import RunConfig
+
+HEADER = """# Configuration reference
+
+`bespoke run`, `bespoke build` and the other stage commands read one `RunConfig`, from a YAML
+(`.yaml`/`.yml`) or TOML (`.toml`) file given as the first argument, with command-line flags
+overriding it (`--budget`, `--data`, `--teacher`, `--out`, `--preset`, `--seed`, `--plugin`).
+Unknown keys are errors (typos are caught); a bad value stops the command with exit code 2 and
+names the file, the key, the value and the reason.
+
+```yaml
+# run.yaml
+teacher: tf_efficientnet_lite2
+donors: [tf_efficientnet_lite0, tf_efficientnet_lite1]
+data: /data/my-images          # folder (flat or class subfolders)
+budgets: [0.5, 0.7]            # ratios of the teacher's latency (<= 1) or milliseconds (> 1)
+plugins:
+  latency: lut-latency
+  search: annealing
+plugin_options:
+  lut-latency: {path: my-board.lut.json}
+build: {segments: 20, epochs: 1}
+```
+
+Each plugin validates its own options under `plugin_options.<plugin name>`; see
+`bespoke plugins` for names and the plugin's documentation for its keys.
+
+| key | type | default | description |
+|-----|------|---------|-------------|
+"""
+
+
+def _type(ann) -> str:
+    text = getattr(ann, "__name__", None) or str(ann)
+    return text.replace("typing.", "").replace("|", "\\|")
+
+
+def _rows(model: type[BaseModel], prefix: str = ""):
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield f"| `{key}` | section | | {field.description or ann.__doc__ or ''} |".replace("\n", " ")
+            yield from _rows(ann, key + ".")
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = json.dumps(default, default=str)
+        yield f"| `{key}` | {_type(ann)} | `{shown}` | {field.description or ''} |"
+
+
+def render() -> str:
+    return HEADER + "\n".join(_rows(RunConfig)) + "\n"
+
+
+if __name__ == "__main__":
+    out = Path(__file__).with_name("configuration.md")
+    out.write_text(render())
+    print(f"wrote {out}")

@@ -1,0 +1,88 @@
+"""RunConfig: YAML/TOML files, CLI overrides, clear errors for bad files and values."""
+
+from __future__ import annotations
+
+import pytest
+
+from bespoke.config import RunConfig, load_config
+from bespoke.errors import UsageError
+
+
+def test_defaults_are_the_offline_demo():
+    cfg = RunConfig()
+    assert cfg.teacher == "tf_efficientnet_lite2"
+    assert cfg.donors == ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
+    assert cfg.budgets == [0.6, 0.8]
+    assert cfg.plugins.search == "optuna" and cfg.plugins.latency == "measured-latency"
+
+
+def test_yaml_and_toml_load_the_same(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("teacher: resnet18\nbudgets: [0.5]\nplugins:\n  search: annealing\nbuild:\n  segments: 3\n")
+    t = tmp_path / "run.toml"
+    t.write_text('teacher = "resnet18"\nbudgets = [0.5]\n[plugins]\nsearch = "annealing"\n[build]\nsegments = 3\n')
+    a, b = load_config(y), load_config(t)
+    assert a == b
+    assert a.teacher == "resnet18" and a.plugins.search == "annealing" and a.build.segments == 3
+    assert a.plugins.latency == "measured-latency"  # untouched defaults survive a partial section
+
+
+def test_cli_overrides_win_over_the_file(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("teacher: resnet18\nbudgets: [0.5]\n")
+    cfg = load_config(y, {"budgets": [0.7, 0.9], "build": {"epochs": 2}})
+    assert cfg.budgets == [0.7, 0.9] and cfg.teacher == "resnet18" and cfg.build.epochs == 2
+
+
+def test_invalid_value_names_file_key_value_and_reason(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("build:\n  segments: -3\n")
+    with pytest.raises(UsageError) as exc:
+        load_config(y)
+    msg = str(exc.value)
+    assert str(y) in msg and "build.segments" in msg and "-3" in msg and "greater than or equal" in msg
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    y = tmp_path / "typo.yaml"
+    y.write_text("teachr: resnet18\n")
+    with pytest.raises(UsageError, match="teachr"):
+        load_config(y)
+
+
+def test_unparseable_missing_and_wrong_extension(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("budgets: [0.5\n")
+    with pytest.raises(UsageError, match="could not be parsed"):
+        load_config(bad)
+    with pytest.raises(UsageError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    other = tmp_path / "run.ini"
+    other.write_text("x=1")
+    with pytest.raises(UsageError, match="unknown extension"):
+        load_config(other)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(UsageError, match="mapping"):
+        load_config(listy)
+
+
+def test_budget_must_be_positive():
+    with pytest.raises(UsageError, match="budgets"):
+        load_config(None, {"budgets": [0.5, -1]})
+
+
+def test_cli_reports_bad_config_with_exit_2(tmp_path, cli):
+    y = tmp_path / "bad.yaml"
+    y.write_text("finetune:\n  lr: zero\n")
+    res = cli("run", str(y))
+    assert res.returncode == 2
+    assert "finetune.lr" in res.stderr and "zero" in res.stderr and str(y) in res.stderr.replace("\n", "")
+    assert "Traceback" not in res.stderr
+
+
+def test_cli_help_lists_every_stage_command(cli):
+    res = cli("--help")
+    assert res.returncode == 0
+    for command in ("run", "plugins", "inspect", "build", "profile", "search", "finetune", "export"):
+        assert command in res.stdout
