@@ -1,0 +1,297 @@
+"""Assemble a student from the teacher's traced graph and chosen alternatives; save and reload it.
+
+:func:`assemble` copies the teacher's fx graph, and for every chosen segment drops the nodes in
+``(start, end]`` and calls the alternative on the start cut point's activation instead; what is
+left dead is eliminated. Adjacent choices (one's end is the next one's start) chain naturally.
+The student owns deep copies of everything it uses (teacher pieces and alternatives), so training
+it never moves the teacher.
+
+On disk a student is ``recipe.json`` (:class:`StudentRecipe`: the teacher reference, its input
+size and each choice's segment and alternative spec) and ``model.safetensors`` (every weight).
+:func:`load_student` rebuilds the teacher architecture (random weights), partitions it, asks each
+choice's block source to ``rebuild`` the alternative, assembles, then loads the weights strictly:
+nothing is pickled, and bespoke plus the plugins that made the alternatives is all it needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+from pydantic import BaseModel, Field
+from torch import nn
+
+from bespoke.errors import UsageError
+from bespoke.partition import Partition, _fixed_argument
+from bespoke.types import AlternativeSpec, SegmentInfo
+
+__all__ = ["Student", "StudentChoice", "StudentRecipe", "assemble", "export_onnx", "load_student",
+           "save_student", "RECIPE_FILE", "WEIGHTS_FILE", "SCHEMA_VERSION"]
+
+RECIPE_FILE = "recipe.json"
+WEIGHTS_FILE = "model.safetensors"
+SCHEMA_VERSION = 1
+
+
+class StudentChoice(BaseModel):
+    """One replaced segment and the alternative that replaces it."""
+
+    segment: SegmentInfo
+    spec: AlternativeSpec
+    alternative_id: str | None = None  # the alternative's id in the model house, when from one
+
+
+class StudentRecipe(BaseModel):
+    """Everything needed to rebuild a student's architecture (weights live beside it)."""
+
+    schema_version: int = SCHEMA_VERSION
+    teacher: str  # model reference: timm name or package.module:attribute
+    teacher_weights: str | None = None  # what the teacher was loaded with (informational)
+    input_size: tuple[int, int, int]  # (C, H, W)
+    choices: list[StudentChoice] = Field(default_factory=list)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class _Tap:
+    """Forward hook storing a replaced segment's output on the student (a class, not a closure,
+    so that deep copies of the student tap into the copy)."""
+
+    def __init__(self, student: "Student", segment_id: str):
+        self.student = student
+        self.segment_id = segment_id
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.student._tapping():
+            self.student.replaced_outputs[self.segment_id] = output
+
+
+def _module_name(segment: SegmentInfo) -> str:
+    return f"seg_{segment.start}_{segment.end}"
+
+
+class Student(nn.Module):
+    """The assembled student: ``forward(x)`` returns the teacher's kind of output (logits).
+
+    After each forward, ``replaced_outputs`` maps each replaced segment's id (``"start-end"``)
+    to that segment's output, for distillation at every replaced segment. Tapping is off while
+    exporting (torch.export, ONNX, tracing) and inside :meth:`taps` ``(False)``.
+    """
+
+    def __init__(self, net: fx.GraphModule, segments: Sequence[SegmentInfo]):
+        super().__init__()
+        self.net = net
+        self.segments: list[SegmentInfo] = list(segments)
+        self.replaced_outputs: dict[str, torch.Tensor] = {}
+        self.taps_enabled = True
+        self.recipe: StudentRecipe | None = None
+        for seg in self.segments:
+            net.get_submodule(f"alternatives.{_module_name(seg)}").register_forward_hook(_Tap(self, seg.id))
+
+    @property
+    def replaced_segments(self) -> list[str]:
+        """Ids (``"start-end"``) of the replaced segments, in graph order."""
+        return [s.id for s in self.segments]
+
+    def alternative(self, segment_id: str) -> nn.Module:
+        """The module that replaces segment ``segment_id``."""
+        for s in self.segments:
+            if s.id == segment_id:
+                return self.net.get_submodule(f"alternatives.{_module_name(s)}")
+        raise KeyError(segment_id)
+
+    def _tapping(self) -> bool:
+        if not self.taps_enabled:
+            return False
+        return not (torch.compiler.is_exporting() or torch.compiler.is_compiling()
+                    or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing())
+
+    @contextlib.contextmanager
+    def taps(self, enabled: bool) -> Iterator["Student"]:
+        before = self.taps_enabled
+        self.taps_enabled = enabled
+        try:
+            yield self
+        finally:
+            self.taps_enabled = before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._tapping():
+            self.replaced_outputs = {}
+        return self.net(x)
+
+
+def assemble(partition: Partition, choices: Sequence[tuple[SegmentInfo, nn.Module]]) -> Student:
+    """Build the student: the teacher with each chosen segment replaced by its module.
+
+    ``choices`` must not overlap (sharing an end cut point is fine: they chain). Teacher pieces
+    and alternatives are deep-copied into the student.
+    """
+    chosen = sorted(choices, key=lambda c: (c[0].start, c[0].end))
+    for (a, _), (b, _) in zip(chosen, chosen[1:]):
+        if a.overlaps(b):
+            raise UsageError(f"segments {a.id} and {b.id} overlap; a student replaces "
+                             f"non-overlapping segments")
+    cuts = partition.cut_nodes
+    nodes = list(partition.gm.graph.nodes)
+    rank = {n: i for i, n in enumerate(nodes)}
+    for seg, mod in chosen:
+        expected = partition.segment(seg.start, seg.end)
+        if (tuple(expected.in_shape), tuple(expected.out_shape)) != (tuple(seg.in_shape), tuple(seg.out_shape)):
+            raise UsageError(f"segment {seg.id} has shapes {seg.in_shape} -> {seg.out_shape}, but "
+                             f"the teacher's is {expected.in_shape} -> {expected.out_shape}; was it "
+                             f"made for another teacher or input size?")
+        if not isinstance(mod, nn.Module):
+            raise UsageError(f"the alternative for segment {seg.id} is a {type(mod).__name__}, "
+                             f"not an nn.Module")
+
+    removed: set[int] = set()
+    at_end: dict[int, tuple[SegmentInfo, str]] = {}
+    for seg, _ in chosen:
+        lo, hi = rank[cuts[seg.start]], rank[cuts[seg.end]]
+        removed.update(range(lo + 1, hi + 1))
+        at_end[hi] = (seg, f"alternatives.{_module_name(seg)}")
+
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, node in enumerate(nodes):
+        if i in at_end:
+            seg, target = at_end[i]
+            env[node] = graph.call_module(target, (env[cuts[seg.start]],))
+            continue
+        if (i in removed and node.op != "get_attr") or _fixed_argument(node):
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+
+    # Every teacher module and attribute the new graph still uses, plus the alternatives,
+    # copied in one go (one memo: ties between them survive).
+    root: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and not node.target.startswith("alternatives."):
+            root[node.target] = _fetch(partition.gm, node.target)
+    for seg, mod in chosen:
+        root[f"alternatives.{_module_name(seg)}"] = mod
+    root = copy.deepcopy(root)
+    net = fx.GraphModule(root, graph, "StudentGraph")
+    net.graph.eliminate_dead_code()
+    net.graph.lint()
+    net.recompile()
+    student = Student(net, [seg for seg, _ in chosen])
+    return student.eval()
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and loading
+# --------------------------------------------------------------------------------------------
+
+
+def save_student(student: Student, recipe: StudentRecipe, path: str | Path) -> Path:
+    """Write ``path/recipe.json`` and ``path/model.safetensors``."""
+    from safetensors.torch import save_file
+
+    have = sorted(s.id for s in student.segments)
+    want = sorted(c.segment.id for c in recipe.choices)
+    if have != want:
+        raise UsageError(f"the recipe's segments {want} are not the student's {have}")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", "bespoke": "student"})
+    (out / RECIPE_FILE).write_text(recipe.model_dump_json(indent=2) + "\n")
+    student.recipe = recipe
+    return out
+
+
+def read_recipe(path: str | Path) -> StudentRecipe:
+    p = Path(path)
+    file = p / RECIPE_FILE if p.is_dir() else p
+    if not file.is_file():
+        raise UsageError(f"{str(p)!r} is not a saved student: {RECIPE_FILE} is missing")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{str(file)!r} is not valid JSON: {exc}") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise UsageError(f"{str(file)!r} has schema_version {version!r}; this bespoke reads "
+                         f"versions up to {SCHEMA_VERSION} (upgrade bespoke)")
+    try:
+        return StudentRecipe.model_validate(data)
+    except Exception as exc:
+        raise UsageError(f"{str(file)!r} is not a valid student recipe: {exc}") from None
+
+
+def build_student(recipe: StudentRecipe, registry: Any = None,
+                  teacher: Partition | None = None) -> Student:
+    """The student's architecture from ``recipe`` (weights are whatever rebuild gives)."""
+    from bespoke.models import load_model
+    from bespoke.plugins import get_registry
+
+    registry = registry if registry is not None else get_registry()
+    if teacher is None:
+        model = load_model(recipe.teacher, weights=None)
+        teacher = Partition.from_model(model, (1, *recipe.input_size), name=recipe.teacher)
+    try:
+        from bespoke.blocks import Context
+    except ImportError:  # pragma: no cover - blocks lands with the block sources
+        Context = None  # type: ignore[assignment]
+    ctx = (Context(teacher, recipe.teacher, recipe.input_size, calibration=None, donor_weights=None)
+           if Context is not None else None)
+    choices = []
+    for choice in recipe.choices:
+        seg = choice.segment
+        source = registry.instantiate(choice.spec.source, category="block-source")
+        module = source.rebuild(ctx, teacher.segment(seg.start, seg.end), choice.spec)
+        choices.append((seg, module))
+    return assemble(teacher, choices)
+
+
+def load_student(path: str | Path, registry: Any = None) -> Student:
+    """Reload a student written by :func:`save_student` (see the module docstring)."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    recipe = read_recipe(p)
+    weights = (p if p.is_dir() else p.parent) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UsageError(f"{str(p)!r} is not a saved student: {WEIGHTS_FILE} is missing")
+    student = build_student(recipe, registry)
+    state = load_file(str(weights))
+    result = student.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UsageError(
+            f"{str(weights)!r} does not fit the architecture its recipe rebuilds: missing "
+            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}; was a block "
+            f"source upgraded since it was saved?")
+    student.recipe = recipe
+    return student.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def export_onnx(student: nn.Module, path: str | Path, input_shape: Sequence[int],
+                check: bool = True, seed: int = 0) -> float | None:
+    """Write ``student`` as ONNX to ``path`` (static ``input_shape``, batch included); with
+    ``check``, run it with onnxruntime and return the max absolute difference to PyTorch."""
+    from bespoke.export import export_onnx as _export, onnx_max_abs_diff
+
+    example = torch.randn(tuple(int(s) for s in input_shape),
+                          generator=torch.Generator().manual_seed(seed))
+    taps = student.taps(False) if isinstance(student, Student) else contextlib.nullcontext()
+    with taps:
+        _export(student, example, Path(path))
+        return onnx_max_abs_diff(student, Path(path), example) if check else None
