@@ -1,13 +1,167 @@
-"""Exports modules to ONNX and times them with ONNX Runtime."""
+"""Exports modules to ONNX and times them with ONNX Runtime (median of interleaved runs)."""
 
-from bespoke import NotImplementedYet, PluginRecord, hookimpl
+from __future__ import annotations
+
+import contextlib
+import io
+import statistics
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Literal, Sequence
+
+from pydantic import Field
+
+from bespoke import DeviceInfo, LatencyQuery, PluginOptions, PluginRecord, UsageError, hookimpl
+
+
+NAME = "onnxruntime-latency"
+
+
+class OnnxRuntimeLatencyOptions(PluginOptions):
+    threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads (fixed, so numbers compare)")
+    warmup: int = Field(10, ge=0, description="untimed runs of every module first")
+    runs: int = Field(50, ge=1, description="timed runs of every module; the median is reported")
+    batch: int = Field(1, ge=1, description="batch size timed (replaces the batch of each query's input shape)")
+    warm_per_visit: int = Field(1, ge=0, description="untimed runs each time a module's turn comes round (steady-state caches)")
+    runs_per_visit: int = Field(1, ge=1, description="timed runs per turn")
+    clock: Literal["wall", "cpu"] = Field(
+        "wall", description="wall: elapsed time; cpu: CPU time of the timing thread (threads: 1 on cpu only), which ignores waiting for a core on a shared machine")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cpu: CPUExecutionProvider; cuda: CUDAExecutionProvider")
+    statistic: Literal["median", "min"] = Field(
+        "median", description="summary of the timed runs: median (default), or min, which resists other load on a shared machine")
+    device_name: str | None = Field(None, description="name written into the DeviceInfo (default: the CPU model)")
+    opset: int = Field(18, ge=7)
+    exporter: Literal["dynamo", "torchscript"] = Field(
+        "dynamo", description="torch.onnx exporter: the torch.export-based one (default), or the legacy TorchScript one (faster to export, deprecated)")
+    cache_dir: str | None = Field(None, description="where exported models are kept, by signature (default: a temporary directory)")
+    allow_spinning: bool = Field(True, description="let ORT worker threads spin between ops (its default; lower latency, busier CPU)")
+
+
+def _export(module, x, path: Path, opset: int, exporter: str) -> None:
+    import torch
+
+    tmp = path.with_name(path.stem + ".tmp.onnx")
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            torch.onnx.export(module, (x,), str(tmp), dynamo=True, external_data=False,
+                              opset_version=opset, verbose=False, input_names=["x"])
+        else:
+            torch.onnx.export(module, (x,), str(tmp), dynamo=False, opset_version=min(opset, 17),
+                              input_names=["x"], do_constant_folding=True)
+    tmp.replace(path)
+
+
+class OnnxRuntimeLatency:
+    """ONNX Runtime timing: each module exported once (cached by signature), fixed threads,
+    warm-up, interleaved timed runs, median."""
+
+    def __init__(self, options: OnnxRuntimeLatencyOptions | None = None):
+        self.options = options or OnnxRuntimeLatencyOptions()
+        if self.options.clock == "cpu" and (self.options.threads != 1 or self.options.device != "cpu"):
+            raise UsageError(f"{NAME}: clock = 'cpu' times one CPU thread; it needs threads: 1 and device: cpu "
+                             f"(got threads: {self.options.threads}, device: {self.options.device})")
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UsageError("onnxruntime-latency needs ONNX Runtime: pip install 'bespoke[onnx]'") from None
+        if self.options.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UsageError(
+                "onnxruntime-latency: device = 'cuda' but this ONNX Runtime has no CUDAExecutionProvider "
+                f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu or use device: cpu"
+            )
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        if self.options.cache_dir:
+            self.cache = Path(self.options.cache_dir)
+            self.cache.mkdir(parents=True, exist_ok=True)
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="bespoke-onnx-")
+            self.cache = Path(self._tmp.name)
+
+    def device(self) -> DeviceInfo:
+        from bespoke.latency import cpu_name
+
+        o = self.options
+        name = o.device_name
+        if not name:
+            if o.device == "cuda":
+                import torch
+
+                name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cuda"
+            else:
+                name = cpu_name()
+        return DeviceInfo(name=name, runtime=f"onnxruntime-{o.device}", threads=o.threads,
+                          batch=o.batch, precision="fp32")
+
+    def onnx_path(self, query: LatencyQuery) -> Path:
+        """The exported model for ``query`` (exported on first use)."""
+        import torch
+
+        o = self.options
+        path = self.cache / f"{query.key}-b{o.batch}-{o.exporter}-op{o.opset}.onnx"
+        if not path.exists():
+            module = query.module.eval().to("cpu")
+            x = torch.randn((o.batch, *tuple(query.input_shape)[1:]))
+            try:
+                _export(module, x, path, o.opset, o.exporter)
+            except Exception as exc:
+                if o.exporter == "dynamo":  # some graphs only the legacy exporter handles
+                    try:
+                        _export(module, x, path, o.opset, "torchscript")
+                        return path
+                    except Exception:
+                        pass
+                raise UsageError(
+                    f"onnxruntime-latency: could not export {type(query.module).__name__} "
+                    f"(key {query.key}, input {tuple(query.input_shape)}) to ONNX: {type(exc).__name__}: "
+                    f"{str(exc)[:300]}"
+                ) from None
+        return path
+
+    def _session(self, path: Path):
+        import onnxruntime as ort
+
+        o = self.options
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = o.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if o.allow_spinning else "0")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if o.device == "cuda" else ["CPUExecutionProvider"]
+        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+
+    def latencies(self, queries: Sequence[LatencyQuery]) -> dict[str, float]:
+        import numpy as np
+
+        from bespoke.latency import time_interleaved, unique_queries
+
+        o = self.options
+        todo = unique_queries(queries)
+        if not todo:
+            return {}
+        sessions = [self._session(self.onnx_path(q)) for q in todo]
+        feeds = []
+        for q, s in zip(todo, sessions):
+            shape = (o.batch, *tuple(q.input_shape)[1:])
+            feeds.append({s.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)})
+        # session.run is synchronous: it returns host arrays, on CUDA too.
+        runners = [lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)]
+        times = time_interleaved(runners, warmup=o.warmup, runs=o.runs, warm_per_visit=o.warm_per_visit,
+                                 runs_per_visit=o.runs_per_visit, clock=o.clock)
+        summary = min if o.statistic == "min" else statistics.median
+        return {q.key: float(summary(t)) for q, t in zip(todo, times)}
 
 
 def _factory(options):
-    raise NotImplementedYet("onnxruntime-latency is registered but not implemented yet")
+    return OnnxRuntimeLatency(options)
 
 
 @hookimpl
 def register_latency_estimators(register):
     register(PluginRecord(name="onnxruntime-latency", category="latency", factory=_factory,
+                          options_model=OnnxRuntimeLatencyOptions,
                           description="Exports modules to ONNX and times them with ONNX Runtime"))
