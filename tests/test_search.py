@@ -56,6 +56,7 @@ def feasible_budgets(problem):
 
 
 STRATEGIES = {
+    "exact": ("exact", {}),
     "greedy": ("greedy", {}),
     "random": ("random", {"samples": 20000}),
     "annealing": ("annealing", {}),
