@@ -1,0 +1,124 @@
+"""Evaluation of a model (teacher, student, reference): accuracy, agreement, size, latency.
+
+- ``top1`` / ``top5``: against labels, only when the data set is labelled (else ``None``).
+- ``agreement``: the fraction of images on which the model's top-1 equals the teacher's top-1;
+  it needs no labels, so it is the accuracy proxy on unlabelled data (the teacher scores 1.0).
+- ``params``, ``flops`` (torch's FLOP counter, one image).
+- latency: measured end to end by the selected latency estimator, for every model in *one*
+  call (:func:`measure_latencies`) so measuring estimators interleave them and drift hits all
+  alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from bespoke.finetune import iter_batches
+
+
+@dataclass
+class Predictions:
+    top5: torch.Tensor  # (N, 5) class indices, best first
+    labels: torch.Tensor  # (N,), -1 where unknown
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Any, batch_size: int = 32, device: str = "cpu") -> Predictions:
+    """Top-5 classes of ``model`` on every decodable image of ``dataset``, in order."""
+    model.eval()
+    tops, labels = [], []
+    for x, y in iter_batches(dataset, batch_size):
+        logits = model(x.to(device))
+        k = min(5, logits.shape[-1])
+        tops.append(logits.topk(k, dim=-1).indices.cpu())
+        labels.append(y)
+    if not tops:
+        return Predictions(torch.zeros(0, 5, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    return Predictions(torch.cat(tops), torch.cat(labels))
+
+
+def accuracy(pred: Predictions) -> tuple[float | None, float | None]:
+    """(top-1, top-5) over labelled images; (None, None) when no image has a label."""
+    mask = pred.labels >= 0
+    if pred.labels.numel() == 0 or not bool(mask.all()):
+        return None, None
+    t5, y = pred.top5[mask], pred.labels[mask]
+    top1 = (t5[:, 0] == y).float().mean().item()
+    top5 = (t5 == y[:, None]).any(dim=1).float().mean().item()
+    return top1, top5
+
+
+def agreement(pred: Predictions, reference: Predictions) -> float | None:
+    if pred.top5.shape[0] == 0 or pred.top5.shape[0] != reference.top5.shape[0]:
+        return None
+    return (pred.top5[:, 0] == reference.top5[:, 0]).float().mean().item()
+
+
+def count_params(model: nn.Module) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def count_flops(model: nn.Module, input_shape: Sequence[int]) -> float | None:
+    from bespoke.latency import count_flops as _flops
+
+    model.eval()
+    return _flops(model, tuple(input_shape))
+
+
+@dataclass
+class Metrics:
+    name: str
+    params: int
+    flops: float | None
+    top1: float | None
+    top5: float | None
+    agreement: float | None
+    images: int
+    latency_ms: float | None = None
+
+
+def evaluate(model: nn.Module, name: str, dataset: Any, input_shape: Sequence[int], *,
+             teacher: Predictions | None = None, batch_size: int = 32, device: str = "cpu",
+             ) -> tuple[Metrics, Predictions]:
+    """Accuracy, agreement with ``teacher`` (1.0 when ``teacher`` is None: this *is* the
+    teacher), parameters and FLOPs. Latency is filled in by :func:`measure_latencies`."""
+    pred = predict(model, dataset, batch_size, device)
+    top1, top5 = accuracy(pred)
+    agree = 1.0 if teacher is None else agreement(pred, teacher)
+    return Metrics(name=name, params=count_params(model), flops=count_flops(model, input_shape),
+                   top1=top1, top5=top5, agreement=agree, images=int(pred.top5.shape[0])), pred
+
+
+def measure_latencies(models: dict[str, nn.Module], input_shape: Sequence[int], estimator: Any,
+                      fallback: Any = None) -> dict[str, float | None]:
+    """End-to-end latency (ms) of each model with ``estimator``, all in one interleaved call.
+
+    A table-only estimator cannot answer for a whole new model; then ``fallback`` (a measuring
+    estimator) answers, and when there is none the latency is ``None``.
+    """
+    from bespoke.latency import make_query
+
+    shape = tuple(int(s) for s in input_shape)
+    for m in models.values():
+        m.eval()
+    queries = {name: make_query(m, shape) for name, m in models.items()}
+    answers: dict[str, float] = {}
+    for est in (estimator, fallback):
+        missing = [q for n, q in queries.items() if q.key not in answers]
+        if est is None or not missing:
+            continue
+        try:
+            got = est.latencies(missing)
+        except Exception:  # e.g. a lookup table that does not hold whole models
+            continue
+        answers.update({k: float(v) for k, v in got.items() if v is not None})
+    return {name: answers.get(q.key) for name, q in queries.items()}

@@ -1,0 +1,142 @@
+"""The run report: ``report.json`` (typed, versioned), ``pareto.png`` and a terminal table.
+
+Accuracy on the plot and in the table is top-1 when the data has labels, else agreement with
+the teacher's top-1 (which needs no labels; the teacher scores 1.0 by definition).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+REPORT_SCHEMA_VERSION = 1
+
+
+class ModelEntry(BaseModel):
+    name: str
+    params: int
+    flops: float | None = None
+    latency_ms: float | None = Field(None, description="measured end to end by the latency estimator")
+    top1: float | None = Field(None, description="null when the data has no labels")
+    top5: float | None = None
+    agreement: float | None = Field(None, description="top-1 agreement with the teacher")
+
+
+class StudentEntry(BaseModel):
+    budget: float = Field(..., description="the budget as given: a ratio of the teacher (<= 1) or ms")
+    budget_ms: float
+    name: str
+    params: int
+    flops: float | None = None
+    latency_ms_predicted: float | None = Field(None, description="additive prediction the search used")
+    latency_ms_measured: float | None = None
+    speedup: float | None = Field(None, description="teacher latency / measured student latency")
+    top1: float | None = None
+    top5: float | None = None
+    agreement: float | None = None
+    top1_before_finetune: float | None = None
+    agreement_before_finetune: float | None = None
+    replaced: list[dict[str, Any]] = Field(default_factory=list, description="segment id, alternative id and label per replaced segment")
+    feasible: bool = True
+    onnx: str | None = None
+    onnx_max_abs_diff: float | None = None
+    torch_export: str | None = None
+    student_dir: str | None = None
+    finetune_steps: int = 0
+
+
+class Report(BaseModel):
+    schema_version: int = REPORT_SCHEMA_VERSION
+    bespoke_version: str
+    created: str
+    teacher: ModelEntry
+    students: list[StudentEntry]
+    references: list[ModelEntry] = Field(default_factory=list)
+    timings_s: dict[str, float]
+    data: dict[str, Any] = Field(default_factory=dict, description="source, image counts, labelled, skipped images")
+    latency: dict[str, Any] = Field(default_factory=dict, description="estimator, device, prediction error")
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+def write_report(report: Report, out: str | Path) -> Path:
+    path = Path(out) / "report.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(report.model_dump_json(indent=2))
+    tmp.replace(path)
+    return path
+
+
+def _accuracy(e: Any, labelled: bool) -> float | None:
+    return e.top1 if labelled else e.agreement
+
+
+def pareto_plot(report: Report, out: str | Path) -> Path | None:
+    """Latency (x) vs accuracy (y): the teacher, each student, each reference model."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the plot is a convenience; the JSON report is the record
+        return None
+    labelled = report.teacher.top1 is not None
+    metric = "top-1 accuracy" if labelled else "top-1 agreement with the teacher"
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    t = report.teacher
+    if t.latency_ms is not None and _accuracy(t, labelled) is not None:
+        ax.scatter([t.latency_ms], [_accuracy(t, labelled)], marker="*", s=220, color="black", label=f"teacher {t.name}", zorder=3)
+    pts = [(s.latency_ms_measured, _accuracy(s, labelled), s) for s in report.students
+           if s.latency_ms_measured is not None and _accuracy(s, labelled) is not None]
+    if pts:
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:red", s=60, label="students", zorder=3)
+        for x, y, s in pts:
+            ax.annotate(f"budget {s.budget:g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ordered = sorted([(p[0], p[1]) for p in pts] + ([(t.latency_ms, _accuracy(t, labelled))] if t.latency_ms else []))
+        ax.plot([p[0] for p in ordered], [p[1] for p in ordered], color="tab:red", alpha=0.35, lw=1)
+    refs = [(r.latency_ms, _accuracy(r, labelled), r) for r in report.references
+            if r.latency_ms is not None and _accuracy(r, labelled) is not None]
+    if refs:
+        ax.scatter([p[0] for p in refs], [p[1] for p in refs], marker="s", color="tab:blue", s=45, label="reference models", zorder=3)
+        for x, y, r in refs:
+            ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    ax.set_xlabel("latency (ms, measured, batch 1)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"bespoke: {t.name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(out) / "pareto.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v: float | None, pct: bool = False, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}%" if pct else f"{v:.{digits}f}"
+
+
+def summary_table(report: Report) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"bespoke run: {report.teacher.name}")
+    for col in ("model", "budget", "params (M)", "GFLOPs", "latency pred (ms)", "latency meas (ms)",
+                "speed-up", "top-1", "agreement", "replaced"):
+        table.add_column(col, justify="left" if col in ("model", "replaced") else "right")
+    t = report.teacher
+    gf = lambda f: _fmt(f / 1e9 if f else None)  # noqa: E731
+    table.add_row(f"teacher {t.name}", "-", _fmt(t.params / 1e6), gf(t.flops), "-", _fmt(t.latency_ms),
+                  "1.00x", _fmt(t.top1, True), _fmt(t.agreement, True), "-")
+    for s in report.students:
+        budget = f"{s.budget:g}" + ("" if s.feasible else " (infeasible)")
+        table.add_row(s.name, budget, _fmt(s.params / 1e6), gf(s.flops), _fmt(s.latency_ms_predicted),
+                      _fmt(s.latency_ms_measured), f"{s.speedup:.2f}x" if s.speedup else "-",
+                      _fmt(s.top1, True), _fmt(s.agreement, True), str(len(s.replaced)))
+    for r in report.references:
+        speed = f"{t.latency_ms / r.latency_ms:.2f}x" if r.latency_ms and t.latency_ms else "-"
+        table.add_row(f"reference {r.name}", "-", _fmt(r.params / 1e6), gf(r.flops), "-", _fmt(r.latency_ms),
+                      speed, _fmt(r.top1, True), _fmt(r.agreement, True), "-")
+    return table

