@@ -1,0 +1,350 @@
+"""Image data for distillation, calibration and evaluation.
+
+Three kinds of source, all giving ``(image tensor, label)`` pairs preprocessed with timm's own
+transforms for the teacher (``timm.data.create_transform`` on :func:`bespoke.models.data_config`):
+
+- an image **folder**: flat, or one subfolder per class. Labels come from the subfolder names
+  (sorted, like torchvision's ``ImageFolder``), or, with a ``classes.txt`` file of
+  ``index wnid name`` lines (given, or found in the folder or its parent), from the WordNet id that
+  starts each file or subfolder name. Without either, images are unlabelled (label ``-1``).
+- a **dataset given as** ``package.module:attribute``: a map-style dataset (or a callable returning
+  one) whose items are an image (PIL, HWC uint8 array, or CHW tensor) or ``(image, label)``.
+- the **offline default**: the sample photographs bundled with scikit-image (``skimage.data``:
+  astronaut, coffee, chelsea, rocket, ...). They are a dozen images at most: enough to run the
+  pipeline end to end and to check it works, far too few for useful distillation. Use a real image
+  folder (a few hundred to a few thousand images of the teacher's domain) for real results.
+
+Images that fail to decode are skipped and counted (:attr:`ImageSet.skipped`); the caller reports
+the count. Batches are assembled with :func:`collate`, which drops them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from bespoke.errors import UsageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+WNID_RE = re.compile(r"^(n\d{8})")
+
+# Colour photographs bundled with scikit-image (no download needed); grey ones are made RGB.
+SKIMAGE_SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "cat", "camera", "coins", "moon",
+                   "page", "text", "grass", "gravel", "brick", "colorwheel")
+
+
+@dataclass
+class _Item:
+    name: str
+    label: int
+    load: Callable[[], Any]  # -> PIL image, ndarray or tensor
+
+
+@dataclass
+class _Skips:
+    names: list[str] = field(default_factory=list)
+
+    def add(self, name: str) -> None:
+        if name not in self.names:
+            self.names.append(name)
+
+
+class ImageSet(Dataset):
+    """A list of images with labels and one preprocessing transform.
+
+    ``with_transform`` and ``subset`` give views sharing the same skip counter, so failures seen
+    through any view are counted once in :attr:`skipped`.
+    """
+
+    def __init__(self, items: Sequence[_Item], *, labelled: bool, source: str,
+                 transform: Callable[[Any], torch.Tensor] | None = None,
+                 skips: _Skips | None = None):
+        self.items = list(items)
+        self.labelled = labelled
+        self.source = source
+        self.transform = transform
+        self._skips = skips if skips is not None else _Skips()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def skipped(self) -> list[str]:
+        """Names of the images that failed to decode so far."""
+        return list(self._skips.names)
+
+    def with_transform(self, transform: Callable[[Any], torch.Tensor] | None) -> "ImageSet":
+        return ImageSet(self.items, labelled=self.labelled, source=self.source,
+                        transform=transform, skips=self._skips)
+
+    def subset(self, indices: Sequence[int]) -> "ImageSet":
+        return ImageSet([self.items[i] for i in indices], labelled=self.labelled,
+                        source=self.source, transform=self.transform, skips=self._skips)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        label = item.label
+        try:
+            raw = item.load()
+            if isinstance(raw, (tuple, list)):  # a dataset's (image, label) pair
+                raw, lab = raw[0], raw[1]
+                label = int(lab.item() if isinstance(lab, torch.Tensor) else lab)
+            img = _to_pil_or_tensor(raw)
+            x = img if self.transform is None or isinstance(img, torch.Tensor) else self.transform(img)
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"transform gave {type(x).__name__}, not a tensor")
+        except Exception:  # unreadable or undecodable: skip it, count it
+            self._skips.add(item.name)
+            return None
+        return x, label
+
+
+def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Stack ``(image, label)`` pairs, dropping images that failed to decode (``None``)."""
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch], dtype=torch.long)
+
+
+def _to_pil_or_tensor(img: Any) -> Any:
+    """PIL images are decoded now (so truncated files fail here) and made RGB."""
+    from PIL import Image
+
+    if isinstance(img, torch.Tensor):
+        return img.float()
+    if isinstance(img, Image.Image):
+        img.load()
+        return img.convert("RGB")
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        raise TypeError(f"cannot read an image from {type(img).__name__}")
+    arr = np.asarray(img)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim != 3:
+        raise TypeError(f"image array of shape {arr.shape}; need HxW or HxWxC")
+    if arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr).convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+def read_class_list(path: str | Path) -> dict[str, int]:
+    """``index wnid name`` lines (tab or space separated) -> {wnid: index}."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"class list {str(p)!r} does not exist; give a classes.txt with lines 'index wnid name'")
+    out: dict[str, int] = {}
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split()
+        try:
+            out[parts[1]] = int(parts[0])
+        except (IndexError, ValueError):
+            raise UsageError(f"class list {str(p)!r} line {n}: {line!r} is not 'index wnid name'") from None
+    return out
+
+
+def _find_class_list(folder: Path) -> Path | None:
+    for candidate in (folder / "classes.txt", folder.parent / "classes.txt"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _open_image(path: Path) -> Callable[[], Any]:
+    def load():
+        from PIL import Image
+
+        return Image.open(path)
+
+    return load
+
+
+def folder_images(path: str | Path, class_list: str | Path | None = None) -> ImageSet:
+    """Images of a folder (flat or class subfolders); see the module docstring for labels."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise UsageError(f"image folder {str(root)!r} does not exist; give --data an existing folder "
+                         f"of images (flat, or one subfolder per class), or leave it out to use "
+                         f"scikit-image's sample photos")
+    if not root.is_dir():
+        raise UsageError(f"--data {str(root)!r} is not a folder; give a folder of images, or "
+                         f"package.module:attribute for a dataset")
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as exc:
+        raise UsageError(f"image folder {str(root)!r} cannot be read ({exc}); check its permissions") from None
+    wnids = read_class_list(class_list) if class_list else None
+    if wnids is None:
+        found = _find_class_list(root)
+        wnids = read_class_list(found) if found else None
+    subdirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+    files = [e for e in entries if e.is_file() and e.suffix.lower() in IMAGE_SUFFIXES]
+    items: list[_Item] = []
+
+    def wnid_label(name: str) -> int | None:
+        m = WNID_RE.match(name)
+        return wnids.get(m.group(1)) if (wnids and m) else None
+
+    labelled = False
+    if subdirs and not files:
+        by_name = {d.name: i for i, d in enumerate(subdirs)}
+        for d in subdirs:
+            label = wnid_label(d.name)
+            label = by_name[d.name] if label is None else label
+            for f in sorted(d.rglob("*")):
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                    items.append(_Item(str(f.relative_to(root)), label, _open_image(f)))
+        labelled = True
+    else:
+        labels = [wnid_label(f.name) for f in files]
+        labelled = bool(files) and all(lab is not None for lab in labels)
+        for f, lab in zip(files, labels):
+            items.append(_Item(f.name, lab if labelled else -1, _open_image(f)))
+    if not items:
+        raise UsageError(f"image folder {str(root)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                         f"put images in it (flat, or one subfolder per class)")
+    return ImageSet(items, labelled=labelled, source=str(root))
+
+
+def attribute_images(ref: str) -> ImageSet:
+    """A dataset given as ``package.module:attribute`` (a dataset, or a callable returning one)."""
+    mod_name, _, attr = ref.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise UsageError(f"dataset {ref!r}: cannot import {mod_name!r} ({exc}); is it installed or on PYTHONPATH?") from None
+    obj: Any = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"dataset {ref!r}: module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    ds = obj() if callable(obj) and not hasattr(obj, "__getitem__") else obj
+    if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
+        raise UsageError(f"dataset {ref!r} is a {type(ds).__name__}; it must be a map-style dataset "
+                         f"(__len__ and __getitem__) or a callable returning one")
+    n = len(ds)
+    if n == 0:
+        raise UsageError(f"dataset {ref!r} is empty")
+    first = ds[0]
+    labelled = isinstance(first, (tuple, list)) and len(first) >= 2
+
+    def loader(i: int) -> Callable[[], Any]:
+        def load():  # the label, when there is one, is read with the image (one access)
+            item = ds[i]
+            if isinstance(item, (tuple, list)):
+                return (item[0], item[1]) if labelled else item[0]
+            return item
+        return load
+
+    items = [_Item(f"{ref}[{i}]", -1, loader(i)) for i in range(n)]
+    return ImageSet(items, labelled=labelled, source=ref)
+
+
+def sample_images() -> ImageSet:
+    """scikit-image's bundled sample photographs (unlabelled; a dozen images at most)."""
+    try:
+        import skimage.data as skd
+    except ImportError:
+        raise UsageError("no --data given and scikit-image is not installed for the default sample "
+                         "photos; pass --data FOLDER or `pip install scikit-image`") from None
+    items = []
+    for name in SKIMAGE_SAMPLES:
+        fn = getattr(skd, name, None)
+        if fn is None:
+            continue
+        try:
+            arr = fn()
+        except Exception:  # some samples need a download; offline they are simply absent
+            continue
+        if getattr(arr, "ndim", 0) not in (2, 3):
+            continue
+        items.append(_Item(f"skimage.data.{name}", -1, (lambda a=arr: a)))
+    if not items:
+        raise UsageError("scikit-image's sample photos could not be read; pass --data FOLDER")
+    return ImageSet(items, labelled=False, source="scikit-image sample photos")
+
+
+def open_images(spec: str | None, class_list: str | Path | None = None) -> ImageSet:
+    """Folder path, ``package.module:attribute``, or ``None`` for scikit-image's sample photos."""
+    if spec is None:
+        return sample_images()
+    if ":" in spec and not Path(spec).exists() and "/" not in spec.split(":")[0]:
+        return attribute_images(spec)
+    return folder_images(spec, class_list)
+
+
+def transforms_for(model: torch.nn.Module, input_size: int, *, augment: bool = False):
+    """timm's preprocessing for ``model`` at ``input_size`` (train-time augmentation if asked)."""
+    from timm.data import create_transform
+
+    from bespoke.models import data_config
+
+    cfg = data_config(model, input_size)
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    return create_transform(**{k: cfg[k] for k in keys if k in cfg}, is_training=augment)
+
+
+def split_indices(n: int, held_out: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """A deterministic split of ``range(n)`` into (train, held-out); training keeps at least half."""
+    held_out = max(0, min(held_out, n // 2))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[held_out:]), sorted(order[:held_out])
+
+
+@dataclass
+class DataSplit:
+    """What distillation needs: training images, held-out images, and where they came from."""
+
+    train: ImageSet
+    val: ImageSet
+    labelled: bool
+    source: str
+
+    @property
+    def skipped(self) -> list[str]:
+        return sorted(set(self.train.skipped) | set(self.val.skipped))
+
+
+def prepare(model: torch.nn.Module, input_size: int, *, data: str | None, val_data: str | None = None,
+            class_list: str | None = None, held_out: int = 64, augment: bool = False,
+            seed: int = 0) -> DataSplit:
+    """Open the training (and held-out) images and attach the teacher's transforms.
+
+    Without ``val_data`` the held-out images are split off ``data`` deterministically.
+    """
+    train_t = transforms_for(model, input_size, augment=augment)
+    eval_t = transforms_for(model, input_size, augment=False)
+    images = open_images(data, class_list)
+    if val_data:
+        val = open_images(val_data, class_list)
+        if held_out < len(val):  # a deterministic subset of the given held-out images
+            order = torch.randperm(len(val), generator=torch.Generator().manual_seed(seed)).tolist()
+            val = val.subset(sorted(order[:held_out]))
+        train = images
+    else:
+        tr, va = split_indices(len(images), held_out, seed)
+        train, val = images.subset(tr), images.subset(va)
+    return DataSplit(train=train.with_transform(train_t), val=val.with_transform(eval_t),
+                     labelled=images.labelled and val.labelled, source=images.source)
+
+
+def eval_view(split: DataSplit, model: torch.nn.Module, input_size: int) -> ImageSet:
+    """The training images with evaluation preprocessing (for calibration)."""
+    return split.train.with_transform(transforms_for(model, input_size, augment=False))
