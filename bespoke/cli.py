@@ -133,17 +133,18 @@ def profile(
     output: Path = typer.Option(..., "--output", "-o", help="latency lookup table (JSON) to write"),
     plugin: Optional[List[str]] = PluginOpt,
     threads: Optional[int] = typer.Option(None, "--threads"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/TOML run configuration (e.g. the estimator's plugin_options)"),
 ) -> None:
     """Measure every alternative and teacher segment of HOUSE on this device; write a LUT."""
     from bespoke import pipeline
 
-    cfg, reg = _config(None, plugin, threads=threads, house=str(house))
+    cfg, reg = _config(config, plugin, threads=threads, house=str(house))
     pipeline.profile(cfg, reg, Path(output), console=console)
 
 
 @app.command()
 def search(
-    house: Path = typer.Argument(..., help="model house directory"),
+    house: Path = typer.Argument(..., help="model house directory (or a search-problem JSON file, see docs/search.md)"),
     budget: Optional[str] = typer.Option(None, "--budget", "-b", help="comma-separated ratios of the teacher latency (<=1) or ms (>1)"),
     output: Path = typer.Option(Path("search.json"), "--output", "-o"),
     plugin: Optional[List[str]] = PluginOpt,

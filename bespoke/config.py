@@ -36,6 +36,7 @@ class BuildConfig(Strict):
     cache_activations: bool = Field(True, description="cache teacher activations at cut points after the first epoch")
     calibration_images: int = Field(64, ge=1, description="images used to initialise adapters and choose channels")
     validation_images: int = Field(64, ge=0, description="held-out images for the distillation error and replace-one scores")
+    augment: bool = Field(False, description="timm's train-time augmentation on the training images (useful with few images)")
 
 
 class FinetuneConfig(Strict):
@@ -46,6 +47,15 @@ class FinetuneConfig(Strict):
     beta: float = Field(0.3, ge=0, description="weight of the distillation terms")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     bn_recalibration_batches: int = Field(8, ge=0)
+    checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints (one is always written at the end)")
+
+
+class SearchConfig(Strict):
+    """The search stage; the strategy's own options live in ``plugin_options.<strategy>``."""
+
+    proxy: Literal["replace-one", "distill-error"] = Field("replace-one", description="accuracy-loss proxy per alternative: replace-one disagreement with the teacher (percentage points) or the normalised distillation error")
+    lam: float = Field(0.1, ge=0, description="weight of the loss in the scalar score max(L/L*, 1) + lam * loss")
+    rerank_top_k: int = Field(3, ge=1, description="best proxy candidates per budget assembled and scored for real")
 
 
 class PluginSelection(Strict):
@@ -77,6 +87,7 @@ class RunConfig(Strict):
     plugin_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     build: BuildConfig = Field(default_factory=BuildConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
     reference_models: list[str] = Field(default_factory=list, description="models drawn on the Pareto plot for comparison (e.g. the donors)")
 
     @field_validator("budgets")
@@ -204,3 +215,56 @@ def validate_plugin_options(record: Any, options: dict[str, Any]) -> Any:
 
 def plugin_options(cfg: RunConfig, name: str) -> dict[str, Any]:
     return dict(cfg.plugin_options.get(name, {}))
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: schedules for `bespoke run --preset quick|full`
+# --------------------------------------------------------------------------------------------
+
+# ``quick``: a small but real run that finishes in minutes on a laptop CPU (the offline default).
+# Values apply only where the configuration did not set the key itself.
+QUICK_PRESET: dict[str, Any] = {
+    "input_size": 160,
+    # Long segments (up to 0.7 of the remaining cut points) so that the non-overlapping ones
+    # cover most of the network: budgets of 0.6 need that much to replace.
+    "build": {"segments": 10, "max_fraction": 0.7, "epochs": 1, "steps_per_epoch": 4, "batch_size": 8,
+              "calibration_images": 32, "validation_images": 32},
+    "finetune": {"epochs": 50, "steps": 10, "batch_size": 8, "bn_recalibration_batches": 4},
+}
+QUICK_PLUGIN_OPTIONS: dict[str, dict[str, Any]] = {
+    "measured-latency": {"warmup": 3, "runs": 15},
+    "onnxruntime-latency": {"warmup": 3, "runs": 15},
+    "optuna": {"n_trials": 60},
+    "pruned-self": {"ratios": [0.5, 0.75]},
+}
+
+
+def apply_preset(cfg: RunConfig, registry: Any = None) -> RunConfig:
+    """``cfg`` with its preset's values filled in wherever the configuration left a default.
+
+    ``full`` keeps the documented defaults. ``quick`` shortens every schedule, lowers the input
+    size, and draws the donors on the Pareto plot as reference models.
+    """
+    if cfg.preset != "quick":
+        return cfg
+    update: dict[str, Any] = {}
+    for key, value in QUICK_PRESET.items():
+        current = getattr(cfg, key)
+        if isinstance(value, dict):
+            section = current.model_copy(update={k: v for k, v in value.items()
+                                                 if k not in current.model_fields_set})
+            update[key] = section
+        elif key not in cfg.model_fields_set and current is None:
+            update[key] = value
+    if "reference_models" not in cfg.model_fields_set and not cfg.reference_models:
+        update["reference_models"] = list(cfg.donors)
+    options = {k: dict(v) for k, v in cfg.plugin_options.items()}
+    for name, values in QUICK_PLUGIN_OPTIONS.items():
+        record = registry.records.get(name) if registry is not None else None
+        fields = getattr(getattr(record, "options_model", None), "model_fields", {}) if record else {}
+        mine = options.get(name, {})
+        extra = {k: v for k, v in values.items() if k in fields and k not in mine}
+        if extra:
+            options[name] = {**extra, **mine}
+    update["plugin_options"] = options
+    return cfg.model_copy(update=update)
