@@ -53,7 +53,7 @@ class FinetuneConfig(Strict):
 class SearchConfig(Strict):
     """The search stage; the strategy's own options live in ``plugin_options.<strategy>``."""
 
-    proxy: Literal["replace-one", "distill-error"] = Field("replace-one", description="accuracy-loss proxy per alternative: replace-one disagreement with the teacher (percentage points) or the normalised distillation error")
+    proxy: Literal["replace-one", "replace-one-kl", "distill-error"] = Field("replace-one", description="accuracy-loss proxy per alternative: replace-one disagreement with the teacher (percentage points), replace-one KL divergence to the teacher's output (x100; continuous, best with few held-out images) or the normalised distillation error")
     lam: float = Field(0.1, ge=0, description="weight of the loss in the scalar score max(L/L*, 1) + lam * loss")
     rerank_top_k: int = Field(3, ge=1, description="best proxy candidates per budget assembled and scored for real")
 
@@ -227,9 +227,12 @@ QUICK_PRESET: dict[str, Any] = {
     "input_size": 160,
     # Long segments (up to 0.7 of the remaining cut points) so that the non-overlapping ones
     # cover most of the network: budgets of 0.6 need that much to replace.
-    "build": {"segments": 10, "max_fraction": 0.7, "epochs": 1, "steps_per_epoch": 4, "batch_size": 8,
-              "calibration_images": 32, "validation_images": 32},
-    "finetune": {"epochs": 50, "steps": 10, "batch_size": 8, "bn_recalibration_batches": 4},
+    # The sample photos are few: distil on augmented crops of them (no labels needed).
+    "build": {"segments": 10, "max_fraction": 0.7, "epochs": 1, "steps_per_epoch": 24, "batch_size": 8,
+              "calibration_images": 32, "validation_images": 32, "augment": True},
+    # With a handful of held-out images agreement moves in coarse steps; KL is continuous.
+    "search": {"proxy": "replace-one-kl"},
+    "finetune": {"epochs": 50, "steps": 24, "batch_size": 8, "bn_recalibration_batches": 4},
 }
 QUICK_PLUGIN_OPTIONS: dict[str, dict[str, Any]] = {
     "measured-latency": {"warmup": 3, "runs": 15},

@@ -314,6 +314,7 @@ class Profile:
     distill_error: float | None = None
     agreement: float | None = None
     top1: float | None = None
+    kl: float | None = None
 
 
 @dataclass
@@ -334,6 +335,7 @@ def profile_bunch(partition: Any, jobs: list[Job], data: ImageSet, tails: Tails,
     sq = {j.record.id: 0.0 for j in live}
     agree = {j.record.id: 0 for j in live}
     correct = {j.record.id: 0 for j in live}
+    kl = {j.record.id: 0.0 for j in live}
     errors: dict[str, str] = {}
     # teacher activation statistics per end cut point, for the variance normalisation
     t_sum: dict[int, float] = {}
@@ -348,6 +350,7 @@ def profile_bunch(partition: Any, jobs: list[Job], data: ImageSet, tails: Tails,
             x, y = batch[0].to(device), batch[1].to(device)
             acts = partition.activations(x, needed)
             t_pred = acts[tails.last].argmax(-1)
+            t_logp = torch.log_softmax(acts[tails.last].double(), -1)
             images += x.shape[0]
             teacher_correct += int((t_pred == y).sum())
             for end in {j.segment.end for j in live}:
@@ -362,7 +365,10 @@ def profile_bunch(partition: Any, jobs: list[Job], data: ImageSet, tails: Tails,
                 try:
                     out = j.module(acts[j.segment.start])
                     sq[rid] += float(((out.double() - acts[j.segment.end].double()) ** 2).sum())
-                    pred = tails(j.segment.end, out).argmax(-1)
+                    logits = tails(j.segment.end, out)
+                    pred = logits.argmax(-1)
+                    # continuous replace-one score: informative even on a handful of images
+                    kl[rid] += float((t_logp.exp() * (t_logp - torch.log_softmax(logits.double(), -1))).sum())
                     agree[rid] += int((pred == t_pred).sum())
                     correct[rid] += int((pred == y).sum())
                 except Exception as exc:
@@ -381,7 +387,8 @@ def profile_bunch(partition: Any, jobs: list[Job], data: ImageSet, tails: Tails,
         var = max(t_sq[end] / t_n[end] - mean * mean, 1e-12)
         results[rid] = Profile(distill_error=sq[rid] / t_n[end] / var,
                                agreement=agree[rid] / images,
-                               top1=correct[rid] / images if labelled else None)
+                               top1=correct[rid] / images if labelled else None,
+                               kl=kl[rid] / images)
     return results, TeacherScore(images, teacher_correct / images if (labelled and images) else None)
 
 
@@ -495,7 +502,7 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
                 prof = profiles.get(rec.id, Profile())
                 done.append(rec.model_copy(update={
                     "status": "trained", "reason": None, "train_loss": j.last_epoch_loss,
-                    "steps": j.steps, "distill_error": prof.distill_error,
+                    "steps": j.steps, "distill_error": prof.distill_error, "kl": prof.kl,
                     "agreement": prof.agreement, "top1": prof.top1,
                     "seconds": round(elapsed / max(1, len(jobs)), 4)}))
             _commit(house, done, finished, dist)

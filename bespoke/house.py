@@ -75,6 +75,7 @@ class AlternativeRecord(BaseModel):
     distill_error: float | None = None  # MSE / variance of the teacher activation
     agreement: float | None = None  # replace-one: agreement with the teacher's top-1
     top1: float | None = None  # replace-one: top-1 accuracy, when labels exist
+    kl: float | None = None  # replace-one: mean KL(teacher || teacher with this swapped in), nats
     # run-dependent, not part of the result
     seconds: float | None = None
 

@@ -32,7 +32,7 @@ from bespoke.errors import UsageError
 from bespoke.types import Candidate, SearchProblem, Solution
 
 SEARCH_SCHEMA_VERSION = 1
-Proxy = Literal["replace-one", "distill-error"]
+Proxy = Literal["replace-one", "replace-one-kl", "distill-error"]
 EPS = 1e-9
 
 
@@ -122,10 +122,16 @@ def proxy_loss(profile: Any, proxy: Proxy) -> float | None:
     ``replace-one``: the drop of the teacher with only this alternative swapped in (1 - top-1
     agreement with the teacher, or the top-1 accuracy drop when labels exist), in percentage
     points when the house stores fractions; ``distill-error``: the distillation error normalised
-    by the teacher activation's variance.
+    by the teacher activation's variance; ``replace-one-kl``: the mean KL divergence (nats) from
+    the teacher's output to the output with only this alternative swapped in, times 100 so its
+    scale is close to percentage points: continuous, so it ranks alternatives even where a
+    handful of held-out images leaves agreement unchanged.
     """
     if profile is None:
         return None
+    if proxy == "replace-one-kl":
+        v = _get(profile, "kl")
+        return None if v is None else 100.0 * float(v)
     if proxy == "replace-one":
         v = _get(profile, "replace_one_drop", "replace_one_accuracy_drop")
         if v is None:

@@ -72,6 +72,7 @@ def test_build_tiny_model(reference):
         assert a.params > 0 and a.flops > 0 and a.steps == 4  # 2 epochs x 2 steps
         assert a.distill_error is not None and a.distill_error >= 0
         assert 0 <= a.agreement <= 1
+        assert a.kl is not None and a.kl >= -1e-9  # a KL divergence, up to rounding
         assert a.top1 is None  # the default sample photos carry no labels
         assert house.weights_path(a.id).is_file()
         assert not house.weights_path(a.id, initial=True).exists()

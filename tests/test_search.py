@@ -390,13 +390,15 @@ def test_problem_from_house_records_and_proxy():
 
     spec = AlternativeSpec(source="skip", kind="skip", label="skip")
     recs = [AlternativeRecord(id="a", segment="0-2", source="skip", spec=spec, status="trained",
-                              agreement=0.9, distill_error=0.2),
+                              agreement=0.9, distill_error=0.2, kl=0.03),
             AlternativeRecord(id="b", segment="2-4", source="skip", spec=spec, status="failed"),
             AlternativeRecord(id="c", segment="2-4", source="skip", spec=spec, status="trained",
-                              agreement=0.95, distill_error=0.05)]
+                              agreement=0.95, distill_error=0.05, kl=0.01)]
     house = SimpleNamespace(alternatives=recs)
     seg_ms, alt_ms = {"0-2": 3.0, "2-4": 2.0}, {"a": 1.0, "b": 1.0, "c": 0.5}
     p = problem_from_house(house, seg_ms, alt_ms, 10.0)
     assert [(c.alternative, round(c.loss, 6)) for c in p.candidates] == [("a", 10.0), ("c", 5.0)]
     p = problem_from_house(house, seg_ms, alt_ms, 10.0, proxy="distill-error")
     assert [round(c.loss, 6) for c in p.candidates] == [0.2, 0.05]
+    p = problem_from_house(house, seg_ms, alt_ms, 10.0, proxy="replace-one-kl")
+    assert [round(c.loss, 6) for c in p.candidates] == [3.0, 1.0]
