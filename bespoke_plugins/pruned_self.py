@@ -7,6 +7,15 @@ output keep every channel, so the pruned copy plugs in where the segment was. Gr
 through reshapes, splits or raw parameters (e.g. attention heads, layer scale) are left alone:
 they are rarely safe to prune channel-wise without model-specific knowledge.
 
+Grouped convolutions (RegNet, ResNeXt) and group norms split a group's channels into equal
+blocks, and every block must keep the same number of channels: Torch-Pruning's layer pruners
+slice a grouped conv's weight as if the same positions went from every block (its
+``MetaPruner`` does this with ``in/out_channel_groups``; the low-level ``DependencyGraph`` we use
+does not). So such a group is pruned position-wise: the same positions are removed from every
+block, chosen by the importance summed over blocks (depthwise convs are coupled in and out by
+Torch-Pruning itself and need nothing). A group whose channels reach a grouped layer through an
+index remapping (concat, split) is left alone.
+
 Importance:
 
 - ``magnitude``: group L1 norm of the coupled weights (Torch-Pruning's
@@ -23,6 +32,7 @@ copy of the segment, so the architecture (and the state-dict keys) come out iden
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Any, Literal
 
@@ -75,6 +85,40 @@ class _Graph:
                 module, example_inputs=example, forward_fn=forward_fn, verbose=False)
         self.input_nodes = {n for n in self.dg.module2node.values() if n.grad_fn is marks["input"]}
         self.tp = tp
+        self.blocks: dict[str, int] = {}  # root layer name -> equal channel blocks (grouped layers)
+
+    def channel_blocks(self, group: Any) -> int | None:
+        """Into how many equal blocks the group's channels fall (grouped convs, group norms):
+        every block must lose the same positions. ``None`` when that cannot be honoured (the
+        channels reach a grouped layer through an index remapping, or do not divide evenly)."""
+        n = len(group[0].idxs)
+        blocks = 1
+        for item in group:
+            dep = item.dep
+            layer = dep.target.module
+            if layer is None or not isinstance(layer, nn.Module):
+                continue
+            pruner = self.dg.get_pruner_of_module(layer)
+            if pruner is None:
+                continue
+            if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups == layer.out_channels:
+                continue  # depthwise: Torch-Pruning couples its input and output channels
+            out_fn = self.dg.is_out_channel_pruning_fn(dep.handler)
+            try:
+                g = int(pruner.get_out_channel_groups(layer) if out_fn else pruner.get_in_channel_groups(layer))
+                count = int(pruner.get_out_channels(layer) if out_fn else pruner.get_in_channels(layer))
+            except Exception:
+                continue
+            if g <= 1:
+                continue
+            plain = [int(i) for i in item.idxs]
+            roots = [int(i) for i in getattr(item, "root_idxs", item.idxs)]
+            if count != n or plain != roots or sorted(plain) != list(range(n)):
+                return None
+            blocks = blocks * g // math.gcd(blocks, g)
+        if n % blocks:
+            return None
+        return blocks
 
     def prunable_groups(self, allow_reshape: bool = True) -> list[tuple[str, Any]]:
         """(root layer name, group with all of its channels) for every group safe to prune.
@@ -98,6 +142,10 @@ class _Graph:
                     break
             root = group[0].dep.target.module
             if ok and root in names and self.dg.get_out_channels(root):
+                blocks = self.channel_blocks(group)
+                if blocks is None:
+                    continue
+                self.blocks[names[root]] = blocks
                 out.append((names[root], group))
         return out
 
@@ -127,8 +175,6 @@ def _error_importance(module: nn.Module, groups: list[tuple[str, Any]], x: torch
             layer = item.dep.target.module
             fn = item.dep.handler
             if fn in (tp.prune_conv_in_channels, tp.prune_linear_in_channels) and isinstance(layer, (nn.Conv2d, nn.Linear)):
-                if isinstance(layer, nn.Conv2d) and layer.groups != 1:
-                    continue
                 consumers[layer] = None
                 items.append((layer, list(item.idxs), list(item.root_idxs)))
         plan.append((name, n_root, items))
@@ -152,7 +198,11 @@ def _error_importance(module: nn.Module, groups: list[tuple[str, Any]], x: torch
         s = torch.zeros(n_root, dtype=torch.float64)
         for layer, idxs, root_idxs in items:
             w = layer.weight.detach().double()
-            wn = w.pow(2).sum(dim=(0, 2, 3)) if w.dim() == 4 else w.pow(2).sum(0)
+            if w.dim() == 4:  # (out, in / groups, kh, kw): input channel c feeds its group's outputs only
+                g = layer.groups
+                wn = w.reshape(g, w.shape[0] // g, w.shape[1], -1).pow(2).sum(dim=(1, 3)).reshape(-1)
+            else:
+                wn = w.pow(2).sum(0)
             e = energy.get(layer)
             if e is None:
                 continue
@@ -185,43 +235,95 @@ class PrunedSelf:
         graph = _Graph(module, example)
         return graph, graph.prunable_groups(allow_reshape=allow_reshape)
 
-    def _trial(self, ctx: Any, segment: SegmentInfo, allow_reshape: bool) -> list[int] | None:
-        """Prune every candidate group by the largest ratio on a copy; the group sizes if the
-        result still maps the segment's input shape to its output shape, else None."""
-        module = self._segment_module(ctx, segment)
-        example = self._example(segment)
+    def _removed(self, n: int, blocks: int, ratio: float, scores: torch.Tensor | None = None) -> list[int]:
+        """The channels of an ``n``-channel group to remove at ``ratio``: the least important
+        by ``scores`` (``None``: the last ones). With ``blocks`` > 1 (grouped convs, group norms)
+        the same positions go from every block, ranked by their importance summed over blocks."""
+        per = n // blocks
+        keep = self._kept(n, ratio)
+        keep_per = min(per, max(1, -(-keep // blocks)))
+        if keep_per >= per:
+            return []
+        if scores is None:
+            drop = list(range(keep_per, per))
+        else:
+            order = torch.argsort(scores.double().reshape(blocks, per).sum(0), descending=True, stable=True)
+            drop = sorted(int(i) for i in order[keep_per:])  # most important positions kept
+        return sorted(b * per + p for b in range(blocks) for p in drop)
+
+    # -- pruning any module (the teacher's segment here; a donor's segment in timm-donors) ------
+
+    def trial(self, module: nn.Module, example: torch.Tensor, out_shape: tuple[int, ...]) -> tuple[list, bool] | None:
+        """Whether ``module`` (left unchanged; copies are pruned) can be pruned at the largest ratio
+        and still map ``example``'s shape to ``out_shape``: ``(group sizes and blocks,
+        allow_reshape)``, or ``None`` when it cannot be pruned at all. Never raises."""
+        for allow_reshape in (True, False):
+            trial = copy.deepcopy(module)
+            try:
+                graph, groups = self._groups(trial, example, allow_reshape)
+                if not groups:
+                    return None
+                ratio = max(self.options.ratios)
+                sizes = []
+                for name, group in groups:
+                    n, blocks = len(group[0].idxs), graph.blocks.get(name, 1)
+                    sizes.append((n, blocks))
+                    removed = self._removed(n, blocks, ratio)
+                    if removed:
+                        graph.prune(name, removed)
+                with torch.no_grad():
+                    out = trial(example)
+                if tuple(out.shape) != tuple(out_shape):
+                    continue
+            except Exception:  # not traceable by autograd, or coupling tp gets wrong
+                continue
+            if not any(self._removed(n, b, r) for n, b in sizes for r in self.options.ratios):
+                return None
+            return sizes, allow_reshape
+        return None
+
+    def prune(self, module: nn.Module, example: torch.Tensor, ratio: float, importance: str,
+              calibration: torch.Tensor | None, allow_reshape: bool = True) -> list:
+        """Prune ``module`` in place at ``ratio``; the plan (``[[root layer, removed channels],
+        ...]``) that :meth:`replay` applies to a fresh copy. ``calibration``: inputs of the
+        module for importance ``error``."""
         graph, groups = self._groups(module, example, allow_reshape)
         if not groups:
-            return []
-        ratio = max(self.options.ratios)
-        sizes = []
+            raise UsageError("pruned-self: no prunable channel group")
+        if importance == "error" and calibration is not None:
+            scores = _error_importance(module, groups, calibration)
+            for name, group in groups:  # no measurable consumer
+                if not bool((scores[name] > 0).any()):
+                    scores[name] = _magnitude(group).double()
+        else:
+            scores = {name: _magnitude(g).double() for name, g in groups}
+        plan = []
         for name, group in groups:
-            n = len(group[0].idxs)
-            sizes.append(n)
-            keep = self._kept(n, ratio)
-            if keep < n:
-                graph.prune(name, list(range(keep, n)))
-        try:
-            _check(module, segment, example)
-        except Exception:
-            return None
-        return sizes
+            removed = self._removed(len(group[0].idxs), graph.blocks.get(name, 1), ratio, scores[name])
+            if removed:
+                plan.append([name, removed])
+        for name, removed in plan:
+            graph.prune(name, removed)
+        return plan
+
+    @staticmethod
+    def replay(module: nn.Module, example: torch.Tensor, plan: list) -> nn.Module:
+        """Apply a plan from :meth:`prune` to a fresh copy of the same module (in place)."""
+        graph = _Graph(module, example)
+        for name, removed in plan:
+            graph.prune(name, [int(i) for i in removed])
+        return module
+
+    # -- the block source ------------------------------------------------------------------------
 
     def propose(self, ctx: Any, segment: SegmentInfo) -> list[AlternativeSpec]:
-        sizes = None
-        allow_reshape = True
-        for allow_reshape in (True, False):
-            try:
-                sizes = self._trial(ctx, segment, allow_reshape)
-            except Exception:  # not traceable by autograd: nothing to offer, never a crash
-                sizes = None
-            if sizes is not None:
-                break
-        if not sizes:
+        found = self.trial(self._segment_module(ctx, segment), self._example(segment), segment.out_shape)
+        if found is None:
             return []
+        sizes, allow_reshape = found
         specs = []
         for ratio in self.options.ratios:
-            if not any(self._kept(n, ratio) < n for n in sizes):
+            if not any(self._removed(n, blocks, ratio) for n, blocks in sizes):
                 continue
             imp = self.options.importance
             specs.append(AlternativeSpec(
@@ -234,40 +336,19 @@ class PrunedSelf:
         importance = spec.options.get("importance", self.options.importance)
         module = self._segment_module(ctx, segment)
         example = self._example(segment)
-        graph, groups = self._groups(module, example, bool(spec.options.get("allow_reshape", True)))
-        if not groups:
-            raise UsageError(f"pruned-self: segment {segment.id} has no prunable channel group")
-        if importance == "error":
-            x = ctx.teacher_activation(segment.start)[: self.options.calibration_images]
-            scores = _error_importance(module, groups, x)
-            for name, group in groups:  # no measurable consumer (e.g. grouped convs only)
-                if not bool((scores[name] > 0).any()):
-                    scores[name] = _magnitude(group).double()
-        else:
-            scores = {name: _magnitude(g).double() for name, g in groups}
-        plan = []
-        for name, group in groups:
-            n = len(group[0].idxs)
-            keep = self._kept(n, ratio)
-            if keep >= n:
-                continue
-            order = torch.argsort(scores[name], descending=True)  # most important first
-            removed = sorted(int(i) for i in order[keep:])
-            plan.append([name, removed])
-        for name, removed in plan:
-            graph.prune(name, removed)
+        x = ctx.teacher_activation(segment.start)[: self.options.calibration_images] if importance == "error" else None
+        try:
+            plan = self.prune(module, example, ratio, importance, x, bool(spec.options.get("allow_reshape", True)))
+        except UsageError:
+            raise UsageError(f"pruned-self: segment {segment.id} has no prunable channel group") from None
         _check(module, segment, example)
         done = spec.model_copy(update={"options": {**spec.options, "importance": importance, "pruned": plan,
                                                    "params": count_parameters(module)}})
         return module, done
 
     def rebuild(self, ctx: Any, segment: SegmentInfo, spec: AlternativeSpec) -> nn.Module:
-        module = self._segment_module(ctx, segment)
-        example = self._example(segment)
-        graph = _Graph(module, example)
-        for name, removed in spec.options["pruned"]:
-            graph.prune(name, list(removed))
-        _check(module, segment, example)
+        module = self.replay(self._segment_module(ctx, segment), self._example(segment), spec.options["pruned"])
+        _check(module, segment, self._example(segment))
         return module
 
 

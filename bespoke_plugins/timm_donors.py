@@ -25,6 +25,14 @@ Donor list: ``plugin_options.timm-donors.donors``; when not given, the run's ``d
 of any block source that has one from ``cfg.donors`` (``bespoke.distill._source_options``). Used
 on its own, this options model defaults to RunConfig's default donor list.
 
+Pruned donors (option ``prune_ratios``, default none): for each matched donor segment, also
+channel-pruned copies of it at these ratios (the ``pruned-self`` machinery: dependency-aware,
+grouped layers pruned block-wise, importance ``prune_importance``). The donor segment's own input
+and output channels are kept, so the adapters fit exactly as for the unpruned donor: the input
+adapter is fitted first, the body is pruned (importance ``error`` is measured on the adapted
+calibration activations), then the output adapter is fitted on the pruned body's output. The
+completed spec stores the pruning plan and the body's input shape; ``rebuild`` replays it.
+
 ``rebuild`` loads the donor with ``weights=None`` (architecture only), so a saved student
 reloads offline; the weights come from the house.
 """
@@ -33,7 +41,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +70,10 @@ class TimmDonorsOptions(PluginOptions):
     same_stride_only: bool = Field(False, description="only donor segments at the teacher's own input and output strides")
     ridge: float = Field(1e-4, ge=0, description="relative ridge term of the least-squares adapter fits")
     calibration_images: int | None = Field(None, ge=1, description="cap on calibration images used for the fits (default: all the context has)")
+    prune_ratios: list[float] = Field(default_factory=list,
+                                      description="also offer channel-pruned copies of each donor segment at these ratios (pruned-self's pruning; donor boundary channels kept)")
+    prune_importance: Literal["magnitude", "error"] = Field(
+        "error", description="channel importance for pruned donors: magnitude (group L1) or error (measured on adapted calibration activations)")
 
 
 class DonorBlock(nn.Module):
@@ -188,10 +200,53 @@ class TimmDonors:
         found.sort()
         specs = []
         for tier, names, dist, name, u, w in found[: self.options.max_per_segment]:
-            specs.append(AlternativeSpec(
+            base = AlternativeSpec(
                 source=NAME, kind="donor", label=f"{name}[{u}-{w}]",
                 options={"donor": name, "donor_start": u, "donor_end": w,
-                         "same_stride": tier == 0, "name_matches": -names}))
+                         "same_stride": tier == 0, "name_matches": -names})
+            specs.append(base)
+            specs.extend(self._pruned_specs(ctx, segment, base, weights))
+        return specs
+
+    # -- pruned donors -----------------------------------------------------------------------------
+
+    def _pruner(self, ratios: list[float] | None = None) -> Any:
+        from bespoke_plugins.pruned_self import PrunedSelf, PrunedSelfOptions
+
+        return PrunedSelf(PrunedSelfOptions(ratios=ratios or self.options.prune_ratios or [0.5],
+                                            importance=self.options.prune_importance))
+
+    def _body_example(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+    def _body_in_shape(self, ctx: Any, segment: SegmentInfo, donor: Any, u: int) -> tuple[int, ...]:
+        """What the donor body is fed: the donor's channels at ``u``, the teacher's spatial size."""
+        a = ctx.teacher.cut_points[segment.start]
+        c = _channels(donor.cut_points[u].shape)
+        return (1, c, *_spatial(a.shape)) if len(a.shape) == 4 else (1, *a.shape[1:-1], c)
+
+    def _pruned_specs(self, ctx: Any, segment: SegmentInfo, base: AlternativeSpec, weights: Any) -> list[AlternativeSpec]:
+        if not self.options.prune_ratios:
+            return []
+        body, donor = self._body(ctx, base, weights)
+        body.cpu()
+        shape = self._body_in_shape(ctx, segment, donor, int(base.options["donor_start"]))
+        example = self._body_example(shape)
+        with torch.no_grad():
+            out_shape = tuple(body(example).shape)
+        pruner = self._pruner()
+        found = pruner.trial(body, example, out_shape)
+        if found is None:
+            return []
+        sizes, allow_reshape = found
+        specs = []
+        for ratio in self.options.prune_ratios:
+            if not any(pruner._removed(n, blocks, ratio) for n, blocks in sizes):
+                continue
+            specs.append(base.model_copy(update={
+                "kind": "donor-pruned", "label": f"{base.label}-pruned-{int(round(ratio * 100))}",
+                "options": {**base.options, "prune_ratio": ratio, "prune_importance": self.options.prune_importance,
+                            "allow_reshape": allow_reshape, "body_in_shape": list(shape)}}))
         return specs
 
     # -- building --------------------------------------------------------------------------------
@@ -219,6 +274,18 @@ class TimmDonors:
             y = F.interpolate(y, size=x.shape[2:], mode="bilinear", align_corners=False)
         in_adapter = fit_linear_adapter(x, y, ridge=self.options.ridge)
         device = getattr(ctx, "device", "cpu")  # the donor runs where the context put it
+        pruned_update: dict[str, Any] = {}
+        if "prune_ratio" in spec.options:
+            o = spec.options
+            importance = o.get("prune_importance", self.options.prune_importance)
+            shape = tuple(int(v) for v in o["body_in_shape"])
+            body.cpu()
+            calib = run_batched(in_adapter, x[:32]) if importance == "error" else None
+            plan = self._pruner([float(o["prune_ratio"])]).prune(
+                body, self._body_example(shape), float(o["prune_ratio"]), importance, calib,
+                bool(o.get("allow_reshape", True)))
+            body.to(device)
+            pruned_update = {"pruned": plan, "prune_importance": importance}
         in_adapter.to(device)
         z = run_batched(lambda t: body(in_adapter(t)), x, device=device)
         if z.dim() != target.dim() or _spatial(tuple(z.shape)) != _spatial(tuple(target.shape)):
@@ -237,6 +304,7 @@ class TimmDonors:
             "weights": weights if weights is None or isinstance(weights, str) else str(weights),
             "relative_mse": err,
             "params": count_parameters(module),
+            **pruned_update,
         }})
         return module, done
 
@@ -244,6 +312,10 @@ class TimmDonors:
         body, _ = self._body(ctx, spec, None)
         body.cpu()
         o = spec.options
+        if "pruned" in o:
+            from bespoke_plugins.pruned_self import PrunedSelf
+
+            PrunedSelf.replay(body, self._body_example(tuple(int(v) for v in o["body_in_shape"])), o["pruned"])
         ndim = int(o["ndim"])
         return DonorBlock(linear_adapter(*o["in_channels"], ndim), body,
                           linear_adapter(*o["out_channels"], ndim)).eval()

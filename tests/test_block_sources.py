@@ -13,15 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from _families import example, teacher
+from _families import FAMILIES, example, teacher
 from bespoke.blocks import Context, count_flops, count_parameters, fit_linear_adapter
 from bespoke.types import AlternativeSpec, BlockContext, BlockSource
 from bespoke_plugins.lowrank import LowRank, LowRankOptions
 from bespoke_plugins.pruned_self import PrunedSelf, PrunedSelfOptions
 from bespoke_plugins.timm_donors import TimmDonors, TimmDonorsOptions
 
-PRUNE_FAMILIES = ["tf_efficientnet_lite0", "resnet18", "convnext_atto", "mobilenetv3_large_100",
-                  "vit_tiny_patch16_224"]
+PRUNE_FAMILIES = FAMILIES  # all eight: depthwise, grouped (RegNet), bottleneck, ConvNeXt, ViT
 
 
 def _ctx(name: str, images: int = 4) -> Context:
@@ -29,11 +28,11 @@ def _ctx(name: str, images: int = 4) -> Context:
     return Context(part, name, part.input_shape[1:], calibration=example(images, seed=1), donor_weights=None)
 
 
-def _middle_segment(part):
-    """A segment of about 8 cut points from a third into the network (holds whole blocks)."""
+def _middle_segment(part, span: int = 8):
+    """A segment of about ``span`` cut points from a third into the network (whole blocks)."""
     n = len(part.cut_points)
     start = n // 3
-    return part.segment(start, min(n - 2, start + 8))
+    return part.segment(start, min(n - 2, start + span))
 
 
 def _check_roundtrip(source, ctx, seg, spec):
@@ -115,7 +114,7 @@ def test_sources_are_registered_with_options():
 @pytest.mark.parametrize("family", PRUNE_FAMILIES)
 def test_pruned_self(family):
     ctx = _ctx(family)
-    seg = _middle_segment(ctx.teacher)
+    seg = _middle_segment(ctx.teacher, span=5)
     base = count_parameters(ctx.teacher.extract(seg))
     src = PrunedSelf(PrunedSelfOptions(ratios=[0.25, 0.5], importance="error"))
     specs = src.propose(ctx, seg)
@@ -146,6 +145,48 @@ def test_pruned_self_error_importance_is_competitive():
     assert errors["error"] <= errors["magnitude"] * 1.5  # random weights: not a strict ordering
 
 
+def test_pruned_self_grouped_convs_lose_whole_positions_exactly():
+    """RegNet's grouped 3x3 convs: every group keeps as many channels as the others (the same
+    positions go from each), so removing channels that carry nothing changes nothing at all."""
+    import timm
+
+    from bespoke.partition import Partition
+
+    torch.manual_seed(0)
+    model = timm.create_model("regnetx_002", pretrained=False).eval()
+    block = model.s2.b1  # 24 -> 56 channels, conv2: 3x3, groups=7 (8 channels each)
+    conv2 = block.conv2.conv
+    assert conv2.groups == 7 and conv2.in_channels == 56
+    dead = [b * 8 + p for b in range(7) for p in (1, 5)]  # positions 1 and 5 of every group
+    with torch.no_grad():  # conv1's channels `dead` are zero after its BN + ReLU, and unused
+        block.conv1.conv.weight[dead] = 0
+        block.conv1.bn.weight[dead] = 0
+        block.conv1.bn.bias[dead] = 0
+        w = conv2.weight.view(7, 8, 8, 3, 3)
+        w[:, :, [1, 5]] = 0
+    part = Partition.from_model(model, (1, 3, 64, 64), name="regnetx_002")
+    names = [c.name for c in part.cut_points]
+    seg = part.segment(names.index("s1_b1_act3"), names.index("s2_b1_act3"))  # exactly block s2.b1
+    ctx = Context(part, "regnetx_002", 64, calibration=example(4, seed=1), donor_weights=None)
+    src = PrunedSelf(PrunedSelfOptions(ratios=[0.25], importance="magnitude"))
+    (spec,) = src.propose(ctx, seg)
+    module, done = _check_roundtrip(src, ctx, seg, spec)
+    plan = dict((name, removed) for name, removed in done.options["pruned"])
+    assert plan["s2.b1.conv1.conv"] == dead
+    pruned = module.get_submodule("s2.b1.conv2.conv")
+    assert pruned.groups == 7 and pruned.in_channels == 42 and pruned.weight.shape[1] == 6
+    x = ctx.teacher_activation(seg.start)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), ctx.teacher_activation(seg.end), atol=1e-5, rtol=1e-5)
+    for imp in ("error", "magnitude"):  # ratio 0.5 (the old index error): still whole positions
+        src = PrunedSelf(PrunedSelfOptions(ratios=[0.5], importance=imp))
+        module, done = _check_roundtrip(src, ctx, seg, src.propose(ctx, seg)[0])
+        removed = dict((name, r) for name, r in done.options["pruned"])["s2.b1.conv1.conv"]
+        positions = [sorted(i % 8 for i in removed if i // 8 == b) for b in range(7)]
+        assert len(positions[0]) == 4 and all(p == positions[0] for p in positions)
+        assert module.get_submodule("s2.b1.conv2.conv").weight.shape[1] == 4
+
+
 def test_pruned_self_proposes_nothing_without_prunable_groups():
     ctx = _ctx("tf_efficientnet_lite0")
     part = ctx.teacher
@@ -159,7 +200,7 @@ def test_pruned_self_proposes_nothing_without_prunable_groups():
 @pytest.mark.parametrize("family", PRUNE_FAMILIES)
 def test_lowrank(family):
     ctx = _ctx(family)
-    seg = _middle_segment(ctx.teacher)
+    seg = _middle_segment(ctx.teacher, span=5)
     base = count_parameters(ctx.teacher.extract(seg))
     src = LowRank(LowRankOptions(fractions=[0.25, 0.5], init="svd" if family == "resnet18" else "data"))
     specs = src.propose(ctx, seg)
@@ -224,6 +265,28 @@ def test_timm_donors_match_by_reduction_and_roundtrip():
     # the same family matches stage to stage, by the names of the following cut points
     assert dnames[lite1.options["donor_start"] + 1] == "blocks_2_0_conv_pw"
     assert dnames[lite1.options["donor_end"] + 1] == "blocks_3_0_conv_pw"
+
+
+def test_timm_donors_pruned_donors_roundtrip_and_shrink():
+    """prune_ratios: channel-pruned copies of the donor segment between the same adapters."""
+    ctx = _ctx("tf_efficientnet_lite0")
+    seg = _middle_segment(ctx.teacher)
+    plain = TimmDonors(TimmDonorsOptions(donors=["regnetx_002"], donor_weights=None))
+    assert [s.kind for s in plain.propose(ctx, seg)] == ["donor"]  # default: no pruned donors
+    src = TimmDonors(TimmDonorsOptions(donors=["regnetx_002"], donor_weights=None, prune_ratios=[0.25, 0.5]))
+    specs = src.propose(ctx, seg)
+    assert [s.kind for s in specs] == ["donor", "donor-pruned", "donor-pruned"]
+    assert [s.options.get("prune_ratio") for s in specs] == [None, 0.25, 0.5]
+    sizes, adapters = [], []
+    for spec in specs:
+        module, done = _check_roundtrip(src, ctx, seg, spec)
+        sizes.append(count_parameters(module))
+        adapters.append((tuple(module.in_adapter.weight.shape), tuple(module.out_adapter.weight.shape)))
+        if spec.kind == "donor-pruned":
+            assert done.options["pruned"] and done.options["body_in_shape"]
+    assert sizes[0] > sizes[1] > sizes[2]
+    # the donor segment's boundary channels are kept: the same adapters as the unpruned donor
+    assert adapters[0] == adapters[1] == adapters[2]
 
 
 def test_timm_donors_skip_unavailable_donors():

@@ -125,16 +125,7 @@ def _pruned(part, name, seed=0):
     pytest.skip(f"pruned-self proposed nothing for the sampled segments of {name}")
 
 
-_PRUNED_FAMILIES = [
-    pytest.param(n, marks=pytest.mark.xfail(
-        reason="pruned-self: torch-pruning index error on RegNet's grouped 3x3 convs "
-               "(segment 2-7, ratio 0.5); remove once fixed", strict=False))
-    if n == "regnetx_002" else n
-    for n in FAMILIES
-]
-
-
-@pytest.mark.parametrize("name", _PRUNED_FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_pruned_student_runs_and_is_smaller(name):
     part = teacher(name)
     seg, module, spec = _pruned(part, name)
