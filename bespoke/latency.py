@@ -5,9 +5,13 @@ A LUT answers "how long does this piece take on that device" without measuring. 
 by :func:`module_signature`: a hash of the architecture and the input shape, independent of the
 weights, so the same alternative rebuilt anywhere finds its entry.
 
-Prediction is additive (teacher latency minus the per-segment savings). That ignores fusion and
-boundary effects, so a LUT may carry a per-device linear :class:`Calibration` fitted from students
-measured end to end: ``calibrated = a * predicted + b``.
+Prediction is additive (teacher latency minus the per-segment savings). A LUT stores absolute
+milliseconds per module (each teacher segment and alternative timed alone) and, optionally,
+**in-context savings** (:class:`SavingEntry`): the whole teacher timed with one segment replaced
+("replace-one"), which captures what timing a piece alone misses (boundary and cache effects, per
+op overhead). Predictions use an in-context saving where the table has one. What is still off is
+corrected by a per-device :class:`Calibration` fitted from students measured end to end:
+``calibrated = a * predicted + b + c * n_replaced``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ from bespoke.types import DeviceInfo, LatencyEstimator, LatencyQuery
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-LUT_SCHEMA_VERSION = 1
+LUT_SCHEMA_VERSION = 2
+# What changed between versions. Version 2 only added optional fields (in-context `savings`, the
+# per-replacement calibration term `calibration.c` and `calibration.points`), so a version-1 table
+# means exactly what it meant and is read as version 2 (device plugins published with version 1
+# keep working); any other version is refused with a clear message.
+_SCHEMA_HISTORY = {
+    1: "version 2 added in-context savings (`savings`) and the per-replacement calibration term "
+       "(`calibration.c`, `calibration.points`)",
+}
+_UPGRADABLE = {1}
 
 Role = Literal["teacher", "segment", "alternative", "student", "other"]
 
@@ -193,18 +206,56 @@ class TeacherLatency(_Strict):
     label: str | None = None
 
 
+class SavingEntry(_Strict):
+    """An in-context saving: the whole teacher minus the teacher with this one segment replaced
+    by this alternative, both measured end to end in the same interleaved call ("replace-one")."""
+
+    ms: float = Field(..., description="saving in milliseconds (teacher - teacher with this replacement); may be negative")
+    segment: str = Field(..., description="module_signature of the teacher segment replaced")
+    alternative: str = Field(..., description="module_signature of the alternative put in its place")
+    label: str | None = None
+    reference_ms: float | None = Field(None, ge=0, description="the teacher measured end to end in the same call")
+    how: Literal["replace-one"] = "replace-one"
+
+
+def saving_key(segment_key: str, alternative_key: str) -> str:
+    """The key of an in-context saving in :attr:`LatencyTable.savings`."""
+    return f"{segment_key}>{alternative_key}"
+
+
+class CalibrationPoint(_Strict):
+    """One student measured end to end: its uncalibrated prediction and its measurement."""
+
+    predicted: float = Field(..., description="uncalibrated additive prediction (ms)")
+    measured: float = Field(..., gt=0, description="measured end to end (ms)")
+    n_replaced: int = Field(0, ge=0, description="segments the student replaces")
+    label: str | None = None
+
+
 class Calibration(_Strict):
-    """Per-device linear correction of additive predictions: ``a * predicted + b``."""
+    """Per-device correction of additive predictions: ``a * predicted + b + c * n_replaced``.
+
+    ``c`` is a per-replacement term: each replaced segment adds a boundary (an op that no longer
+    fuses, a layout change, a module call) that neither the teacher's segment nor the alternative
+    timed alone shows. ``points`` keeps the students the fit used, so later measurements refine it.
+    """
 
     a: float = 1.0
     b: float = 0.0
+    c: float = Field(0.0, description="ms added per replaced segment")
     n: int = Field(0, ge=0, description="students the fit used")
     median_abs_rel_error_before: float | None = None
     median_abs_rel_error_after: float | None = None
     fitted: str | None = Field(None, description="UTC time of the fit")
+    points: list[CalibrationPoint] = Field(default_factory=list, description="the students the fit used")
 
-    def apply(self, predicted_ms: float) -> float:
-        return self.a * predicted_ms + self.b
+    def apply(self, predicted_ms: float, n_replaced: int = 0) -> float:
+        return self.a * predicted_ms + self.b + self.c * n_replaced
+
+    def raw_budget(self, budget_ms: float, n_replaced: int = 0) -> float:
+        """The uncalibrated prediction a student must stay under to meet ``budget_ms`` once
+        calibrated: ``apply(raw) <= budget  <=>  raw <= raw_budget(budget)`` (``a > 0``)."""
+        return (budget_ms - self.b - self.c * n_replaced) / self.a
 
 
 class LatencyTable(_Strict):
@@ -214,6 +265,8 @@ class LatencyTable(_Strict):
     device: DeviceInfo
     teacher: TeacherLatency | None = None
     entries: dict[str, LutEntry] = Field(default_factory=dict)
+    savings: dict[str, SavingEntry] = Field(
+        default_factory=dict, description="in-context savings (replace-one), keyed by saving_key(segment, alternative)")
     calibration: Calibration | None = None
     created: str | None = None
     bespoke_version: str | None = None
@@ -227,16 +280,29 @@ class LatencyTable(_Strict):
         entry = self.entries.get(key)
         return None if entry is None else entry.ms
 
+    def saving_ms(self, segment_key: str, alternative_key: str, *, in_context: bool = True) -> float | None:
+        """The saving of putting the alternative in the segment's place: the in-context
+        (replace-one) saving when the table has one (and ``in_context``), else segment ms -
+        alternative ms; None when the table lacks what it needs."""
+        if in_context:
+            entry = self.savings.get(saving_key(segment_key, alternative_key))
+            if entry is not None:
+                return entry.ms
+        seg, alt = self.get_ms(segment_key), self.get_ms(alternative_key)
+        return None if seg is None or alt is None else seg - alt
+
     def predict(self, savings_ms: Iterable[float], *, teacher_ms: float | None = None,
-                calibrated: bool = True) -> float:
-        """Additive prediction from this table's teacher latency (or ``teacher_ms``)."""
+                calibrated: bool = True, n_replaced: int | None = None) -> float:
+        """Additive prediction from this table's teacher latency (or ``teacher_ms``); one saving
+        per replaced segment (``n_replaced`` defaults to their number)."""
+        savings_ms = list(savings_ms)
         if teacher_ms is None:
             if self.teacher is None:
                 raise UsageError("this latency table has no teacher latency; profile the teacher too, or pass teacher_ms")
             teacher_ms = self.teacher.ms
         pred = predict_latency(teacher_ms, savings_ms)
         if calibrated and self.calibration is not None:
-            pred = self.calibration.apply(pred)
+            pred = self.calibration.apply(pred, len(savings_ms) if n_replaced is None else n_replaced)
         return pred
 
     def check_device(self, device: DeviceInfo, source: str = "latency table") -> None:
@@ -293,10 +359,15 @@ def parse_lut(data: Any, source: str = "(in memory)") -> LatencyTable:
     version = data.get("schema_version")
     if version is None:
         raise UsageError(f"invalid latency table {source}: schema_version is missing (this bespoke reads version {LUT_SCHEMA_VERSION})")
+    if version in _UPGRADABLE:  # an older version this one is a strict superset of: same meaning, upgraded
+        data = {**data, "schema_version": LUT_SCHEMA_VERSION}
+        version = LUT_SCHEMA_VERSION
     if version != LUT_SCHEMA_VERSION:
+        why = _SCHEMA_HISTORY.get(version) if isinstance(version, int) else None
         raise UsageError(
             f"invalid latency table {source}: schema_version = {version!r}, but this bespoke reads "
-            f"version {LUT_SCHEMA_VERSION}; regenerate the table with `bespoke profile` or upgrade bespoke"
+            f"version {LUT_SCHEMA_VERSION}" + (f" ({why})" if why else "")
+            + "; regenerate the table with `bespoke profile` or upgrade bespoke"
         )
     try:
         return LatencyTable.model_validate(data)
@@ -388,46 +459,150 @@ def error_summary(predicted: Sequence[float], measured: Sequence[float]) -> Erro
     )
 
 
-def fit_calibration(predicted: Sequence[float], measured: Sequence[float]) -> Calibration:
-    """Least-squares ``measured ~ a * predicted + b`` over students measured end to end.
+def _weighted_lstsq(rows: Sequence[Sequence[float]], ys: Sequence[float], ws: Sequence[float]) -> list[float] | None:
+    """Solve the weighted least-squares normal equations (tiny systems, no numpy); None when singular."""
+    k = len(rows[0])
+    A = [[sum(w * r[i] * r[j] for r, w in zip(rows, ws)) for j in range(k)] for i in range(k)]
+    v = [sum(w * r[i] * y for r, y, w in zip(rows, ys, ws)) for i in range(k)]
+    scale = max(abs(A[i][i]) for i in range(k)) or 1.0
+    for col in range(k):  # Gauss-Jordan with partial pivoting
+        piv = max(range(col, k), key=lambda r: abs(A[r][col]))
+        if abs(A[piv][col]) <= 1e-12 * scale:
+            return None
+        A[col], A[piv] = A[piv], A[col]
+        v[col], v[piv] = v[piv], v[col]
+        for r in range(k):
+            if r != col:
+                f = A[r][col] / A[col][col]
+                A[r] = [x - f * y for x, y in zip(A[r], A[col])]
+                v[r] -= f * v[col]
+    return [v[i] / A[i][i] for i in range(k)]
+
+
+def fit_calibration(predicted: Sequence[float], measured: Sequence[float],
+                    n_replaced: Sequence[int] | None = None, *,
+                    labels: Sequence[str | None] | None = None) -> Calibration:
+    """Least-squares ``measured ~ a * predicted + b + c * n_replaced`` over students measured end
+    to end (``predicted``: uncalibrated additive predictions).
 
     Relative errors are what users judge, so each point is weighted by 1/measured (the fit
-    minimises the squared *relative* residuals). With fewer than three students, predictions all
-    alike, or a fitted slope that is not positive, only a scale is fitted (``b = 0``), so the
-    correction never reverses the order of two predictions.
+    minimises the squared *relative* residuals). The per-replacement term ``c`` is fitted when
+    ``n_replaced`` is given, there are at least six students and they replace different numbers of
+    segments; otherwise ``c = 0``. With fewer than three students, predictions all alike, or a
+    fitted slope that is not positive, only a scale is fitted (``b = c = 0``), so the correction
+    never reverses the order of two predictions with the same number of replacements.
     """
     n = len(predicted)
-    if n == 0 or n != len(measured):
+    if n == 0 or n != len(measured) or (n_replaced is not None and len(n_replaced) != n):
         raise UsageError("calibration needs at least one student with both a predicted and a measured latency")
+    if any(not m > 0 for m in measured):
+        raise UsageError(f"measured latencies must be > 0 ms, got {list(measured)}")
+    reps = [int(k) for k in n_replaced] if n_replaced is not None else [0] * n
     w = [1.0 / (m * m) for m in measured]
-    sw = sum(w)
-    sx = sum(wi * p for wi, p in zip(w, predicted))
-    sy = sum(wi * m for wi, m in zip(w, measured))
-    sxx = sum(wi * p * p for wi, p in zip(w, predicted))
-    sxy = sum(wi * p * m for wi, p, m in zip(w, predicted, measured))
-    det = sw * sxx - sx * sx
     a = b = None
-    if n >= 3 and det > 1e-12 * max(1.0, sw * sxx):
-        a = (sw * sxy - sx * sy) / det
-        b = (sy - a * sx) / sw
-    if a is None or a <= 0:  # too few or too alike students (or noise): a scale only, which stays monotonic
-        a, b = (sxy / sxx if sxx > 0 else 1.0), 0.0
-    cal = Calibration(a=a, b=b, n=n, fitted=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    c = 0.0
+    if n >= 6 and len(set(reps)) >= 2:
+        sol = _weighted_lstsq([(p, 1.0, k) for p, k in zip(predicted, reps)], measured, w)
+        if sol is not None and sol[0] > 0:
+            a, b, c = sol
+    if a is None and n >= 3:
+        sol = _weighted_lstsq([(p, 1.0) for p in predicted], measured, w)
+        if sol is not None and sol[0] > 0:
+            a, b = sol
+            c = 0.0
+    if a is None:  # too few or too alike students (or noise): a scale only, which stays monotonic
+        sxx = sum(wi * p * p for wi, p in zip(w, predicted))
+        sxy = sum(wi * p * m for wi, p, m in zip(w, predicted, measured))
+        a, b, c = (sxy / sxx if sxx > 0 else 1.0), 0.0, 0.0
+    labels = list(labels) if labels is not None else [None] * n
+    cal = Calibration(a=a, b=b, c=c, n=n, fitted=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      points=[CalibrationPoint(predicted=float(p), measured=float(m), n_replaced=k, label=lab)
+                              for p, m, k, lab in zip(predicted, measured, reps, labels)])
     cal.median_abs_rel_error_before = error_summary(predicted, measured).median
-    cal.median_abs_rel_error_after = error_summary([cal.apply(p) for p in predicted], measured).median
+    cal.median_abs_rel_error_after = error_summary([cal.apply(p, k) for p, k in zip(predicted, reps)], measured).median
     return cal
 
 
+MAX_CALIBRATION_POINTS = 500
+
+
 def calibrate_table(table: LatencyTable, predicted: Sequence[float], measured: Sequence[float],
-                    device: DeviceInfo | None = None) -> LatencyTable:
+                    device: DeviceInfo | None = None, *, n_replaced: Sequence[int] | None = None,
+                    labels: Sequence[str | None] | None = None, keep_points: bool = False) -> LatencyTable:
     """A copy of ``table`` with a calibration fitted from students measured end to end.
 
-    ``predicted`` must be *uncalibrated* additive predictions from this table; ``device`` is where
-    the students were measured (refused when it is not the table's device).
+    ``predicted`` must be *uncalibrated* additive predictions from this table; ``n_replaced`` how
+    many segments each student replaces (enables the per-replacement term); ``device`` is where
+    the students were measured (refused when it is not the table's device). ``keep_points``: fit
+    over the students of the table's current calibration too (newest last; at most
+    ``MAX_CALIBRATION_POINTS``), so each run refines the fit instead of replacing it.
     """
     if device is not None:
         table.check_device(device, "latency table to calibrate")
-    return table.model_copy(update={"calibration": fit_calibration(predicted, measured)})
+    reps = list(n_replaced) if n_replaced is not None else [0] * len(predicted)
+    labs = list(labels) if labels is not None else [None] * len(predicted)
+    preds, meas = list(predicted), list(measured)
+    if keep_points and table.calibration is not None and table.calibration.points:
+        old = table.calibration.points
+        preds = [pt.predicted for pt in old] + preds
+        meas = [pt.measured for pt in old] + meas
+        reps = [pt.n_replaced for pt in old] + reps
+        labs = [pt.label for pt in old] + labs
+    keep = slice(-MAX_CALIBRATION_POINTS, None)
+    cal = fit_calibration(preds[keep], meas[keep], reps[keep] if (n_replaced is not None or keep_points) else None,
+                          labels=labs[keep])
+    return table.model_copy(update={"calibration": cal})
+
+
+def recalibrate_lut(path: str | Path, device: DeviceInfo, students: Sequence[tuple[str, float, int, float | None]],
+                    teacher_measured_ms: float | None = None) -> LatencyTable:
+    """Refit the calibration of the LUT at ``path`` from models measured end to end, and write it.
+
+    ``students``: ``(label, predicted_ms, n_replaced, measured_ms)`` where ``predicted_ms`` is what
+    the search predicted from this table (calibrated with the table's current calibration, if it
+    has one: it is inverted here to recover the additive prediction); students without a
+    measurement are left out. ``teacher_measured_ms``: the whole teacher measured in the same
+    call, a point with nothing replaced. Earlier points stay (see ``keep_points``), so each run
+    refines the fit. ``device`` is where they were measured (a table from elsewhere is refused).
+    """
+    table = read_lut(path, device=device)
+    old = table.calibration
+    preds, meas, reps, labels = [], [], [], []
+    for label, pred, n, measured in students:
+        if measured is None or not measured > 0:
+            continue
+        preds.append(old.raw_budget(pred, n) if old is not None else float(pred))
+        meas.append(float(measured))
+        reps.append(int(n))
+        labels.append(label)
+    if teacher_measured_ms and table.teacher is not None:
+        preds.append(table.teacher.ms)
+        meas.append(float(teacher_measured_ms))
+        reps.append(0)
+        labels.append("teacher")
+    if not preds:
+        raise UsageError(f"nothing to calibrate {str(path)!r} with: no model was measured end to end")
+    table = calibrate_table(table, preds, meas, device=device, n_replaced=reps, labels=labels, keep_points=True)
+    write_lut(table, path)
+    return table
+
+
+def calibrate_problem(problem: Any, calibration: Calibration | None) -> Any:
+    """The search problem in calibrated milliseconds.
+
+    ``a * (T - sum s_i) + b + c * n  =  (a * T + b) - sum (a * s_i - c)``: the calibrated teacher
+    is ``a * T + b`` and each candidate saves ``a * s_i - c``, so the model stays additive and
+    every strategy, budget and report works in calibrated (measured-like) milliseconds unchanged.
+    """
+    from dataclasses import replace
+
+    from bespoke.types import SearchProblem
+
+    if calibration is None:
+        return problem
+    a, b, c = calibration.a, calibration.b, calibration.c
+    cands = [replace(cd, saving_ms=a * cd.saving_ms - c) for cd in problem.candidates]
+    return SearchProblem(teacher_ms=a * problem.teacher_ms + b, candidates=cands, lam=problem.lam)
 
 
 @dataclass
@@ -436,24 +611,92 @@ class StudentLatency:
     predicted_ms: float  # additive, uncalibrated
     measured_ms: float
     calibrated_ms: float | None = None
+    n_replaced: int = 0
 
     @property
     def error(self) -> float:
         return abs(self.predicted_ms - self.measured_ms) / self.measured_ms
 
 
-def measure_students(estimator: LatencyEstimator, students: Sequence[tuple[str, "nn.Module", float]],
+def measure_students(estimator: LatencyEstimator, students: Sequence[tuple],
                      input_shape: Sequence[int], calibration: Calibration | None = None) -> list[StudentLatency]:
     """Measure assembled students end to end (one interleaved batch) beside their predictions.
 
-    ``students``: ``(label, module, predicted_ms)`` with uncalibrated additive predictions. Feed the
-    result to :func:`calibrate_table` (``[s.predicted_ms ...]``, ``[s.measured_ms ...]``).
+    ``students``: ``(label, module, predicted_ms)`` or ``(label, module, predicted_ms, n_replaced)``
+    with uncalibrated additive predictions. Feed the result to :func:`calibrate_table`
+    (``[s.predicted_ms ...]``, ``[s.measured_ms ...]``, ``n_replaced=[s.n_replaced ...]``).
     """
-    queries = [make_query(m, input_shape) for _, m, _ in students]
+    queries = [make_query(st[1], input_shape) for st in students]
     ms = estimator.latencies(queries)
-    return [StudentLatency(label, float(pred), ms[q.key],
-                           calibration.apply(pred) if calibration is not None else None)
-            for (label, _, pred), q in zip(students, queries)]
+    out = []
+    for st, q in zip(students, queries):
+        label, _, pred = st[:3]
+        k = int(st[3]) if len(st) > 3 else 0
+        out.append(StudentLatency(label, float(pred), ms[q.key],
+                                  calibration.apply(pred, k) if calibration is not None else None, k))
+    return out
+
+
+def _per_round(samples: Sequence[float], rounds: int) -> list[float]:
+    """Mean of each round's timed runs (``samples`` in round order, equally many per round)."""
+    per = max(1, len(samples) // max(1, rounds))
+    return [sum(samples[i:i + per]) / len(samples[i:i + per]) for i in range(0, per * rounds, per)]
+
+
+def measure_replace_one(reference: "nn.Module", replaced: Sequence[tuple[str, str, str, Any]],
+                        estimator: LatencyEstimator, input_shape: Sequence[int], *,
+                        chunk: int = 16) -> tuple[dict[str, SavingEntry], list[float]]:
+    """In-context savings: the whole ``reference`` (the teacher) against the teacher with one
+    segment replaced, all measured end to end.
+
+    ``replaced``: ``(label, segment_key, alternative_key, build)`` where ``build()`` returns the
+    whole model with that one replacement (built lazily, ``chunk`` at a time, to bound memory).
+    Each chunk is one interleaved call of ``estimator`` that includes the reference. When the
+    estimator gives every timed run (``latency_samples``), a saving is the median over rounds of
+    the *paired* relative difference ``(ref - alt) / ref`` within one round (drift between rounds
+    cancels); otherwise the relative difference of the two medians. Relative savings are turned
+    into ms with the reference's median over all chunks, so a chunk timed while the machine was
+    slower does not inflate its savings. Returns the savings (keyed by :func:`saving_key`) and
+    the reference's median latency in each chunk.
+    """
+    import statistics
+
+    shape = tuple(int(s) for s in input_shape)
+    ref_q = make_query(reference, shape)
+    rel: dict[str, tuple[float, str, str, str]] = {}
+    refs: list[float] = []
+    todo = list(replaced)
+    paired = callable(getattr(estimator, "latency_samples", None))
+    step = max(1, chunk)
+    for lo in range(0, len(todo), step):
+        part = todo[lo:lo + step]
+        mods = [build() for *_, build in part]
+        for m in mods:
+            if hasattr(m, "taps_enabled"):
+                m.taps_enabled = False
+        qs = [make_query(m, shape) for m in mods]
+        if paired:
+            samples = estimator.latency_samples([ref_q, *qs])
+            ref_s = samples[ref_q.key]
+            ref = float(statistics.median(ref_s))
+        else:
+            ms = estimator.latencies([ref_q, *qs])
+            ref = float(ms[ref_q.key])
+        refs.append(ref)
+        for (label, seg_key, alt_key, _), q in zip(part, qs):
+            if paired:
+                alt_s = samples[q.key]
+                rounds = min(len(ref_s), len(alt_s))
+                r_ref, r_alt = _per_round(ref_s[:rounds], rounds), _per_round(alt_s[:rounds], rounds)
+                value = float(statistics.median((a - b) / a for a, b in zip(r_ref, r_alt) if a > 0))
+            else:
+                value = (ref - float(ms[q.key])) / ref if ref > 0 else 0.0
+            rel[saving_key(seg_key, alt_key)] = (value, seg_key, alt_key, label)
+        del mods, qs
+    overall = float(statistics.median(refs)) if refs else 0.0
+    savings = {k: SavingEntry(ms=v * overall, segment=sk, alternative=ak, label=label, reference_ms=overall)
+               for k, (v, sk, ak, label) in rel.items()}
+    return savings, refs
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,6 +767,8 @@ class HouseModules:
     alternatives: dict[str, ProfileItem]  # alternative id -> the alternative
     alt_segment: dict[str, str]  # alternative id -> segment id
     skipped: dict[str, str]  # alternative id -> why it could not be rebuilt
+    partition: Any = None  # the teacher's Partition (to assemble replace-one models)
+    segment_infos: dict[str, Any] | None = None  # segment id -> SegmentInfo
 
     def items(self) -> list[ProfileItem]:
         return list(self.segments.values()) + list(self.alternatives.values())
@@ -546,10 +791,12 @@ def house_modules(house: Any, registry: Any, cfg: Any = None, *, batch: int = 1)
     partition = Partition.from_model(model, (1, 3, size, size), name=t.name)
     ctx = Context(partition, t.name, (3, size, size), calibration=None, donor_weights=None, seed=cfg.seed)
     segments: dict[str, ProfileItem] = {}
+    infos: dict[str, Any] = {}
     for seg in house.manifest.segments:
         info = partition.segment(seg.start, seg.end)
         shape = (batch, *tuple(info.in_shape)[1:])
         segments[info.id] = ProfileItem(f"segment {info.id}", partition.extract(info), shape, "segment")
+        infos[info.id] = info
     sources: dict[str, Any] = {}
     alternatives: dict[str, ProfileItem] = {}
     alt_segment: dict[str, str] = {}
@@ -569,17 +816,49 @@ def house_modules(house: Any, registry: Any, cfg: Any = None, *, batch: int = 1)
         alternatives[rec.id] = ProfileItem(rec.id, module, segments[info.id].input_shape, "alternative")
         alt_segment[rec.id] = info.id
     teacher = ProfileItem(t.name, model, (batch, 3, size, size), "teacher")
-    return HouseModules(teacher, segments, alternatives, alt_segment, skipped)
+    return HouseModules(teacher, segments, alternatives, alt_segment, skipped, partition, infos)
+
+
+def house_replace_one(mods: HouseModules, estimator: LatencyEstimator, *, chunk: int = 16) -> dict[str, SavingEntry]:
+    """In-context (replace-one) savings of every alternative of a house: the teacher assembled
+    with nothing replaced against the teacher assembled with each alternative in place."""
+    from bespoke.student import assemble
+
+    part = mods.partition
+    if part is None or not mods.segment_infos:
+        raise UsageError("replace-one savings need the house's partition (build the modules with house_modules)")
+    shape = mods.teacher.input_shape
+    reference = assemble(part, [])
+    reference.taps_enabled = False
+    todo = []
+    for alt_id, item in mods.alternatives.items():
+        seg_id = mods.alt_segment[alt_id]
+        seg_item = mods.segments[seg_id]
+        info = mods.segment_infos[seg_id]
+        todo.append((alt_id, module_signature(seg_item.module, seg_item.input_shape),
+                     module_signature(item.module, item.input_shape),
+                     lambda info=info, m=item.module: assemble(part, [(info, m)])))
+    savings, _ = measure_replace_one(reference, todo, estimator, shape, chunk=chunk)
+    return savings
 
 
 def profile_house(house: Any, estimator: LatencyEstimator, registry: Any, cfg: Any = None, *,
-                  batch: int = 1) -> tuple[LatencyTable, HouseModules]:
-    """Measure every alternative and teacher segment of ``house`` (and the teacher) into a LUT."""
+                  batch: int = 1, in_context: bool | None = None) -> tuple[LatencyTable, HouseModules]:
+    """Measure every alternative and teacher segment of ``house`` (and the teacher) into a LUT.
+
+    ``in_context`` (default: the estimator's ``in_context`` option, else off) also measures each
+    alternative's replace-one saving end to end (:func:`house_replace_one`): one whole-model
+    timing per alternative, which is what makes predictions match measured students.
+    """
     mods = house_modules(house, registry, cfg, batch=batch)
     table = profile_modules(mods.items(), estimator, teacher=mods.teacher,
                             notes={"house": str(getattr(house, "root", "")),
                                    "teacher": house.manifest.teacher.name,
                                    "input_size": house.manifest.teacher.input_size})
+    if in_context is None:
+        in_context = bool(getattr(getattr(estimator, "options", None), "in_context", False))
+    if in_context and mods.alternatives:
+        table.savings = house_replace_one(mods, estimator)
     return table, mods
 
 
@@ -603,13 +882,54 @@ def house_latencies(house: Any, estimator: LatencyEstimator, registry: Any, cfg:
     q_alt = {k: make_query(it.module, it.input_shape) for k, it in mods.alternatives.items()}
     ms = estimator.latencies([q_teacher, *q_seg.values(), *q_alt.values()])
     table = getattr(estimator, "table", None)
+    segment_ms = {k: ms[q.key] for k, q in q_seg.items()}
+    alt_ms = {k: ms[q.key] for k, q in q_alt.items()}
+    if table is not None and getattr(table, "savings", None):
+        alt_ms = in_context_alt_ms(table, segment_ms, alt_ms, {k: q_seg[mods.alt_segment[k]].key for k in q_alt},
+                                   {k: q.key for k, q in q_alt.items()}, mods.alt_segment)
     return HouseLatencies(
-        teacher_ms=ms[q_teacher.key],
-        segment_ms={k: ms[q.key] for k, q in q_seg.items()},
-        alt_ms={k: ms[q.key] for k, q in q_alt.items()},
-        device=estimator.device(),
+        teacher_ms=ms[q_teacher.key], segment_ms=segment_ms, alt_ms=alt_ms, device=estimator.device(),
         calibration=getattr(table, "calibration", None),
     )
+
+
+def table_latencies(table: LatencyTable, teacher_ms: float, segment_ms: dict[str, float],
+                    alt_ms: dict[str, float], *, segment_key: dict[str, str], alt_key: dict[str, str],
+                    alt_segment: dict[str, str], calibrate: bool = True) -> tuple[float, dict[str, float]]:
+    """``(teacher_ms, alt_ms)`` as an additive search should see a LUT's answers: the table's
+    in-context savings where it has them, then its calibration folded in (see
+    :func:`calibrate_problem`): the teacher becomes ``a*T + b`` and each alternative's latency is
+    set so that its saving becomes ``a*s - c``. Budgets and reported latencies are then calibrated.
+
+    ``segment_key``: segment id -> signature; ``alt_key``: alternative id -> signature;
+    ``alt_segment``: alternative id -> segment id.
+    """
+    alt = dict(alt_ms)
+    if table.savings:
+        alt = in_context_alt_ms(table, segment_ms, alt, {k: segment_key[alt_segment[k]] for k in alt_key},
+                                alt_key, alt_segment)
+    cal = table.calibration if calibrate else None
+    if cal is None:
+        return teacher_ms, alt
+    out = {}
+    for k, v in alt.items():
+        seg = segment_ms[alt_segment[k]]
+        out[k] = seg - (cal.a * (seg - v) - cal.c)
+    return cal.apply(teacher_ms, 0), out
+
+
+def in_context_alt_ms(table: LatencyTable, segment_ms: dict[str, float], alt_ms: dict[str, float],
+                      alt_segment_key: dict[str, str], alt_key: dict[str, str],
+                      alt_segment: dict[str, str]) -> dict[str, float]:
+    """Alternative latencies that make ``segment ms - alternative ms`` equal the table's
+    in-context (replace-one) saving wherever it has one, so additive consumers (the search)
+    use in-context savings unchanged. Alternatives without one keep their own latency."""
+    out = dict(alt_ms)
+    for alt, key in alt_key.items():
+        entry = table.savings.get(saving_key(alt_segment_key[alt], key))
+        if entry is not None:
+            out[alt] = segment_ms[alt_segment[alt]] - entry.ms
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -690,7 +1010,8 @@ def unique_queries(queries: Sequence[LatencyQuery]) -> list[LatencyQuery]:
 
 __all__ = [
     "Calibration", "ErrorSummary", "LUT_SCHEMA_VERSION", "LatencyTable", "LutEntry", "ProfileItem",
-    "HouseLatencies", "HouseModules", "TeacherLatency", "calibrate_table", "check_same_device",
+    "HouseLatencies", "HouseModules", "TeacherLatency", "calibrate_table", "calibrate_problem",
+    "CalibrationPoint", "SavingEntry", "saving_key", "measure_replace_one", "house_replace_one", "in_context_alt_ms", "table_latencies", "recalibrate_lut", "check_same_device",
     "count_flops", "cpu_name", "error_summary", "fit_calibration", "house_latencies", "house_modules", "interleaved_order", "lut_json_schema", "time_interleaved",
     "make_query", "module_signature", "parse_lut", "predict_latency", "profile_house",
     "profile_modules", "read_lut", "relative_errors", "measure_students", "StudentLatency", "unique_queries", "write_lut",

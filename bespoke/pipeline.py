@@ -627,7 +627,11 @@ class _Students:
             m.student.taps_enabled = False
             models[m.name] = m.student
         name = self.cfg.plugins.latency
-        estimator = self.registry.instantiate(name, self.cfg.plugin_options.get(name), category="latency")
+        options = dict(self.cfg.plugin_options.get(name) or {})
+        record = self.registry.get(name, "latency")  # the thread count `profile` measured the LUT with
+        if self.cfg.threads and "threads" in (getattr(record.options_model, "model_fields", None) or {}):
+            options.setdefault("threads", self.cfg.threads)
+        estimator = self.registry.instantiate(name, options, category="latency")
         fallback = None
         if getattr(estimator, "table", None) is not None and "measured-latency" in self.registry.records:
             fallback = self.registry.instantiate("measured-latency", self.cfg.plugin_options.get("measured-latency"),

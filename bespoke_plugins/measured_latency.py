@@ -25,6 +25,8 @@ class MeasuredLatencyOptions(PluginOptions):
     device: Literal["cpu", "cuda"] = "cpu"
     statistic: Literal["median", "min"] = Field(
         "median", description="summary of the timed runs: median (default), or min, which resists other load on a shared machine")
+    in_context: bool = Field(
+        False, description="`bespoke profile` also measures each alternative's saving in context: the whole teacher with that one segment replaced, end to end (one whole-model timing per alternative; predictions then match measured students far better)")
     device_name: str | None = Field(None, description="name written into the DeviceInfo (default: the CPU or GPU model)")
 
 
@@ -58,6 +60,12 @@ class MeasuredLatency:
                           batch=o.batch, precision="fp32")
 
     def latencies(self, queries: Sequence[LatencyQuery]) -> dict[str, float]:
+        summary = min if self.options.statistic == "min" else statistics.median
+        return {k: float(summary(t)) for k, t in self.latency_samples(queries).items()}
+
+    def latency_samples(self, queries: Sequence[LatencyQuery]) -> dict[str, list[float]]:
+        """Every timed run (ms) per distinct key, in round order: the i-th runs of two modules
+        were timed in the same interleaved round (used for paired differences)."""
         import torch
 
         from bespoke.latency import time_interleaved, unique_queries
@@ -80,8 +88,7 @@ class MeasuredLatency:
                                          runs_per_visit=o.runs_per_visit, sync=sync, clock=o.clock)
         finally:
             torch.set_num_threads(prev_threads)
-        summary = min if o.statistic == "min" else statistics.median
-        return {q.key: float(summary(t)) for q, t in zip(todo, times)}
+        return {q.key: list(t) for q, t in zip(todo, times)}
 
 
 def _factory(options):

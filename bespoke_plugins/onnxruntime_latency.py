@@ -30,6 +30,8 @@ class OnnxRuntimeLatencyOptions(PluginOptions):
     device: Literal["cpu", "cuda"] = Field("cpu", description="cpu: CPUExecutionProvider; cuda: CUDAExecutionProvider")
     statistic: Literal["median", "min"] = Field(
         "median", description="summary of the timed runs: median (default), or min, which resists other load on a shared machine")
+    in_context: bool = Field(
+        False, description="`bespoke profile` also measures each alternative's saving in context: the whole teacher with that one segment replaced, end to end (one whole-model timing per alternative; predictions then match measured students far better)")
     device_name: str | None = Field(None, description="name written into the DeviceInfo (default: the CPU model)")
     opset: int = Field(18, ge=7)
     exporter: Literal["dynamo", "torchscript"] = Field(
@@ -135,6 +137,12 @@ class OnnxRuntimeLatency:
         return ort.InferenceSession(str(path), sess_options=so, providers=providers)
 
     def latencies(self, queries: Sequence[LatencyQuery]) -> dict[str, float]:
+        summary = min if self.options.statistic == "min" else statistics.median
+        return {k: float(summary(t)) for k, t in self.latency_samples(queries).items()}
+
+    def latency_samples(self, queries: Sequence[LatencyQuery]) -> dict[str, list[float]]:
+        """Every timed run (ms) per distinct key, in round order: the i-th runs of two modules
+        were timed in the same interleaved round (used for paired differences)."""
         import numpy as np
 
         from bespoke.latency import time_interleaved, unique_queries
@@ -152,8 +160,7 @@ class OnnxRuntimeLatency:
         runners = [lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)]
         times = time_interleaved(runners, warmup=o.warmup, runs=o.runs, warm_per_visit=o.warm_per_visit,
                                  runs_per_visit=o.runs_per_visit, clock=o.clock)
-        summary = min if o.statistic == "min" else statistics.median
-        return {q.key: float(summary(t)) for q, t in zip(todo, times)}
+        return {q.key: list(t) for q, t in zip(todo, times)}
 
 
 def _factory(options):

@@ -388,3 +388,219 @@ def test_example_plugin_answers_through_plugin_selection(example_installed, tmp_
     r = subprocess.run([sys.executable, "-m", "bespoke", "profile", str(tmp_path), "-o", str(tmp_path / "x.json"),
                         "--plugin", "example-board-latency"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and "example-board-latency" in r.stderr and "lookup table" in r.stderr
+
+
+# ---- in-context savings, the per-replacement calibration, calibration in use -------------------
+
+
+def test_calibration_with_a_per_replacement_term_and_its_inverse():
+    from bespoke.latency import Calibration
+
+    pred = [20.0, 18.0, 15.0, 17.0, 12.0, 19.0, 14.0, 16.0]
+    reps = [1, 2, 4, 3, 6, 1, 5, 2]
+    meas = [0.9 * p + 1.5 + 0.25 * k for p, k in zip(pred, reps)]
+    cal = fit_calibration(pred, meas, reps)
+    assert (cal.a, cal.b, cal.c) == pytest.approx((0.9, 1.5, 0.25))
+    assert cal.median_abs_rel_error_after == pytest.approx(0.0, abs=1e-9) and len(cal.points) == 8
+    assert cal.apply(10.0, 2) == pytest.approx(0.9 * 10 + 1.5 + 0.5)
+    # calibrated <= budget  <=>  raw <= raw_budget(budget)
+    assert cal.apply(cal.raw_budget(12.0, 3), 3) == pytest.approx(12.0)
+    # without n_replaced, or with every student replacing as many segments: no c
+    assert fit_calibration(pred, meas).c == 0.0
+    assert fit_calibration(pred, meas, [2] * 8).c == 0.0
+    table = calibrate_table(small_table(), pred, meas, device=device(), n_replaced=reps)
+    assert table.predict([1.5, 0.5]) == pytest.approx(0.9 * 8.0 + 1.5 + 0.25 * 2)
+    assert table.predict([1.5, 0.5], n_replaced=0) == pytest.approx(0.9 * 8.0 + 1.5)
+    assert Calibration().apply(7.0) == 7.0
+
+
+def test_calibrate_table_keeps_earlier_points_when_asked():
+    first = calibrate_table(small_table(), [8.0, 9.0, 7.0], [9.0, 10.0, 8.0], n_replaced=[1, 1, 2])
+    again = calibrate_table(first, [6.0], [7.0], n_replaced=[3], keep_points=True)
+    assert again.calibration.n == 4 and [p.predicted for p in again.calibration.points] == [8.0, 9.0, 7.0, 6.0]
+    fresh = calibrate_table(first, [6.0], [7.0], n_replaced=[3])
+    assert fresh.calibration.n == 1
+
+
+def test_in_context_savings_are_preferred_and_round_trip(tmp_path):
+    from bespoke.latency import SavingEntry, saving_key
+
+    table = small_table()
+    assert table.saving_ms("sig-a", "sig-b") == pytest.approx(1.5)  # alone: 2.0 - 0.5
+    table.savings[saving_key("sig-a", "sig-b")] = SavingEntry(ms=1.2, segment="sig-a", alternative="sig-b",
+                                                              reference_ms=10.1, label="a->b")
+    assert table.saving_ms("sig-a", "sig-b") == pytest.approx(1.2)
+    assert table.saving_ms("sig-a", "sig-b", in_context=False) == pytest.approx(1.5)
+    assert table.saving_ms("sig-a", "sig-c") == pytest.approx(1.0)  # no in-context entry: alone
+    assert table.saving_ms("sig-a", "sig-zz") is None
+    write_lut(table, tmp_path / "t.json")
+    assert read_lut(tmp_path / "t.json") == table
+
+
+def test_version_1_tables_are_read_and_other_versions_refused(tmp_path):
+    data = json.loads(small_table().model_dump_json(exclude_none=True))
+    data["schema_version"] = 1
+    data["calibration"] = {"a": 0.9, "b": 0.5, "n": 4}
+    (tmp_path / "v1.json").write_text(json.dumps(data))
+    t = read_lut(tmp_path / "v1.json")
+    assert t.schema_version == 2 and t.calibration.c == 0.0 and t.predict([1.0]) == pytest.approx(0.9 * 9 + 0.5)
+    data["schema_version"] = 3
+    (tmp_path / "v3.json").write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="schema_version = 3.*reads version 2.*regenerate"):
+        read_lut(tmp_path / "v3.json")
+
+
+class _FakeEstimator:
+    """Latency = a fixed number per module class count: deterministic, nothing timed."""
+
+    def __init__(self, ms_of):
+        self.ms_of = ms_of
+        self.calls = []
+
+    def device(self):
+        return device()
+
+    def latencies(self, queries):
+        self.calls.append(len(queries))
+        return {q.key: self.ms_of(q.module) for q in queries}
+
+
+def test_replace_one_savings_are_differences_measured_beside_the_teacher():
+    from bespoke.latency import measure_replace_one, saving_key
+
+    def ms_of(m):  # 1 ms per conv
+        return float(sum(isinstance(x, nn.Conv2d) for x in m.modules()))
+
+    teacher = nn.Sequential(block(3, 8), block(8, 8), block(8, 8), block(8, 8))
+    todo = [(f"drop{i}", f"sig-seg{i}", "sig-id", (lambda i=i: nn.Sequential(*[b for j, b in enumerate(teacher) if j != i])))
+            for i in range(1, 4)]
+    est = _FakeEstimator(ms_of)
+    savings, refs = measure_replace_one(teacher, todo, est, (1, 3, 16, 16), chunk=2)
+    assert est.calls == [3, 2]  # the teacher in every chunk
+    assert refs == [4.0, 4.0]
+    assert savings[saving_key("sig-seg2", "sig-id")].ms == pytest.approx(1.0)
+    assert savings[saving_key("sig-seg2", "sig-id")].reference_ms == 4.0
+
+
+def test_calibration_folded_into_the_search_problem_is_exact():
+    import itertools
+
+    from bespoke.latency import Calibration, calibrate_problem
+    from bespoke.search import build_problem
+
+    problem = build_problem(20.0, {"0-1": 3.0, "1-2": 4.0, "2-3": 2.0},
+                            {"x": "0-1", "y": "1-2", "z": "2-3"}, {"x": 1.0, "y": 1.5, "z": 0.5},
+                            {"x": 0.1, "y": 0.2, "z": 0.1})
+    cal = Calibration(a=0.8, b=2.0, c=0.3)
+    calp = calibrate_problem(problem, cal)
+    for k in range(4):
+        for chosen in itertools.combinations(range(3), k):
+            assert calp.latency(chosen) == pytest.approx(cal.apply(problem.latency(chosen), k))
+    assert calibrate_problem(problem, None) is problem
+
+
+def test_table_latencies_apply_in_context_savings_and_calibration():
+    import itertools
+
+    from bespoke.latency import Calibration, SavingEntry, saving_key, table_latencies
+
+    table = small_table()
+    table.savings[saving_key("sig-a", "sig-b")] = SavingEntry(ms=1.2, segment="sig-a", alternative="sig-b")
+    seg_ms = {"0-1": 2.0, "1-2": 2.0}
+    alt_ms = {"b": 0.5, "c": 1.0}
+    kw = dict(segment_key={"0-1": "sig-a", "1-2": "sig-a"}, alt_key={"b": "sig-b", "c": "sig-c"},
+              alt_segment={"b": "0-1", "c": "1-2"})
+    t, alt = table_latencies(table, 10.0, seg_ms, alt_ms, **kw)
+    assert t == 10.0 and alt == {"b": pytest.approx(0.8), "c": 1.0}
+    table.calibration = Calibration(a=0.9, b=1.0, c=0.2)
+    t, alt = table_latencies(table, 10.0, seg_ms, alt_ms, **kw)
+    raw_save = {"b": 1.2, "c": 1.0}
+    for k in range(3):
+        for chosen in itertools.combinations("bc", k):
+            cal_pred = t - sum(seg_ms[kw["alt_segment"][x]] - alt[x] for x in chosen)
+            raw = 10.0 - sum(raw_save[x] for x in chosen)
+            assert cal_pred == pytest.approx(table.calibration.apply(raw, k))
+
+
+def test_recalibrate_lut_inverts_the_calibration_the_search_used(tmp_path):
+    from bespoke.latency import Calibration, recalibrate_lut
+
+    table = small_table()
+    table.calibration = Calibration(a=2.0, b=1.0, c=0.0, n=1)
+    path = write_lut(table, tmp_path / "lut.json")
+    # the search predicted 2 * raw + 1; raw predictions 8 and 7, measured 9 and 8; the teacher 11
+    got = recalibrate_lut(path, device(), [("s1", 17.0, 1, 9.0), ("s2", 15.0, 2, 8.0), ("s3", 15.0, 2, None)],
+                          teacher_measured_ms=11.0)
+    pts = got.calibration.points
+    assert [(p.label, p.predicted, p.n_replaced) for p in pts] == [("s1", 8.0, 1), ("s2", 7.0, 2), ("teacher", 10.0, 0)]
+    assert got.calibration.apply(8.0, 1) == pytest.approx(9.0)  # measured = raw + 1
+    assert read_lut(path) == got
+    with pytest.raises(UsageError, match="another device"):
+        recalibrate_lut(path, device(runtime="onnxruntime-cpu"), [("s1", 17.0, 1, 9.0)])
+
+
+def test_profile_in_context_and_calibration_reach_the_search(tmp_path, monkeypatch):
+    """`bespoke profile` with in_context measures replace-one savings; the run stage's calibration
+    lands in the LUT; the search then reads in-context, calibrated latencies."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from bespoke import pipeline
+    from bespoke.config import RunConfig
+
+    house = _tiny_house(tmp_path, monkeypatch)
+    for rec in house.manifest.alternatives:  # the search loads trained alternatives' weights
+        house.save_weights(rec.id, nn.Identity())
+    reg = load_registry()
+    quiet = Console(file=open(os.devnull, "w"))
+    cfg = RunConfig(house=str(house.root), plugins={"latency": "measured-latency"},
+                    plugin_options={"measured-latency": {**FAST, "in_context": True}})
+    out = tmp_path / "latency.json"
+    table = pipeline.profile(cfg, reg, out, console=quiet)
+    # one saving per distinct (segment, alternative) architecture pair: identical pairs share one
+    assert 0 < len(table.savings) <= len(house.manifest.alternatives)
+    assert all(s.how == "replace-one" and s.reference_ms > 0 for s in table.savings.values())
+    search_cfg = cfg.model_copy(update={"plugins": cfg.plugins.model_copy(update={"latency": "lut-latency"}),
+                                        "plugin_options": {"lut-latency": {"path": str(out)}}})
+    t0, seg0, alt0, _ = pipeline._house_latencies(search_cfg, reg, house.root, quiet)
+    in_context = sorted(s.ms for s in table.savings.values())
+    for rec in house.manifest.alternatives:  # the search's savings are the in-context ones
+        assert min(abs(seg0[rec.segment] - alt0[rec.id] - ms) for ms in in_context) < 1e-9
+    # The run stage measured two students and the teacher: the LUT gets calibrated...
+    alts = [a.id for a in house.manifest.alternatives]
+    made = [SimpleNamespace(name="student-0.5", plan={"latency_ms": t0 - 1.0, "choices": [{"alternative": alts[0]}]}),
+            SimpleNamespace(name="student-0.8", plan={"latency_ms": t0 - 0.5, "choices": []})]
+    measured = {"teacher": 1.1 * t0, "student-0.5": 1.1 * (t0 - 1.0), "student-0.8": 1.1 * (t0 - 0.5)}
+    stage = SimpleNamespace(latency_device=table.device)
+    cal_table = pipeline._calibrate_lut(search_cfg, stage, made, measured, out, quiet)
+    assert cal_table is not None and read_lut(out).calibration == cal_table.calibration
+    assert cal_table.calibration.a == pytest.approx(1.1)
+    # ... and the next search predicts in calibrated milliseconds.
+    t1, seg1, alt1, _ = pipeline._house_latencies(search_cfg, reg, house.root, quiet)
+    assert t1 == pytest.approx(cal_table.calibration.apply(t0))
+    for a in alt1:
+        assert seg1[house.alternative(a).segment] - alt1[a] == pytest.approx(1.1 * (seg0[house.alternative(a).segment] - alt0[a]))
+    # A table the run did not write (a device plugin's) is left alone.
+    assert pipeline._calibrate_lut(search_cfg, stage, made, measured, tmp_path / "other.json", quiet) is None
+
+
+def test_replace_one_pairs_runs_of_the_same_round_when_the_estimator_gives_them():
+    from bespoke.latency import measure_replace_one, saving_key
+
+    class Drifting(_FakeEstimator):
+        """Every round is slower than the last (a machine getting busier): medians of separate
+        runs would mix rounds, paired relative differences do not."""
+
+        def latency_samples(self, queries):
+            self.calls.append(len(queries))
+            return {q.key: [self.ms_of(q.module) * (1 + 0.5 * r) for r in range(5)] for q in queries}
+
+    def ms_of(m):
+        return float(sum(isinstance(x, nn.Conv2d) for x in m.modules()))
+
+    teacher = nn.Sequential(block(3, 8), block(8, 8), block(8, 8), block(8, 8))
+    todo = [("drop1", "sig-seg1", "sig-id", lambda: nn.Sequential(teacher[0], teacher[2], teacher[3]))]
+    savings, refs = measure_replace_one(teacher, todo, Drifting(ms_of), (1, 3, 16, 16))
+    # relative saving 1/4 of the teacher's median (4 ms * 2.0 in the middle round)
+    assert refs == [8.0] and savings[saving_key("sig-seg1", "sig-id")].ms == pytest.approx(0.25 * 8.0)
