@@ -27,6 +27,7 @@ class BuildConfig(Strict):
 
     segments: int = Field(12, ge=1, description="segments to sample from the teacher")
     max_fraction: float = Field(0.3, gt=0, le=1, description="longest segment, as a fraction of the remaining cut points")
+    tiles: int = Field(0, ge=0, description="also cut the network into this many consecutive segments, so one non-overlapping set covers all of it (0: sampling only)")
     enumerate_max_len: int | None = Field(None, ge=1, description="instead of sampling, take every segment up to this many cut points")
     epochs: int = Field(1, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1, description="cap the steps per epoch")
@@ -228,7 +229,7 @@ QUICK_PRESET: dict[str, Any] = {
     # Long segments (up to 0.7 of the remaining cut points) so that the non-overlapping ones
     # cover most of the network: budgets of 0.6 need that much to replace.
     # The sample photos are few: distil on augmented crops of them (no labels needed).
-    "build": {"segments": 10, "max_fraction": 0.7, "epochs": 1, "steps_per_epoch": 24, "batch_size": 8,
+    "build": {"segments": 6, "tiles": 6, "max_fraction": 0.5, "epochs": 1, "steps_per_epoch": 24, "batch_size": 8,
               "calibration_images": 32, "validation_images": 32, "augment": True},
     # With a handful of held-out images agreement moves in coarse steps; KL is continuous.
     "search": {"proxy": "replace-one-kl"},

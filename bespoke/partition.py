@@ -393,6 +393,32 @@ class Partition:
                 out.append(seg)
         return sorted(out, key=lambda s: (s.start, s.end))
 
+    def tile_segments(self, n: int) -> list[SegmentInfo]:
+        """About ``n`` consecutive, non-overlapping segments that together cover the whole network
+        (each holding a conv or linear layer), split at evenly spaced cut points.
+
+        Random sampling alone may leave parts of the network without any segment, which caps
+        how fast a student can get; adding a tiling guarantees one non-overlapping set covers it.
+        """
+        if n < 1:
+            raise UsageError(f"tiles {n} must be >= 1")
+        last = len(self.cut_points) - 1
+        n = min(n, last)
+        bounds = sorted({round(i * last / n) for i in range(n + 1)})
+        out: list[SegmentInfo] = []
+        start = bounds[0]
+        for end in bounds[1:]:
+            seg = self.segment(start, end)
+            if self.has_compute(seg):
+                out.append(seg)
+                start = end
+        if start != last:  # a compute-free tail joins the last tile
+            if out:
+                out[-1] = self.segment(out[-1].start, last)
+            else:
+                out.append(self.segment(0, last))
+        return out
+
     # -- running pieces ------------------------------------------------------------------------
 
     def extract(self, segment: SegmentInfo) -> fx.GraphModule:

@@ -76,6 +76,10 @@ def build(cfg, registry, console=None):
                     segments = partition.enumerate_segments(cfg.build.enumerate_max_len)
                 else:
                     segments = partition.sample_segments(cfg.build.segments, cfg.build.max_fraction, seed=cfg.seed)
+                if cfg.build.tiles:  # guarantee a non-overlapping set that covers the network
+                    tiles = partition.tile_segments(cfg.build.tiles)
+                    segments = sorted({(s.start, s.end): s for s in [*tiles, *segments]}.values(),
+                                      key=lambda s: (s.start, s.end))
             else:
                 segments = list(house.manifest.segments)
             populate(house, partition, ctx, sources, segments, seed=cfg.seed,

@@ -219,3 +219,18 @@ def test_optional_forward_arguments_are_fixed_away():
     x = example()
     with torch.no_grad():
         assert torch.equal(sub(x), part.activations(x, [6])[6])
+
+
+def test_tile_segments_cover_the_network_without_overlap():
+    import timm
+
+    from bespoke.partition import Partition
+
+    part = Partition.from_model(timm.create_model("resnet18"), (1, 3, 64, 64))
+    last = len(part.cut_points) - 1
+    for n in (1, 3, 6, 100):
+        tiles = part.tile_segments(n)
+        assert tiles[0].start == 0 and tiles[-1].end == last
+        assert all(a.end == b.start for a, b in zip(tiles, tiles[1:]))  # consecutive, no overlap
+        assert all(part.has_compute(t) for t in tiles)
+        assert len(tiles) <= min(n, last)
