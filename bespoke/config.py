@@ -34,7 +34,7 @@ class BuildConfig(Strict):
     batch_size: int = Field(16, ge=1)
     bunch_size: int = Field(64, ge=1, description="alternatives trained together per teacher forward")
     lr: float = Field(1e-3, gt=0)
-    cache_activations: bool = Field(True, description="cache teacher activations at cut points after the first epoch")
+    cache_activations: bool = Field(True, description="cache teacher activations at cut points after the first epoch (later epochs then replay the first epoch's augmented views)")
     calibration_images: int = Field(64, ge=1, description="images used to initialise adapters and choose channels")
     validation_images: int = Field(64, ge=0, description="held-out images for the distillation error and replace-one scores")
     augment: bool = Field(False, description="timm's train-time augmentation on the training images (useful with few images)")
@@ -229,11 +229,14 @@ QUICK_PRESET: dict[str, Any] = {
     # Long segments (up to 0.7 of the remaining cut points) so that the non-overlapping ones
     # cover most of the network: budgets of 0.6 need that much to replace.
     # The sample photos are few: distil on augmented crops of them (no labels needed).
-    "build": {"segments": 6, "tiles": 6, "max_fraction": 0.5, "epochs": 1, "steps_per_epoch": 24, "batch_size": 8,
-              "calibration_images": 32, "validation_images": 32, "augment": True},
+    # Every epoch sees new augmented views, so the activation cache (which would replay the
+    # first epoch's views) is off.
+    "build": {"segments": 6, "tiles": 6, "max_fraction": 0.5, "epochs": 30, "batch_size": 8,
+              "calibration_images": 32, "validation_images": 32, "augment": True,
+              "cache_activations": False},
     # With a handful of held-out images agreement moves in coarse steps; KL is continuous.
     "search": {"proxy": "replace-one-kl"},
-    "finetune": {"epochs": 50, "steps": 24, "batch_size": 8, "bn_recalibration_batches": 4},
+    "finetune": {"epochs": 50, "steps": 40, "batch_size": 8, "bn_recalibration_batches": 4},
 }
 QUICK_PLUGIN_OPTIONS: dict[str, dict[str, Any]] = {
     "measured-latency": {"warmup": 3, "runs": 15},

@@ -1,0 +1,327 @@
+"""Benchmark: compress EfficientNet-Lite2 to the CPU latency of Lite0 and Lite1 and compare.
+
+    python benchmarks/lite2_cpu.py --out DIR [--data ../shared/data/imagenet-sample]
+
+One process, this machine's CPU, batch 1, 2 threads. It
+
+1. loads the teacher (tf_efficientnet_lite2, 260 px) and the donors Lite0 (224 px) and Lite1
+   (240 px) with the real packaged ImageNet weights, and measures their latencies interleaved to
+   get Lite0's and Lite1's latency ratios to the teacher on this machine;
+2. runs the whole bespoke pipeline (build the house from train/, profile, search, fine-tune,
+   evaluate on val/, export) at budgets 0.5, 0.7 and the two measured ratios;
+3. runs the baselines at the same budgets: a random search over the same house (same
+   fine-tuning), and uniform channel pruning of the teacher with torch-pruning to the same
+   latency (same fine-tuning);
+4. measures every model end to end in one interleaved call (torch eager), and again with ONNX
+   Runtime, and prints one table; writes DIR/benchmark.json and DIR/pareto.png. The bespoke
+   students are saved under DIR/students/ (load with ``bespoke.load_student``).
+
+Latency ratios in the table are measured in the same run, side by side; medians of interleaved
+runs. Costs: ``one_time`` = building the house (segments, alternatives, distillation, profiling
+of alternatives' accuracy) in CPU-minutes; ``per_target`` = latency profile + search + fine-tuning
+of all students for this device, in CPU-minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenet-sample"
+
+TEACHER, DONORS = "tf_efficientnet_lite2", ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
+
+
+def cpu_minutes() -> float:
+    return time.process_time() / 60.0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train/, val/, classes.txt")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--segments", type=int, default=14, help="segments sampled from the teacher")
+    p.add_argument("--max-fraction", type=float, default=0.35)
+    p.add_argument("--distill-epochs", type=int, default=2)
+    p.add_argument("--finetune-steps", type=int, default=90, help="fine-tuning steps per student (batch 16)")
+    p.add_argument("--trials", type=int, default=300, help="Optuna trials per search")
+    p.add_argument("--runs", type=int, default=30, help="timed runs per model in latency measurements")
+    p.add_argument("--proxy-images", type=int, default=100,
+                   help="val images the search's replace-one proxy uses (all 300 are used for the table)")
+    p.add_argument("--skip-baselines", action="store_true", help="only the bespoke students (faster)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not (args.data / "train").is_dir() or not (args.data / "val").is_dir():
+        print(f"error: {args.data} must hold train/ and val/ (the ImageNet sample)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    from rich.console import Console
+
+    from bespoke import pipeline
+    from bespoke.config import RunConfig
+    from bespoke.data import folder_images, transforms_for
+    from bespoke.evaluate import evaluate
+    from bespoke.models import default_input_size, load_model
+    from bespoke.plugins import get_registry
+
+    console = Console()
+    registry = get_registry()
+    t_start = time.perf_counter()
+    class_list = args.data / "classes.txt"
+    val_dir, train_dir = args.data / "val", args.data / "train"
+
+    # ---- 1. Teacher and donors at their native sizes: accuracy and latency ratios -------------
+    refs = {}
+    for name in [TEACHER, *DONORS]:
+        model = load_model(name, weights="packaged").eval()
+        size = default_input_size(model)
+        refs[name] = {"model": model, "size": size}
+    measurer = registry.instantiate("measured-latency", {"threads": args.threads, "runs": args.runs,
+                                                         "warmup": 5}, category="latency")
+    from bespoke.latency import make_query
+
+    def measure(models: dict[str, tuple[torch.nn.Module, int]], estimator=measurer) -> dict[str, float]:
+        queries = {n: make_query(m, (1, 3, s, s)) for n, (m, s) in models.items()}
+        got = estimator.latencies(list(queries.values()))
+        return {n: float(got[q.key]) for n, q in queries.items()}
+
+    ref_ms = measure({n: (r["model"], r["size"]) for n, r in refs.items()})
+    teacher_ms0 = ref_ms[TEACHER]
+    ratios = {d: ref_ms[d] / teacher_ms0 for d in DONORS}
+    console.print(f"reference latencies (ms): {ref_ms}; ratios {ratios}")
+
+    def val_set(model, size):
+        return folder_images(val_dir, class_list).with_transform(transforms_for(model, size))
+
+    t_model, t_size = refs[TEACHER]["model"], refs[TEACHER]["size"]
+    teacher_metrics, teacher_pred = evaluate(t_model, TEACHER, val_set(t_model, t_size), (1, 3, t_size, t_size))
+    ref_metrics = {TEACHER: teacher_metrics}
+    for d in DONORS:
+        m, s = refs[d]["model"], refs[d]["size"]
+        ref_metrics[d], _ = evaluate(m, d, val_set(m, s), (1, 3, s, s), teacher=teacher_pred)
+
+    # ---- 2. bespoke ------------------------------------------------------------------------
+    budgets = [0.5, 0.7, round(ratios[DONORS[0]], 3), round(ratios[DONORS[1]], 3)]
+    budget_names = {0.5: "0.5", 0.7: "0.7", budgets[2]: "lite0-latency", budgets[3]: "lite1-latency"}
+    base = {
+        "teacher": TEACHER, "teacher_weights": "packaged", "donors": DONORS,
+        "data": str(train_dir), "val_data": str(val_dir), "class_list": str(class_list),
+        "budgets": budgets, "out": str(out), "house": str(out / "house"), "seed": args.seed,
+        "threads": args.threads, "preset": "full",
+        "plugins": {"block_sources": ["timm-donors", "pruned-self", "lowrank", "skip"],
+                    "latency": "measured-latency", "search": "optuna"},
+        "plugin_options": {
+            "measured-latency": {"threads": args.threads, "runs": args.runs, "warmup": 5},
+            "optuna": {"n_trials": args.trials},
+            "pruned-self": {"ratios": [0.25, 0.5]},
+        },
+        "build": {"segments": args.segments, "max_fraction": args.max_fraction,
+                  "epochs": args.distill_epochs, "batch_size": 16, "calibration_images": 100,
+                  "validation_images": args.proxy_images, "augment": True},
+        "finetune": {"epochs": 100, "steps": args.finetune_steps, "batch_size": 16, "lr": 2e-4,
+                     "beta": 0.3, "bn_recalibration_batches": 8},
+    }
+    cfg = RunConfig.model_validate(base)
+
+    c0 = cpu_minutes()
+    pipeline.build(cfg, registry, console=console)
+    one_time = cpu_minutes() - c0
+    c0 = cpu_minutes()
+    report = pipeline.run(cfg, registry, console=console)  # resumes the house built above
+    per_target = cpu_minutes() - c0
+    student_dirs = {s.budget: s.student_dir for s in report.students}
+
+    # ---- 3. Baselines at the same budgets --------------------------------------------------
+    baseline_models: dict[str, tuple[torch.nn.Module, float, str]] = {}
+    baseline_metrics = {}
+    if not args.skip_baselines:
+        lut = out / "latency.json"
+        rnd_cfg = RunConfig.model_validate({**base, "out": str(out / "baselines" / "random"),
+                                            "plugins": {**base["plugins"], "search": "random",
+                                                        "latency": "lut-latency"},
+                                            "plugin_options": {**base["plugin_options"],
+                                                               "lut-latency": {"path": str(lut)},
+                                                               "random": {"samples": args.trials}}})
+        rnd = pipeline.run(rnd_cfg, registry, console=console)
+        from bespoke import load_student
+
+        for s in rnd.students:
+            name = f"random-search@{budget_names.get(s.budget, s.budget)}"
+            baseline_models[name] = (load_student(s.student_dir).eval(), s.budget, "random search, same house")
+
+        baseline_models.update(uniform_pruning(cfg, registry, budgets, budget_names, measure, teacher_ms0,
+                                               t_model, t_size, out, console))
+        for name, (model, budget, _) in baseline_models.items():
+            baseline_metrics[name], _ = evaluate(model, name, val_set(t_model, t_size), (1, 3, t_size, t_size),
+                                                 teacher=teacher_pred)
+
+    # ---- 4. Everything measured side by side -----------------------------------------------
+    from bespoke import load_student
+
+    students = {}
+    for s in report.students:
+        name = f"bespoke@{budget_names.get(s.budget, s.budget)}"
+        students[name] = (load_student(s.student_dir).eval(), s)
+    every = {n: (r["model"], r["size"]) for n, r in refs.items()}
+    every.update({n: (m, t_size) for n, (m, _) in students.items()})
+    every.update({n: (m, t_size) for n, (m, _, _) in baseline_models.items()})
+    torch_ms = measure(every)
+    ort = registry.instantiate("onnxruntime-latency", {"threads": args.threads, "runs": args.runs, "warmup": 5},
+                               category="latency")
+    try:
+        ort_ms = measure(every, ort)
+    except Exception as exc:  # ONNX Runtime missing or an export failure: report, do not hide
+        console.print(f"[yellow]ONNX Runtime latency skipped: {exc}[/yellow]")
+        ort_ms = {}
+
+    rows = []
+
+    def row(name, kind, budget, m, note=""):
+        rows.append({"name": name, "kind": kind, "budget": budget, "top1": m.top1, "agreement": m.agreement,
+                     "latency_ms": torch_ms[name], "latency_ratio": torch_ms[name] / torch_ms[TEACHER],
+                     "latency_ms_onnxruntime": ort_ms.get(name),
+                     "latency_ratio_onnxruntime": (ort_ms[name] / ort_ms[TEACHER]) if ort_ms.get(name) else None,
+                     "params": m.params, "note": note})
+
+    row(TEACHER, "teacher", None, ref_metrics[TEACHER], f"{t_size} px")
+    for d in DONORS:
+        row(d, "donor", None, ref_metrics[d], f"{refs[d]['size']} px, pretrained as is")
+    for name, (model, s) in students.items():  # all val images, like every other row
+        m, _ = evaluate(model, name, val_set(t_model, t_size), (1, 3, t_size, t_size), teacher=teacher_pred)
+        row(name, "student", s.budget, m, f"{len(s.replaced)} segment(s) replaced; "
+            f"predicted {s.latency_ms_predicted:.2f} ms")
+    for name, (_, budget, note) in baseline_models.items():
+        row(name, "baseline", budget, baseline_metrics[name], note)
+
+    result = {
+        "schema_version": 1,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "command": "python benchmarks/lite2_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "rows": rows,
+        "costs_min": {"one_time": round(one_time, 2), "per_target": round(per_target, 2)},
+        "timings_s": report.timings_s,
+        "wall_min": round((time.perf_counter() - t_start) / 60, 2),
+        "students": {n: str(s.student_dir) for n, (_, s) in students.items()},
+    }
+    (out / "benchmark.json").write_text(json.dumps(result, indent=2))
+    print_table(rows, result, console)
+    plot(rows, out / "pareto.png")
+    console.print(f"wrote {out / 'benchmark.json'} and {out / 'pareto.png'}")
+    return 0
+
+
+def uniform_pruning(cfg, registry, budgets, budget_names, measure, teacher_ms, teacher, size, out, console):
+    """Uniform channel pruning of the whole teacher (torch-pruning, L1 magnitude, the same ratio
+    in every layer), the ratio bisected until the measured latency meets each budget; then the
+    same fine-tuning as the students (BN recalibration + CE + KL to the teacher)."""
+    import torch_pruning as tp
+
+    from bespoke import data as images
+    from bespoke.finetune import finetune_student
+    from bespoke.partition import Partition
+
+    example = torch.randn(1, 3, size, size)
+
+    def pruned(ratio):
+        m = copy.deepcopy(teacher).eval()
+        if ratio > 0:
+            pr = tp.pruner.MetaPruner(m, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                      pruning_ratio=ratio, ignored_layers=[m.classifier])
+            pr.step()
+        return m
+
+    partition = Partition.from_model(copy.deepcopy(teacher), (1, 3, size, size), name=TEACHER)
+    split = images.prepare(teacher, size, data=cfg.data, val_data=cfg.val_data, class_list=cfg.class_list,
+                           held_out=0, seed=cfg.seed)
+    train = images.eval_view(split, teacher, size)
+    found = {}
+    for b in budgets:
+        lo, hi, best = 0.0, 0.9, None
+        for _ in range(7):
+            mid = (lo + hi) / 2
+            ms = measure({"m": (pruned(mid), size)})["m"]
+            if ms <= b * teacher_ms:
+                best, hi = mid, mid
+            else:
+                lo = mid
+        ratio = best if best is not None else 0.9
+        model = pruned(ratio)
+        console.print(f"uniform pruning for budget {b}: ratio {ratio:.3f}")
+        res = finetune_student(model, partition, train, cfg.finetune, out / "baselines" / "uniform" / f"budget-{b:g}",
+                               targets={}, seed=cfg.seed, console=console)
+        name = f"uniform-prune@{budget_names.get(b, b)}"
+        found[name] = (res.student.eval(), b, f"torch-pruning uniform ratio {ratio:.3f}")
+    return found
+
+
+def print_table(rows, result, console):
+    from rich.table import Table
+
+    t = Table(title=f"EfficientNet-Lite2 on this CPU ({result['machine']['threads']} threads, batch 1), "
+                    f"{result['date']}")
+    for col in ("name", "kind", "budget", "top-1", "agreement", "ms (torch)", "ratio", "ms (ORT)", "ratio (ORT)",
+                "params (M)"):
+        t.add_column(col)
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    for r in rows:
+        t.add_row(r["name"], r["kind"], "-" if r["budget"] is None else f"{r['budget']:.3g}", pct(r["top1"]),
+                  pct(r["agreement"]), f"{r['latency_ms']:.2f}", f"{r['latency_ratio']:.3f}",
+                  "-" if r["latency_ms_onnxruntime"] is None else f"{r['latency_ms_onnxruntime']:.2f}",
+                  "-" if r["latency_ratio_onnxruntime"] is None else f"{r['latency_ratio_onnxruntime']:.3f}",
+                  f"{r['params'] / 1e6:.2f}")
+    console.print(t)
+    c = result["costs_min"]
+    console.print(f"one-time cost {c['one_time']:.1f} CPU-min; per-target cost {c['per_target']:.1f} CPU-min; "
+                  f"wall {result['wall_min']:.1f} min")
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    styles = {"teacher": ("k", "*"), "donor": ("tab:blue", "s"), "student": ("tab:red", "o"),
+              "baseline": ("tab:gray", "x")}
+    for r in rows:
+        if r["top1"] is None:
+            continue
+        color, marker = styles[r["kind"]]
+        ax.scatter(r["latency_ms"], 100 * r["top1"], c=color, marker=marker, s=60)
+        ax.annotate(r["name"], (r["latency_ms"], 100 * r["top1"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("latency (ms, batch 1, torch CPU)")
+    ax.set_ylabel("top-1 on the 300 val images (%)")
+    ax.set_title("bespoke students vs Lite0/Lite1 and baselines")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
