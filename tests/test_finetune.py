@@ -232,13 +232,15 @@ def test_export_rejects_unknown_format(tmp_path):
 
 
 def test_quick_preset_fills_only_what_the_config_left_unset():
-    from bespoke.config import apply_preset, load_config
+    from bespoke.config import QUICK_PRESET, apply_preset, load_config
     from bespoke.plugins import get_registry
 
     cfg = apply_preset(load_config(None, {"finetune": {"steps": 3}, "input_size": 96,
                                           "plugin_options": {"optuna": {"n_trials": 7}}}), get_registry())
     assert cfg.finetune.steps == 3 and cfg.input_size == 96  # the user's values stay
-    assert cfg.build.segments == 10 and cfg.finetune.batch_size == 8  # preset values fill in
+    assert cfg.build.segments == QUICK_PRESET["build"]["segments"]  # preset values fill in
+    assert cfg.build.tiles == QUICK_PRESET["build"]["tiles"] > 0
+    assert cfg.finetune.batch_size == QUICK_PRESET["finetune"]["batch_size"]
     assert cfg.plugin_options["optuna"]["n_trials"] == 7
     assert cfg.reference_models == cfg.donors
     full = apply_preset(load_config(None, {"preset": "full"}), get_registry())
