@@ -15,9 +15,7 @@ stored :class:`bespoke.types.AlternativeSpec`, then its safetensors weights are 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Literal
@@ -25,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bespoke.errors import UsageError
+from bespoke.files import atomic_write, atomic_write_text
 from bespoke.types import AlternativeSpec, SegmentInfo
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -103,38 +102,6 @@ def alternative_id(segment: SegmentInfo, spec: AlternativeSpec, taken: Iterable[
     while out in taken:
         out, n = f"{base}-{n}", n + 1
     return out
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # not supported everywhere (e.g. Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def count_params(module: "nn.Module") -> int:
@@ -239,22 +206,8 @@ class House:
         """Write the module's state as safetensors, atomically (temp file, fsync, rename)."""
         from safetensors.torch import save_model
 
-        path = self.weights_path(alt_id, initial)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_model(module, tmp)  # copies tensors to the CPU; drops tied duplicates
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(path.parent)
+        # save_model copies tensors to the CPU and drops tied duplicates
+        atomic_write(self.weights_path(alt_id, initial), lambda tmp: save_model(module, tmp))
 
     def load_weights(self, alt_id: str, module: "nn.Module", initial: bool = False) -> "nn.Module":
         from safetensors.torch import load_model

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import platform
+import statistics
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -337,19 +338,10 @@ def predict_latency(teacher_ms: float, savings_ms: Iterable[float]) -> float:
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid latency table {source}:"]
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
-        value = err.get("input")
-        try:
-            shown = json.dumps(value, default=str)
-        except Exception:
-            shown = repr(value)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        lines.append(f"  {key} = {shown}: {err.get('msg')}")
-    lines.append("See docs/latency.md for the schema.")
-    return "\n".join(lines)
+    from bespoke.config import format_validation_error
+
+    text = format_validation_error(exc, source).replace("invalid configuration in", "invalid latency table", 1)
+    return text + "\nSee docs/latency.md for the schema."
 
 
 def parse_lut(data: Any, source: str = "(in memory)") -> LatencyTable:
@@ -391,13 +383,10 @@ def read_lut(path: str | Path, device: DeviceInfo | None = None) -> LatencyTable
 
 
 def write_lut(table: LatencyTable, path: str | Path) -> Path:
-    """Write ``table`` as indented JSON (atomically: a temporary file, then a rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(table.model_dump_json(indent=2, exclude_none=True) + "\n", encoding="utf-8")
-    tmp.replace(p)
-    return p
+    """Write ``table`` as indented JSON, atomically (temporary file, fsync, rename)."""
+    from bespoke.files import atomic_write_text
+
+    return atomic_write_text(path, table.model_dump_json(indent=2, exclude_none=True) + "\n")
 
 
 def lut_json_schema() -> dict[str, Any]:
@@ -994,6 +983,12 @@ def time_interleaved(runners: Sequence[Any], *, warmup: int, runs: int, warm_per
                 sync()
                 times[i].append((now() - t0) * 1e3)
     return times
+
+
+def summarise_samples(samples: dict[str, list[float]], statistic: str = "median") -> dict[str, float]:
+    """One latency per key from its timed runs: the median (robust) or the minimum."""
+    summary = min if statistic == "min" else statistics.median
+    return {k: float(summary(t)) for k, t in samples.items()}
 
 
 def unique_queries(queries: Sequence[LatencyQuery]) -> list[LatencyQuery]:

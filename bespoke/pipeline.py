@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from bespoke.errors import NotImplementedYet
-
 
 def build(cfg, registry, console=None):
     """Build (or resume) the model house: partition the teacher, sample segments, create every

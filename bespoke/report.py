@@ -61,11 +61,9 @@ class Report(BaseModel):
 
 
 def write_report(report: Report, out: str | Path) -> Path:
-    path = Path(out) / "report.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(report.model_dump_json(indent=2))
-    tmp.replace(path)
-    return path
+    from bespoke.files import atomic_write_text
+
+    return atomic_write_text(Path(out) / "report.json", report.model_dump_json(indent=2))
 
 
 def _accuracy(e: Any, labelled: bool) -> float | None:

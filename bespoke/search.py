@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
@@ -29,6 +27,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from bespoke.errors import UsageError
+from bespoke.files import atomic_write_text
 from bespoke.types import Candidate, SearchProblem, Solution
 
 SEARCH_SCHEMA_VERSION = 1
@@ -643,27 +642,17 @@ def make_report(problem: SearchProblem, budgets: Sequence[float], solutions: Seq
                         problem_fingerprint=problem_fingerprint(problem), results=results, front=front)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_report(report: SearchReport, path: str | Path) -> list[Path]:
     """Write the report, and one recipe file per budget beside it (``<stem>.budget-<b>.json``)."""
     path = Path(path)
-    _atomic_write(path, report.model_dump_json(indent=2))
+    atomic_write_text(path, report.model_dump_json(indent=2))
     written = [path]
     for r in report.results:
         p = path.with_name(f"{path.stem}.budget-{r.budget:g}.json")
         recipe = {"kind": "bespoke.search-recipe", "schema_version": SEARCH_SCHEMA_VERSION,
                   "house": report.house, "teacher": report.teacher, "strategy": report.strategy,
                   **r.model_dump()}
-        _atomic_write(p, json.dumps(recipe, indent=2))
+        atomic_write_text(p, json.dumps(recipe, indent=2))
         written.append(p)
     return written
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from typing import Literal, Sequence
 
 from pydantic import Field
@@ -60,8 +59,9 @@ class MeasuredLatency:
                           batch=o.batch, precision="fp32")
 
     def latencies(self, queries: Sequence[LatencyQuery]) -> dict[str, float]:
-        summary = min if self.options.statistic == "min" else statistics.median
-        return {k: float(summary(t)) for k, t in self.latency_samples(queries).items()}
+        from bespoke.latency import summarise_samples
+
+        return summarise_samples(self.latency_samples(queries), self.options.statistic)
 
     def latency_samples(self, queries: Sequence[LatencyQuery]) -> dict[str, list[float]]:
         """Every timed run (ms) per distinct key, in round order: the i-th runs of two modules

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import statistics
 import tempfile
 import warnings
 from pathlib import Path
@@ -137,8 +136,9 @@ class OnnxRuntimeLatency:
         return ort.InferenceSession(str(path), sess_options=so, providers=providers)
 
     def latencies(self, queries: Sequence[LatencyQuery]) -> dict[str, float]:
-        summary = min if self.options.statistic == "min" else statistics.median
-        return {k: float(summary(t)) for k, t in self.latency_samples(queries).items()}
+        from bespoke.latency import summarise_samples
+
+        return summarise_samples(self.latency_samples(queries), self.options.statistic)
 
     def latency_samples(self, queries: Sequence[LatencyQuery]) -> dict[str, list[float]]:
         """Every timed run (ms) per distinct key, in round order: the i-th runs of two modules
