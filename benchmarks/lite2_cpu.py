@@ -49,11 +49,16 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train/, val/, classes.txt")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--segments", type=int, default=14, help="segments sampled from the teacher")
-    p.add_argument("--max-fraction", type=float, default=0.35)
-    p.add_argument("--distill-epochs", type=int, default=2)
-    p.add_argument("--finetune-steps", type=int, default=90, help="fine-tuning steps per student (batch 16)")
-    p.add_argument("--trials", type=int, default=300, help="Optuna trials per search")
+    p.add_argument("--segments", type=int, default=4, help="segments sampled from the teacher")
+    p.add_argument("--tiles", type=int, default=5,
+                   help="also cut the teacher into this many consecutive segments (guarantees coverage)")
+    p.add_argument("--max-fraction", type=float, default=0.5)
+    p.add_argument("--prune-ratios", type=float, nargs="+", default=[0.5, 0.8],
+                   help="pruned-self channel ratios")
+    p.add_argument("--lowrank-fractions", type=float, nargs="+", default=[0.5], help="lowrank rank fractions")
+    p.add_argument("--distill-epochs", type=int, default=1)
+    p.add_argument("--finetune-steps", type=int, default=60, help="fine-tuning steps per student (batch 16)")
+    p.add_argument("--trials", type=int, default=200, help="Optuna trials per search")
     p.add_argument("--runs", type=int, default=30, help="timed runs per model in latency measurements")
     p.add_argument("--proxy-images", type=int, default=100,
                    help="val images the search's replace-one proxy uses (all 300 are used for the table)")
@@ -130,9 +135,10 @@ def main(argv=None) -> int:
         "plugin_options": {
             "measured-latency": {"threads": args.threads, "runs": args.runs, "warmup": 5},
             "optuna": {"n_trials": args.trials},
-            "pruned-self": {"ratios": [0.25, 0.5]},
+            "pruned-self": {"ratios": args.prune_ratios},
+            "lowrank": {"fractions": args.lowrank_fractions},
         },
-        "build": {"segments": args.segments, "max_fraction": args.max_fraction,
+        "build": {"segments": args.segments, "tiles": args.tiles, "max_fraction": args.max_fraction,
                   "epochs": args.distill_epochs, "batch_size": 16, "calibration_images": 100,
                   "validation_images": args.proxy_images, "augment": True},
         "finetune": {"epochs": 100, "steps": args.finetune_steps, "batch_size": 16, "lr": 2e-4,
@@ -222,6 +228,7 @@ def main(argv=None) -> int:
         "timings_s": report.timings_s,
         "wall_min": round((time.perf_counter() - t_start) / 60, 2),
         "students": {n: str(s.student_dir) for n, (_, s) in students.items()},
+        "unmet_budgets": report.unmet_budgets,
     }
     (out / "benchmark.json").write_text(json.dumps(result, indent=2))
     print_table(rows, result, console)

@@ -209,8 +209,20 @@ def fit_linear_adapter(x: torch.Tensor, y: torch.Tensor, *, ridge: float = 1e-4)
 
 
 def linear_adapter(c_in: int, c_out: int, ndim: int) -> nn.Module:
-    """The uninitialised module :func:`fit_linear_adapter` returns, for rebuilding from a spec."""
+    """The uninitialised module :func:`fit_linear_adapter` returns, for rebuilding from a spec.
+
+    ``ndim`` is the rank of the tensor it maps: 4 for feature maps (a 1x1 ``Conv2d``), 2 or 3 for
+    vectors and tokens (``Linear``)."""
     return nn.Conv2d(c_in, c_out, 1, bias=True) if ndim == 4 else nn.Linear(c_in, c_out, bias=True)
+
+
+def identity_adapter(channels: int) -> nn.Module:
+    """A ``Linear`` adapter that starts as the identity (for vectors whose channels already agree)."""
+    layer = nn.Linear(channels, channels, bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(channels))
+        layer.bias.zero_()
+    return layer
 
 
 def count_parameters(module: nn.Module) -> int:

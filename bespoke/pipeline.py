@@ -407,11 +407,11 @@ def run(cfg, registry, console=None):
         search_cfg = _profile(cfg, registry, out / "latency.json", console)
     with clock("search"):
         found = search(search_cfg, registry, out / "search.json", console=console)
-    _require_feasible(found)
+    met = _require_feasible(found, console)
     stage = _Students(cfg, registry, house, console)
     with clock("finetune"):
         students = [stage.make(r.model_dump(), out / "students" / f"budget-{r.budget:g}")
-                    for r in found.results]
+                    for r in met]
     with clock("evaluate"):
         measured = stage.measure(students)
         _calibrate_lut(search_cfg, stage, students, measured, out / "latency.json", console)
@@ -519,23 +519,34 @@ def _calibrate_lut(search_cfg, stage, made, measured, lut_path, console):
     return table
 
 
-def _require_feasible(found):
-    """A budget no student meets is an input error: say how fast the fastest student is."""
+def _require_feasible(found, console=None):
+    """The search results whose budget a student meets.
+
+    A budget no student meets is an input error when it is the only kind there is; beside met
+    budgets it is a warning (the report lists it under ``unmet_budgets``) and the run goes on.
+    The message says how fast the fastest student is."""
     from bespoke.errors import UsageError
 
     bad = [r for r in found.results if not r.feasible]
+    met = [r for r in found.results if r.feasible]
     if not bad:
-        return
+        return met
     fastest = min([r.fastest_ms for r in bad if r.fastest_ms is not None] or [p.latency_ms for p in found.front]
                   or [found.teacher_ms])
     lines = [f"budget {r.budget:g} ({r.budget_ms:.2f} ms) is below what any student can reach"
              for r in bad]
-    raise UsageError("; ".join(lines) + f". The fastest student this model house allows runs in "
-                     f"{fastest:.2f} ms ({fastest / found.teacher_ms:.2f} of the teacher's "
-                     f"{found.teacher_ms:.2f} ms). Give a budget of at least "
-                     f"{fastest / found.teacher_ms:.2f} (or {fastest:.2f} ms), or build more and "
-                     "cheaper alternatives (more segments, the skip and pruned-self sources). "
-                     "The house and latency table are kept, so the rerun starts at the search.")
+    message = ("; ".join(lines) + f". The fastest student this model house allows runs in "
+               f"{fastest:.2f} ms ({fastest / found.teacher_ms:.2f} of the teacher's "
+               f"{found.teacher_ms:.2f} ms). Give a budget of at least "
+               f"{fastest / found.teacher_ms:.2f} (or {fastest:.2f} ms), or build more and "
+               "cheaper alternatives (more segments, the skip and pruned-self sources). "
+               "The house and latency table are kept, so the rerun starts at the search.")
+    if not met:
+        raise UsageError(message)
+    if console is not None:
+        console.print(f"[yellow]warning: {message} Going on with the other "
+                      f"{len(met)} budget(s).[/yellow]", highlight=False)
+    return met
 
 
 class _Made:
@@ -704,6 +715,8 @@ def _report(cfg, stage, found, made, measured, exports, clock):
         latency={"estimator": cfg.plugins.latency, "device": stage.latency_device.model_dump(),
                  "search_teacher_ms": found.teacher_ms,
                  "prediction_abs_rel_error": errors, "search_strategy": found.strategy},
+        unmet_budgets=[{"budget": r.budget, "budget_ms": r.budget_ms, "fastest_ms": r.fastest_ms}
+                       for r in found.results if not r.feasible],
         config=cfg.model_dump(mode="json"))
     out = Path(cfg.out)
     path = write_report(report, out)

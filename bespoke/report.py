@@ -53,6 +53,7 @@ class Report(BaseModel):
     created: str
     teacher: ModelEntry
     students: list[StudentEntry]
+    unmet_budgets: list[dict[str, Any]] = Field(default_factory=list, description="budgets no student of the house meets (budget, budget_ms, fastest_ms); no student is made for them")
     references: list[ModelEntry] = Field(default_factory=list)
     timings_s: dict[str, float]
     data: dict[str, Any] = Field(default_factory=dict, description="source, image counts, labelled, skipped images")

@@ -49,7 +49,7 @@ from pydantic import Field
 from torch import nn
 
 from bespoke import AlternativeSpec, PluginOptions, PluginRecord, SegmentInfo, UsageError, hookimpl
-from bespoke.blocks import count_parameters, fit_linear_adapter, linear_adapter, run_batched
+from bespoke.blocks import count_parameters, fit_linear_adapter, identity_adapter, linear_adapter, run_batched
 
 NAME = "timm-donors"
 
@@ -291,7 +291,13 @@ class TimmDonors:
         if z.dim() != target.dim() or _spatial(tuple(z.shape)) != _spatial(tuple(target.shape)):
             raise UsageError(f"timm-donors: {spec.label} gives {tuple(z.shape[1:])} where segment "
                              f"{segment.id} of the teacher gives {tuple(target.shape[1:])}")
-        out_adapter = fit_linear_adapter(z, target, ridge=self.options.ridge)
+        if z.dim() == 2 and z.shape[1] == target.shape[1] and z.shape[0] < 4 * z.shape[1]:
+            # Logits to logits (the segment ends at the classifier): far fewer images than
+            # classes leave the least-squares map underdetermined, so it would interpolate the
+            # calibration images. The donor's classes are the teacher's: start from identity.
+            out_adapter = identity_adapter(z.shape[1])
+        else:
+            out_adapter = fit_linear_adapter(z, target, ridge=self.options.ridge)
         module = DonorBlock(in_adapter, body, out_adapter).cpu().eval()
         with torch.no_grad():
             fitted = module(x[:8])
@@ -299,6 +305,7 @@ class TimmDonors:
         done = spec.model_copy(update={"options": {
             **spec.options,
             "ndim": x.dim(),
+            "out_ndim": z.dim(),
             "in_channels": [_channels(tuple(x.shape)), _channels(tuple(y.shape))],
             "out_channels": [_channels(tuple(z.shape)), _channels(tuple(target.shape))],
             "weights": weights if weights is None or isinstance(weights, str) else str(weights),
@@ -317,8 +324,9 @@ class TimmDonors:
 
             PrunedSelf.replay(body, self._body_example(tuple(int(v) for v in o["body_in_shape"])), o["pruned"])
         ndim = int(o["ndim"])
+        out_ndim = int(o.get("out_ndim", ndim))  # houses written before out_ndim: same as input
         return DonorBlock(linear_adapter(*o["in_channels"], ndim), body,
-                          linear_adapter(*o["out_channels"], ndim)).eval()
+                          linear_adapter(*o["out_channels"], out_ndim)).eval()
 
 
 @hookimpl

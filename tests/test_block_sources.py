@@ -289,6 +289,23 @@ def test_timm_donors_pruned_donors_roundtrip_and_shrink():
     assert adapters[0] == adapters[1] == adapters[2]
 
 
+def test_timm_donors_segment_ending_at_the_logits_roundtrips():
+    """A tail segment (feature map in, logits out) gets a Conv2d in-adapter and a Linear
+    out-adapter; the out-adapter starts as the identity (same classes, few calibration images)."""
+    ctx = _ctx("tf_efficientnet_lite0")
+    part = ctx.teacher
+    n = len(part.cut_points)
+    seg = part.segment(n - 4, n - 1)
+    assert len(seg.out_shape) == 2
+    src = TimmDonors(TimmDonorsOptions(donors=["tf_efficientnet_lite1"], donor_weights=None))
+    specs = src.propose(ctx, seg)
+    assert specs, "the tail of Lite0 has a matching tail in Lite1"
+    module, done = _check_roundtrip(src, ctx, seg, specs[0])
+    assert done.options["ndim"] == 4 and done.options["out_ndim"] == 2
+    assert isinstance(module.in_adapter, torch.nn.Conv2d) and isinstance(module.out_adapter, torch.nn.Linear)
+    assert torch.equal(module.out_adapter.weight, torch.eye(module.out_adapter.weight.shape[0]))
+
+
 def test_timm_donors_skip_unavailable_donors():
     ctx = _ctx("resnet18")
     seg = _middle_segment(ctx.teacher)

@@ -402,3 +402,33 @@ def test_problem_from_house_records_and_proxy():
     assert [round(c.loss, 6) for c in p.candidates] == [0.2, 0.05]
     p = problem_from_house(house, seg_ms, alt_ms, 10.0, proxy="replace-one-kl")
     assert [round(c.loss, 6) for c in p.candidates] == [3.0, 1.0]
+
+
+def test_run_goes_on_with_met_budgets_and_refuses_when_none_is_met():
+    """`bespoke run`: an unmet budget beside met ones is a warning, alone it is an error."""
+    import io
+
+    from rich.console import Console
+
+    from bespoke.errors import UsageError
+    from bespoke.pipeline import _require_feasible
+    from bespoke.search import BudgetResult
+
+    def result(budget, feasible):
+        return BudgetResult(budget=budget, budget_ms=100 * budget, feasible=feasible, latency_ms=60.0,
+                            loss=1.0, score=1.0, speedup=1.6, fastest_ms=None if feasible else 60.0,
+                            choices=[])
+
+    class Found:
+        teacher_ms = 100.0
+        front = []
+
+    found = Found()
+    found.results = [result(0.5, False), result(0.7, True)]
+    buf = io.StringIO()
+    met = _require_feasible(found, Console(file=buf, width=200))
+    assert [r.budget for r in met] == [0.7]
+    assert "budget 0.5" in buf.getvalue() and "60.00 ms" in buf.getvalue()
+    found.results = [result(0.5, False)]
+    with pytest.raises(UsageError, match="fastest student this model house allows runs in 60.00 ms"):
+        _require_feasible(found)
