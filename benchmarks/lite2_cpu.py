@@ -57,7 +57,8 @@ def parse_args(argv=None):
                    help="pruned-self channel ratios")
     p.add_argument("--lowrank-fractions", type=float, nargs="+", default=[0.5], help="lowrank rank fractions")
     p.add_argument("--distill-epochs", type=int, default=1)
-    p.add_argument("--finetune-steps", type=int, default=60, help="fine-tuning steps per student (batch 16)")
+    p.add_argument("--finetune-steps", type=int, default=40, help="fine-tuning steps per student (batch 16)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4)
     p.add_argument("--trials", type=int, default=200, help="Optuna trials per search")
     p.add_argument("--runs", type=int, default=30, help="timed runs per model in latency measurements")
     p.add_argument("--proxy-images", type=int, default=100,
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
         "build": {"segments": args.segments, "tiles": args.tiles, "max_fraction": args.max_fraction,
                   "epochs": args.distill_epochs, "batch_size": 16, "calibration_images": 100,
                   "validation_images": args.proxy_images, "augment": True},
-        "finetune": {"epochs": 100, "steps": args.finetune_steps, "batch_size": 16, "lr": 2e-4,
+        "finetune": {"epochs": 100, "steps": args.finetune_steps, "batch_size": 16, "lr": args.finetune_lr,
                      "beta": 0.3, "bn_recalibration_batches": 8},
     }
     cfg = RunConfig.model_validate(base)
@@ -152,7 +153,6 @@ def main(argv=None) -> int:
     c0 = cpu_minutes()
     report = pipeline.run(cfg, registry, console=console)  # resumes the house built above
     per_target = cpu_minutes() - c0
-    student_dirs = {s.budget: s.student_dir for s in report.students}
 
     # ---- 3. Baselines at the same budgets --------------------------------------------------
     baseline_models: dict[str, tuple[torch.nn.Module, float, str]] = {}

@@ -150,6 +150,24 @@ def run_batched(module: nn.Module | Callable[[torch.Tensor], torch.Tensor], x: t
     return torch.cat(outs)
 
 
+def observe_inputs(module: nn.Module, layers: dict[nn.Module, Callable[[nn.Module, torch.Tensor], None]],
+                   x: torch.Tensor, batch_size: int = 16) -> None:
+    """Run ``module`` on ``x`` in chunks, without gradients, calling ``layers[layer](layer, input)``
+    with each listed sub-layer's (detached) input as it runs: how data-aware block sources collect
+    statistics of the activations inside a segment."""
+    def hook(observe):
+        return lambda layer, inputs, _out: observe(layer, inputs[0].detach())
+
+    handles = [layer.register_forward_hook(hook(observe)) for layer, observe in layers.items()]
+    try:
+        with torch.no_grad():
+            for i in range(0, x.shape[0], batch_size):
+                module(x[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """Activation -> (rows, channels): (N, C, H, W) -> (N*H*W, C); (N, L, C) -> (N*L, C)."""
     if t.dim() == 4:

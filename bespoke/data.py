@@ -20,7 +20,6 @@ the count. Batches are assembled with :func:`collate`, which drops them.
 
 from __future__ import annotations
 
-import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,16 +224,9 @@ def folder_images(path: str | Path, class_list: str | Path | None = None) -> Ima
 
 def attribute_images(ref: str) -> ImageSet:
     """A dataset given as ``package.module:attribute`` (a dataset, or a callable returning one)."""
-    mod_name, _, attr = ref.partition(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise UsageError(f"dataset {ref!r}: cannot import {mod_name!r} ({exc}); is it installed or on PYTHONPATH?") from None
-    obj: Any = mod
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise UsageError(f"dataset {ref!r}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+    from bespoke.resolve import resolve
+
+    obj = resolve(ref, "dataset")
     ds = obj() if callable(obj) and not hasattr(obj, "__getitem__") else obj
     if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
         raise UsageError(f"dataset {ref!r} is a {type(ds).__name__}; it must be a map-style dataset "

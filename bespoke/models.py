@@ -37,16 +37,9 @@ def _is_callable_ref(ref: str) -> bool:
 
 
 def _load_callable(ref: str) -> nn.Module:
-    mod_name, _, attr = ref.partition(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise UsageError(f"model {ref!r}: cannot import module {mod_name!r} ({exc}); is it installed / on PYTHONPATH?") from None
-    obj: Any = mod
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise UsageError(f"model {ref!r}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+    from bespoke.resolve import resolve
+
+    obj = resolve(ref, "model")
     model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
     if not isinstance(model, nn.Module):
         raise UsageError(f"model {ref!r} gave a {type(model).__name__}, not a torch.nn.Module")

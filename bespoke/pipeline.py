@@ -61,6 +61,8 @@ def build(cfg, registry, console=None):
                 house.check_teacher(cfg.teacher, size)
                 house.merge_shards()  # results of a killed torchrun build
                 console.print(f"resuming the model house {root}")
+                for line in _segment_settings_changed(house, cfg):
+                    console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
             else:
                 house = House.create(root, TeacherInfo(
                     name=cfg.teacher, weights=weights, input_size=size, params=count_params(teacher),
@@ -517,6 +519,23 @@ def _calibrate_lut(search_cfg, stage, made, measured, lut_path, console):
                   f"c={cal.c:+.3f} ms per replaced segment; median error {_pct(cal.median_abs_rel_error_before)} "
                   f"-> {_pct(cal.median_abs_rel_error_after)}", highlight=False)
     return table
+
+
+def _segment_settings_changed(house, cfg) -> list[str]:
+    """Why a resumed house does not follow this configuration's segment settings, if it doesn't:
+    its segments were drawn once, when it was created, and are kept."""
+    if not house.manifest.segments:
+        return []
+    stored = house.manifest.build or {}
+    now = {**{k: getattr(cfg.build, k) for k in ("segments", "tiles", "max_fraction", "enumerate_max_len")},
+           "seed": cfg.seed}
+    changed = [f"{'' if k == 'seed' else 'build.'}{k} {stored[k]!r} -> {v!r}"
+               for k, v in now.items() if k in stored and stored[k] != v]
+    if not changed:
+        return []
+    return [f"the model house {house.root} was built with other segment settings ({', '.join(changed)}); "
+            f"it keeps its {len(house.manifest.segments)} segments and is not resampled. To build with "
+            "the new settings, give another --house (or delete this one)."]
 
 
 def _require_feasible(found, console=None):

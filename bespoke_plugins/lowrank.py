@@ -29,7 +29,7 @@ from pydantic import Field
 from torch import nn
 
 from bespoke import AlternativeSpec, PluginOptions, PluginRecord, SegmentInfo, UsageError, hookimpl
-from bespoke.blocks import count_parameters
+from bespoke.blocks import count_parameters, observe_inputs
 
 NAME = "lowrank"
 
@@ -112,9 +112,8 @@ def _input_moments(module: nn.Module, names: list[str], x: torch.Tensor) -> dict
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(name: str):
-        def record(layer: nn.Module, inputs: tuple, _out: Any) -> None:
-            h = inputs[0].detach()
+    def recorder(name: str):
+        def record(layer: nn.Module, h: torch.Tensor) -> None:
             if isinstance(layer, nn.Conv2d):
                 h = h[:, :, ::layer.stride[0], ::layer.stride[1]]  # the pixels a 1x1 conv reads
                 rows = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
@@ -125,14 +124,7 @@ def _input_moments(module: nn.Module, names: list[str], x: torch.Tensor) -> dict
             counts[name] = counts.get(name, 0) + rows.shape[0]
         return record
 
-    handles = [module.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for i in range(0, x.shape[0], 16):
-                module(x[i:i + 16])
-    finally:
-        for h in handles:
-            h.remove()
+    observe_inputs(module, {module.get_submodule(n): recorder(n) for n in names}, x)
     return {n: sums[n] / max(1, counts[n]) for n in sums}
 
 

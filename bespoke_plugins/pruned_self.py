@@ -41,7 +41,7 @@ from pydantic import Field
 from torch import nn
 
 from bespoke import AlternativeSpec, PluginOptions, PluginRecord, SegmentInfo, UsageError, hookimpl
-from bespoke.blocks import count_parameters
+from bespoke.blocks import count_parameters, observe_inputs
 
 NAME = "pruned-self"
 
@@ -180,19 +180,11 @@ def _error_importance(module: nn.Module, groups: list[tuple[str, Any]], x: torch
         plan.append((name, n_root, items))
     energy: dict[nn.Module, torch.Tensor] = {}
 
-    def hook(layer: nn.Module, inputs: tuple, _out: Any) -> None:
-        h = inputs[0].detach()
+    def record(layer: nn.Module, h: torch.Tensor) -> None:
         e = h.pow(2).sum(dim=(0, 2, 3)) if h.dim() == 4 else h.reshape(-1, h.shape[-1]).pow(2).sum(0)
         energy[layer] = energy.get(layer, 0) + e.double()
 
-    handles = [m.register_forward_hook(hook) for m in consumers]
-    try:
-        with torch.no_grad():
-            for i in range(0, x.shape[0], 16):
-                module(x[i:i + 16])
-    finally:
-        for h in handles:
-            h.remove()
+    observe_inputs(module, {m: record for m in consumers}, x)
     scores = {}
     for name, n_root, items in plan:
         s = torch.zeros(n_root, dtype=torch.float64)

@@ -122,11 +122,14 @@ def storage_for(url: str | None, workdir: str | None, heartbeat: int | None):
     hb: dict[str, Any] = {}
     if heartbeat:
         params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
-        # Optuna >= 4.9 names the retry hook heartbeat_stale_trial_callback
-        hook = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+        # Optuna >= 4.9 names the retry hook heartbeat_stale_trial_callback and its callback
+        # RetryHeartbeatStaleTrialCallback (RetryFailedTrialCallback is deprecated there)
+        new_api = "heartbeat_stale_trial_callback" in params
+        hook = "heartbeat_stale_trial_callback" if new_api else "failed_trial_callback"
+        callback = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) if new_api else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)
+            retry = (callback or optuna.storages.RetryFailedTrialCallback)(max_retry=1)
         hb = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat, hook: retry}
     for attempt in range(6):
         try:
