@@ -14,8 +14,9 @@ The teacher is frozen and runs once per step through :meth:`Partition.activation
 every needed cut-point activation *and* its logits (the last cut point) from one forward pass.
 
 BatchNorm: the replaced parts' statistics are recalibrated after assembly (cumulative average
-over training batches, forward in train mode without gradients), held fixed while fine-tuning (small CPU batches give
-noisy batch statistics), and recalibrated once more at the end because the weights moved.
+over training batches, forward in train mode without gradients), held fixed while fine-tuning
+(small CPU batches give noisy batch statistics), and recalibrated once more at the end because
+the weights moved.
 
 Checkpoints are atomic directories: ``model.safetensors`` (student weights),
 ``optimizer.safetensors`` (optimizer tensors and the torch RNG state) and ``state.json``
