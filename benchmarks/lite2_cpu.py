@@ -49,17 +49,29 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train/, val/, classes.txt")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--segments", type=int, default=4, help="segments sampled from the teacher")
-    p.add_argument("--tiles", type=int, default=5,
+    p.add_argument("--segments", type=int, default=0, help="segments sampled from the teacher")
+    p.add_argument("--tiles", type=int, default=0,
                    help="also cut the teacher into this many consecutive segments (guarantees coverage)")
-    p.add_argument("--max-fraction", type=float, default=0.5)
-    p.add_argument("--prune-ratios", type=float, nargs="+", default=[0.5, 0.8],
+    p.add_argument("--no-modules", dest="modules", action="store_false",
+                   help="do not make a segment of every block and stage of the teacher (build.modules)")
+    p.add_argument("--max-fraction", type=float, default=0.12,
+                   help="longest segment as a fraction of the cut points (0.12: Lite2's blocks, not its stages)")
+    p.add_argument("--prune-ratios", type=float, nargs="+", default=[0.25, 0.5],
                    help="pruned-self channel ratios")
+    p.add_argument("--donor-max-params", type=float, default=0.9,
+                   help="timm-donors max_params_ratio: donor pieces must be this much smaller than the teacher's")
+    p.add_argument("--calibration-images", type=int, default=32,
+                   help="images the block sources fit adapters and choose channels on")
     p.add_argument("--lowrank-fractions", type=float, nargs="+", default=[0.5], help="lowrank rank fractions")
     p.add_argument("--distill-epochs", type=int, default=1)
     p.add_argument("--finetune-steps", type=int, default=40, help="fine-tuning steps per student (batch 16)")
-    p.add_argument("--finetune-lr", type=float, default=1e-4)
-    p.add_argument("--trials", type=int, default=200, help="Optuna trials per search")
+    p.add_argument("--finetune-lr", type=float, default=3e-5)
+    p.add_argument("--finetune-beta", type=float, default=3.0,
+                   help="weight of the distillation terms against the label loss (500 labels: distillation leads)")
+    p.add_argument("--search", default="exact", help="search strategy for the bespoke students (exact, optuna, ...)")
+    p.add_argument("--proxy", default="replace-one-kl", help="search.proxy")
+    p.add_argument("--rerank-top-k", type=int, default=5, help="proxy candidates per budget assembled and scored for real")
+    p.add_argument("--trials", type=int, default=200, help="Optuna trials per search / random samples")
     p.add_argument("--runs", type=int, default=30, help="timed runs per model in latency measurements")
     p.add_argument("--proxy-images", type=int, default=100,
                    help="val images the search's replace-one proxy uses (all 300 are used for the table)")
@@ -132,18 +144,22 @@ def main(argv=None) -> int:
         "budgets": budgets, "out": str(out), "house": str(out / "house"), "seed": args.seed,
         "threads": args.threads, "preset": "full",
         "plugins": {"block_sources": ["timm-donors", "pruned-self", "lowrank", "skip"],
-                    "latency": "measured-latency", "search": "optuna"},
+                    "latency": "measured-latency", "search": args.search},
         "plugin_options": {
             "measured-latency": {"threads": args.threads, "runs": args.runs, "warmup": 5},
-            "optuna": {"n_trials": args.trials},
+            "optuna": {"n_trials": args.trials, "top_k": args.rerank_top_k},
+            "exact": {"top_k": args.rerank_top_k},
             "pruned-self": {"ratios": args.prune_ratios},
+            "timm-donors": {"max_params_ratio": args.donor_max_params},
             "lowrank": {"fractions": args.lowrank_fractions},
         },
-        "build": {"segments": args.segments, "tiles": args.tiles, "max_fraction": args.max_fraction,
-                  "epochs": args.distill_epochs, "batch_size": 16, "calibration_images": 100,
+        "build": {"segments": args.segments, "tiles": args.tiles, "modules": args.modules,
+                  "max_fraction": args.max_fraction, "epochs": args.distill_epochs, "batch_size": 16,
+                  "calibration_images": args.calibration_images,
                   "validation_images": args.proxy_images, "augment": True},
+        "search": {"proxy": args.proxy, "rerank_top_k": args.rerank_top_k},
         "finetune": {"epochs": 100, "steps": args.finetune_steps, "batch_size": 16, "lr": args.finetune_lr,
-                     "beta": 0.3, "bn_recalibration_batches": 8},
+                     "beta": args.finetune_beta, "bn_recalibration_batches": 8},
     }
     cfg = RunConfig.model_validate(base)
 
@@ -164,7 +180,8 @@ def main(argv=None) -> int:
                                                         "latency": "lut-latency"},
                                             "plugin_options": {**base["plugin_options"],
                                                                "lut-latency": {"path": str(lut)},
-                                                               "random": {"samples": args.trials}}})
+                                                               "random": {"samples": args.trials,
+                                                                          "top_k": args.rerank_top_k}}})
         rnd = pipeline.run(rnd_cfg, registry, console=console)
         from bespoke import load_student
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bespoke.errors import UsageError
 
@@ -25,10 +25,11 @@ class Strict(BaseModel):
 class BuildConfig(Strict):
     """The one-time stage: segments, alternatives, block-level distillation."""
 
-    segments: int = Field(12, ge=1, description="segments to sample from the teacher")
+    segments: int = Field(12, ge=0, description="segments to sample from the teacher (0: none; then tiles or modules give the segments)")
     max_fraction: float = Field(0.3, gt=0, le=1, description="longest segment, as a fraction of the remaining cut points")
     tiles: int = Field(0, ge=0, description="also cut the network into this many consecutive segments, so one non-overlapping set covers all of it (0: sampling only)")
     enumerate_max_len: int | None = Field(None, ge=1, description="instead of sampling, take every segment up to this many cut points")
+    modules: bool = Field(False, description="also one segment per block and stage of the network (every submodule mapping a cut point to a cut point, up to max_fraction of the network): where skip, pruning and same-family donors fit best")
     epochs: int = Field(1, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1, description="cap the steps per epoch")
     batch_size: int = Field(16, ge=1)
@@ -38,6 +39,13 @@ class BuildConfig(Strict):
     calibration_images: int = Field(64, ge=1, description="images used to initialise adapters and choose channels")
     validation_images: int = Field(64, ge=0, description="held-out images for the distillation error and replace-one scores")
     augment: bool = Field(False, description="timm's train-time augmentation on the training images (useful with few images)")
+
+    @model_validator(mode="after")
+    def _some_segments(self) -> "BuildConfig":
+        if not (self.segments or self.tiles or self.modules or self.enumerate_max_len):
+            raise ValueError("no segments would be made: set build.segments, build.tiles, build.modules "
+                             "or build.enumerate_max_len")
+        return self
 
 
 class FinetuneConfig(Strict):
@@ -56,7 +64,9 @@ class SearchConfig(Strict):
 
     proxy: Literal["replace-one", "replace-one-kl", "distill-error"] = Field("replace-one", description="accuracy-loss proxy per alternative: replace-one disagreement with the teacher (percentage points), replace-one KL divergence to the teacher's output (x100; continuous, best with few held-out images) or the normalised distillation error")
     lam: float = Field(0.1, ge=0, description="weight of the loss in the scalar score max(L/L*, 1) + lam * loss")
+    rerank: bool = Field(True, description="in `bespoke run`, assemble the best rerank_top_k proxy candidates per budget and keep the one that agrees best with the teacher on the held-out images (ties: lower KL); the proxy adds replace-one losses, which ignores how replacements interact")
     rerank_top_k: int = Field(3, ge=1, description="best proxy candidates per budget assembled and scored for real")
+    rerank_latency: bool = Field(True, description="re-ranking also measures each candidate end to end beside the teacher (the latency estimator's own measurement, or measured-latency when it is a table) and drops those over the budget")
 
 
 class PluginSelection(Strict):

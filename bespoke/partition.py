@@ -419,6 +419,53 @@ class Partition:
                 out.append(self.segment(0, last))
         return out
 
+    def module_segments(self, max_fraction: float = 1.0) -> list[SegmentInfo]:
+        """One segment per submodule of the model that maps a cut point to a cut point: the
+        network's own blocks and stages (timm's ``blocks.1.0`` and ``blocks.1`` in EfficientNet,
+        ``layer2.1`` in ResNet, ``stages.2`` in ConvNeXt, ``blocks.3`` in ViT), whatever the family.
+
+        These are where architectures put their seams: a residual block is exactly the unit a
+        ``skip`` can drop, and a stage the unit a donor of the same family replaces. Single layers
+        (leaf modules) are not segments here; modules spanning more than ``max_fraction`` of the
+        cut points, or holding no conv or linear layer, are left out. Sorted by (start, end).
+
+        A module's segment starts at the last cut point before its first node (its input) and ends
+        at its last node, which must be a cut point (else something jumps out of the module, e.g.
+        a block whose output feeds a later skip connection, and it is not a segment).
+        """
+        if not 0 < max_fraction <= 1:
+            raise UsageError(f"max_fraction {max_fraction} must be in (0, 1]")
+        spans: dict[str, list[int]] = {}
+        leaf_targets: set[str] = set()
+        for i, node in enumerate(self._nodes):
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            if node.op == "call_module":
+                leaf_targets.add(str(node.target))
+            for value in (node.meta.get("nn_module_stack") or {}).values():
+                path = value[0] if isinstance(value, tuple) else str(value)
+                if not path:
+                    continue
+                span = spans.setdefault(path, [i, i])
+                span[1] = i
+        cut_index = {self._rank[n]: k for k, n in enumerate(self.cut_nodes)}
+        cut_ranks = sorted(cut_index)
+        last = len(self.cut_points) - 1
+        out: dict[tuple[int, int], SegmentInfo] = {}
+        for path, (first, final) in spans.items():
+            if path in leaf_targets or final not in cut_index:
+                continue
+            before = [r for r in cut_ranks if r < first]
+            if not before:
+                continue
+            start, end = cut_index[before[-1]], cut_index[final]
+            if start >= end or (start, end) == (0, last) or (end - start) > max_fraction * last:
+                continue
+            seg = self.segment(start, end)
+            if self.has_compute(seg):
+                out[(start, end)] = seg
+        return [out[k] for k in sorted(out)]
+
     # -- running pieces ------------------------------------------------------------------------
 
     def extract(self, segment: SegmentInfo) -> fx.GraphModule:

@@ -19,6 +19,7 @@ def build(cfg, registry, console=None):
     from bespoke.blocks import Context
     from bespoke.distill import (DistEnv, Settings, block_sources, calibration_batch,
                                  distill_house, source_for, summary_table, teacher_top1)
+    from bespoke.errors import UsageError
     from bespoke.house import House, TeacherInfo, count_flops, count_params, populate
     from bespoke.models import default_input_size, load_model
     from bespoke.partition import Partition
@@ -74,12 +75,22 @@ def build(cfg, registry, console=None):
             if not house.manifest.segments:
                 if cfg.build.enumerate_max_len:
                     segments = partition.enumerate_segments(cfg.build.enumerate_max_len)
-                else:
+                elif cfg.build.segments:
                     segments = partition.sample_segments(cfg.build.segments, cfg.build.max_fraction, seed=cfg.seed)
+                else:
+                    segments = []
+                extra = []
                 if cfg.build.tiles:  # guarantee a non-overlapping set that covers the network
-                    tiles = partition.tile_segments(cfg.build.tiles)
-                    segments = sorted({(s.start, s.end): s for s in [*tiles, *segments]}.values(),
+                    extra += partition.tile_segments(cfg.build.tiles)
+                if cfg.build.modules:  # the network's own blocks and stages
+                    extra += partition.module_segments(cfg.build.max_fraction)
+                if extra:
+                    segments = sorted({(s.start, s.end): s for s in [*extra, *segments]}.values(),
                                       key=lambda s: (s.start, s.end))
+                if not segments:
+                    raise UsageError(f"no segments of {cfg.teacher} to build alternatives for: "
+                                     "build.modules found no block or stage mapping a cut point to a cut "
+                                     "point; set build.segments or build.tiles")
             else:
                 segments = list(house.manifest.segments)
             populate(house, partition, ctx, sources, segments, seed=cfg.seed,
@@ -196,8 +207,9 @@ def search(cfg, registry, output, storage=None, study=None, console=None, evalua
     ``cfg.house`` is a model house directory (latencies from the selected latency estimator, loss
     proxy ``cfg.search.proxy`` from the house's profiles) or a search-problem JSON file
     (``bespoke.search.problem_to_dict``). ``storage``/``study`` go to strategies that take them
-    (``optuna``). ``evaluate(segment_alternative_pairs) -> RealScore``, when given, re-ranks the
-    best ``cfg.search.rerank_top_k`` candidates per budget by real scores.
+    (``optuna``). ``evaluate(candidates) -> RealScore`` (a list of the chosen
+    :class:`bespoke.types.Candidate` records), when given, re-ranks the best
+    ``cfg.search.rerank_top_k`` candidates per budget by real scores.
     """
     from pathlib import Path
 
@@ -227,7 +239,15 @@ def search(cfg, registry, output, storage=None, study=None, console=None, evalua
     solutions = S.run_strategy(strategy, problem, budgets_ms, seed=cfg.seed,
                                workdir=str(output.resolve().parent), name=name)
     if evaluate is not None:
-        solutions = [S.rerank(problem, s, evaluate, k=cfg.search.rerank_top_k)[0] for s in solutions]
+        def real(chosen):
+            return evaluate([problem.candidates[i] for i in chosen])
+
+        solutions = [S.rerank(problem, s, real, k=cfg.search.rerank_top_k)[0] for s in solutions]
+        for s in solutions:
+            for row in s.meta.get("reranked", []):
+                console.print(f"  re-rank at {s.budget_ms:.2f} ms: {len(row['chosen'])} replacement(s), proxy loss "
+                              f"{row['proxy_loss']:.2f}, real fidelity {row['fidelity']:.4f}"
+                              + ("" if row["within_budget"] else " (over budget)"), highlight=False)
     report = S.make_report(problem, cfg.budgets, solutions, strategy=name, proxy=cfg.search.proxy,
                            house=str(cfg.house), teacher=teacher)
     written = S.write_report(report, output)
@@ -407,10 +427,11 @@ def run(cfg, registry, console=None):
         house = build(cfg, registry, console=console)
     with clock("profile"):
         search_cfg = _profile(cfg, registry, out / "latency.json", console)
-    with clock("search"):
-        found = search(search_cfg, registry, out / "search.json", console=console)
-    met = _require_feasible(found, console)
     stage = _Students(cfg, registry, house, console)
+    with clock("search"):
+        found = search(search_cfg, registry, out / "search.json", console=console,
+                       evaluate=stage.fidelity if cfg.search.rerank and len(stage.split.val) else None)
+    met = _require_feasible(found, console)
     with clock("finetune"):
         students = [stage.make(r.model_dump(), out / "students" / f"budget-{r.budget:g}")
                     for r in met]
@@ -527,7 +548,8 @@ def _segment_settings_changed(house, cfg) -> list[str]:
     if not house.manifest.segments:
         return []
     stored = house.manifest.build or {}
-    now = {**{k: getattr(cfg.build, k) for k in ("segments", "tiles", "max_fraction", "enumerate_max_len")},
+    now = {**{k: getattr(cfg.build, k) for k in ("segments", "tiles", "modules", "max_fraction",
+                                                  "enumerate_max_len")},
            "seed": cfg.seed}
     changed = [f"{'' if k == 'seed' else 'build.'}{k} {stored[k]!r} -> {v!r}"
                for k, v in now.items() if k in stored and stored[k] != v]
@@ -619,6 +641,57 @@ class _Students:
                                choices=recipe_choices)
         return assemble(self.partition, picked), recipe
 
+    def fidelity(self, candidates):
+        """How well the student these search candidates assemble into, before fine-tuning, agrees
+        with the teacher on the held-out images: top-1 agreement, ties broken by lower KL."""
+        import torch
+        import torch.nn.functional as F
+
+        from bespoke.evaluate import measure_latencies
+        from bespoke.finetune import iter_batches
+        from bespoke.search import RealScore
+
+        student, _ = self.assemble([{"alternative": c.alternative, "start": c.start, "end": c.end}
+                                    for c in candidates])
+        student.to(self.cfg.device).eval()
+        agree, kl, n = 0.0, 0.0, 0
+        with torch.no_grad(), student.taps(False):
+            if getattr(self, "_val_logits", None) is None:  # the teacher's, once
+                self.teacher.to(self.cfg.device)
+                self._val_logits = [self.teacher(x.to(self.cfg.device)) for x, _ in iter_batches(self.split.val, 32)]
+            for (x, _), t in zip(iter_batches(self.split.val, 32), self._val_logits):
+                x = x.to(self.cfg.device)
+                s = student(x)
+                agree += float((s.argmax(-1) == t.argmax(-1)).sum())
+                kl += float(F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True,
+                                     reduction="sum"))
+                n += x.shape[0]
+        n = max(n, 1)
+        ratio = None
+        if self.cfg.search.rerank_latency:
+            estimator, fallback = self._estimators()
+            with student.taps(False):
+                ms = measure_latencies({"teacher": self.teacher, "candidate": student}, self.shape,
+                                       estimator, fallback)
+            if ms.get("teacher") and ms.get("candidate"):
+                ratio = ms["candidate"] / ms["teacher"]
+        return RealScore(fidelity=agree / n - (kl / n) / 1000.0, latency_ratio=ratio)
+
+    def _estimators(self):
+        """The configured latency estimator, and a measuring one to fall back on when it is a
+        table (a table holds segments, not whole new models)."""
+        name = self.cfg.plugins.latency
+        options = dict(self.cfg.plugin_options.get(name) or {})
+        record = self.registry.get(name, "latency")  # the thread count `profile` measured the LUT with
+        if self.cfg.threads and "threads" in (getattr(record.options_model, "model_fields", None) or {}):
+            options.setdefault("threads", self.cfg.threads)
+        estimator = self.registry.instantiate(name, options, category="latency")
+        fallback = None
+        if getattr(estimator, "table", None) is not None and "measured-latency" in self.registry.records:
+            fallback = self.registry.instantiate("measured-latency", self.cfg.plugin_options.get("measured-latency"),
+                                                 category="latency")
+        return estimator, fallback
+
     def make(self, plan, workdir):
         """Assemble, evaluate, fine-tune (resumable), evaluate again, save ``workdir/student``."""
         from bespoke.evaluate import evaluate
@@ -658,16 +731,7 @@ class _Students:
         for m in made:
             m.student.taps_enabled = False
             models[m.name] = m.student
-        name = self.cfg.plugins.latency
-        options = dict(self.cfg.plugin_options.get(name) or {})
-        record = self.registry.get(name, "latency")  # the thread count `profile` measured the LUT with
-        if self.cfg.threads and "threads" in (getattr(record.options_model, "model_fields", None) or {}):
-            options.setdefault("threads", self.cfg.threads)
-        estimator = self.registry.instantiate(name, options, category="latency")
-        fallback = None
-        if getattr(estimator, "table", None) is not None and "measured-latency" in self.registry.records:
-            fallback = self.registry.instantiate("measured-latency", self.cfg.plugin_options.get("measured-latency"),
-                                                 category="latency")
+        estimator, fallback = self._estimators()
         self.latency_device = (fallback or estimator).device()
         ms = measure_latencies(models, self.shape, estimator, fallback)
         for m in made:

@@ -495,12 +495,16 @@ class RealScore(BaseModel):
 
     fidelity: float  # higher is better, e.g. top-1 agreement with the teacher on held-out images
     latency_ms: float | None = None  # measured end to end, when the estimator can
+    # measured end to end beside the teacher, in one interleaved call: robust to a machine whose
+    # speed drifts; read against the problem's own teacher latency when latency_ms is not given
+    latency_ratio: float | None = None
 
 
 def rerank(problem: SearchProblem, solution: Solution,
            evaluate: Callable[[list[int]], RealScore | float], k: int = 3) -> tuple[Solution, list[dict[str, Any]]]:
     """Score the best ``k`` proxy candidates of ``solution`` (``meta["top"]``) for real; keep the
-    one with the best real fidelity whose measured latency (if any) meets the budget.
+    one with the best real fidelity whose measured latency (if any) meets the budget. When every
+    candidate measures over the budget, keep the fastest (closest to it).
 
     Returns the picked solution (``meta["reranked"]`` = the table of real scores) and that table.
     """
@@ -512,13 +516,19 @@ def rerank(problem: SearchProblem, solution: Solution,
     for ch in pool:
         r = evaluate(list(ch))
         r = r if isinstance(r, RealScore) else RealScore(fidelity=float(r))
+        if r.latency_ms is None and r.latency_ratio is not None:
+            r = r.model_copy(update={"latency_ms": r.latency_ratio * problem.teacher_ms})
         ok = solution.budget_ms is None or r.latency_ms is None or r.latency_ms <= solution.budget_ms + EPS
         ok = ok and (solution.budget_ms is None or problem.feasible(ch, solution.budget_ms))
         table.append({"chosen": list(ch), "proxy_loss": problem.loss(ch),
                       "predicted_ms": problem.latency(ch), "fidelity": r.fidelity,
                       "measured_ms": r.latency_ms, "within_budget": ok})
-    ok_rows = [t for t in table if t["within_budget"]] or table
-    pick = max(ok_rows, key=lambda t: t["fidelity"])
+    ok_rows = [t for t in table if t["within_budget"]]
+    if ok_rows:
+        pick = max(ok_rows, key=lambda t: t["fidelity"])
+    else:  # every candidate measured over the budget: the one closest to it
+        pick = min(table, key=lambda t: (t["measured_ms"] if t["measured_ms"] is not None else t["predicted_ms"],
+                                         -t["fidelity"]))
     meta = dict(solution.meta, reranked=table)
     return make_solution(problem, pick["chosen"], solution.budget_ms, meta), table
 

@@ -70,6 +70,8 @@ class TimmDonorsOptions(PluginOptions):
     same_stride_only: bool = Field(False, description="only donor segments at the teacher's own input and output strides")
     ridge: float = Field(1e-4, ge=0, description="relative ridge term of the least-squares adapter fits")
     calibration_images: int | None = Field(None, ge=1, description="cap on calibration images used for the fits (default: all the context has)")
+    max_params_ratio: float | None = Field(
+        None, gt=0, description="offer a donor segment only when it has at most this fraction of the teacher segment's parameters (same-family donors often repeat the teacher's own blocks at the same cost); null: any")
     prune_ratios: list[float] = Field(default_factory=list,
                                       description="also offer channel-pruned copies of each donor segment at these ratios (pruned-self's pruning; donor boundary channels kept)")
     prune_importance: Literal["magnitude", "error"] = Field(
@@ -179,6 +181,9 @@ class TimmDonors:
         if len(segment.in_shape) not in (2, 3, 4) or len(segment.out_shape) not in (2, 3, 4):
             return []
         weights = self._weights(ctx)
+        limit = None
+        if self.options.max_params_ratio is not None:
+            limit = self.options.max_params_ratio * count_parameters(ctx.teacher.extract(segment))
         found: list[tuple] = []
         for name in self.options.donors:
             if name == getattr(ctx, "teacher_name", None) or name in self._failed:
@@ -195,6 +200,8 @@ class TimmDonors:
                     break
                 if cand[0] == 1 and not self._runs_to_shape(ctx, segment, donor, cand[4], cand[5]):
                     continue
+                if limit is not None and count_parameters(donor.extract(donor.segment(cand[4], cand[5]))) > limit:
+                    break  # the best match is no cheaper: worse-matched pieces would not be either
                 found.append(cand)
                 taken += 1
         found.sort()

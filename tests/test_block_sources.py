@@ -267,6 +267,30 @@ def test_timm_donors_match_by_reduction_and_roundtrip():
     assert dnames[lite1.options["donor_end"] + 1] == "blocks_3_0_conv_pw"
 
 
+def test_timm_donors_max_params_ratio_drops_donors_no_smaller_than_the_teacher():
+    """Lite2 as a donor for Lite0's stage 1 has the same blocks (both start 1.0 wide): no saving.
+    With max_params_ratio the match is dropped, not replaced by a worse-matched piece."""
+    ctx = _ctx("tf_efficientnet_lite0")
+    part = ctx.teacher
+    names = [c.name for c in part.cut_points]
+    seg = part.segment(names.index("blocks_2_0_conv_pw") - 1, names.index("blocks_3_0_conv_pw") - 1)
+    donors = ["tf_efficientnet_lite2", "mobilenetv3_large_100"]
+    every = TimmDonors(TimmDonorsOptions(donors=donors, donor_weights=None, max_per_segment=2)).propose(ctx, seg)
+    assert {s.options["donor"] for s in every} == set(donors)
+    own = count_parameters(part.extract(seg))
+    sizes = {}
+    for spec in every:
+        donor = ctx.donor(spec.options["donor"], weights=None)
+        body = donor.extract(donor.segment(spec.options["donor_start"], spec.options["donor_end"]))
+        sizes[spec.options["donor"]] = count_parameters(body) / own
+    limit = 0.5 * (min(sizes.values()) + max(sizes.values()))  # between the two donors' sizes
+    kept = TimmDonors(TimmDonorsOptions(donors=donors, donor_weights=None, max_per_segment=2,
+                                        max_params_ratio=limit)).propose(ctx, seg)
+    small = min(sizes, key=sizes.get)
+    assert [s.options["donor"] for s in kept] == [small]
+    assert kept[0].options == next(s for s in every if s.options["donor"] == small).options
+
+
 def test_timm_donors_pruned_donors_roundtrip_and_shrink():
     """prune_ratios: channel-pruned copies of the donor segment between the same adapters."""
     ctx = _ctx("tf_efficientnet_lite0")

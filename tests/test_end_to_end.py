@@ -94,6 +94,11 @@ def test_end_to_end_tiny_run(tiny_run):
     assert report["data"]["skipped_images"] == 1 and "broken.png" in report["data"]["skipped"]
     assert (out / "pareto.png").stat().st_size > 1000
     assert "bespoke run: e2e_models:tiny_resnet" in proc.stdout  # the summary table
+    # the search's best candidates were assembled, scored and measured beside the teacher
+    found = json.loads((out / "search.json").read_text())["results"][0]
+    rows = found["meta"]["reranked"]
+    assert rows and all(-1 < r["fidelity"] <= 1 and r["measured_ms"] > 0 for r in rows)
+    assert [c["alternative"] for c in found["choices"]] == [c["alternative"] for c in s["replaced"]]
 
 
 def test_end_to_end_saved_student_reloads_with_same_outputs(tiny_run):

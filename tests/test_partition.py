@@ -234,3 +234,48 @@ def test_tile_segments_cover_the_network_without_overlap():
         assert all(a.end == b.start for a, b in zip(tiles, tiles[1:]))  # consecutive, no overlap
         assert all(part.has_compute(t) for t in tiles)
         assert len(tiles) <= min(n, last)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_module_segments_are_the_networks_blocks(name):
+    part = teacher(name)
+    segs = part.module_segments(0.5)
+    assert segs, "every family has blocks that map a cut point to a cut point"
+    last = len(part.cut_points) - 1
+    assert segs == sorted(segs, key=lambda s: (s.start, s.end))
+    assert len({(s.start, s.end) for s in segs}) == len(segs)
+    for s in segs:
+        assert part.has_compute(s)
+        assert s.end - s.start <= 0.5 * last
+    # each segment ends at the last node of a (non-leaf) module, so residual blocks appear whole:
+    # the family's residual blocks give identity-shaped segments a skip can replace
+    if name not in ("vit_tiny_patch16_224",):  # ViT's blocks are residual too, checked below
+        assert any(s.in_shape == s.out_shape for s in segs)
+    x = example()
+    with torch.no_grad():
+        acts = part.activations(x, {i for s in segs for i in (s.start, s.end)})
+        for s in segs[:6]:
+            assert torch.equal(part.extract(s)(acts[s.start]), acts[s.end]), s
+
+
+def test_module_segments_of_efficientnet_match_its_blocks():
+    part = teacher("tf_efficientnet_lite0")
+    names = [c.name for c in part.cut_points]
+    segs = part.module_segments(1.0)
+    ends = {names[s.end] for s in segs}
+    # the last node of every block is a cut point; a stride-2 block ends at its last norm
+    assert "blocks_1_0_bn3" in ends and "add" in ends
+    by_end = {names[s.end]: s for s in segs}
+    first = by_end["add"]  # blocks.1.1: the first residual block, from the output of blocks.1.0
+    assert names[first.start] == "blocks_1_0_bn3" and first.in_shape == first.out_shape
+    assert all(e - s < last for s, e, last in [(s.start, s.end, len(names) - 1) for s in segs])
+    with pytest.raises(UsageError):
+        part.module_segments(0)
+
+
+def test_module_segments_need_no_leaf_layers():
+    """Leaf layers (a conv, a norm) are not segments: only modules with children."""
+    part = teacher("resnet18")
+    names = [c.name for c in part.cut_points]
+    for s in part.module_segments(1.0):
+        assert s.end - s.start >= 2 or not names[s.end].startswith(("conv", "bn"))

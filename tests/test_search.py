@@ -189,6 +189,16 @@ def test_greedy_feasible_and_rerank_uses_real_scores(registry):
     picked, _ = rerank(p, sol, lambda ch: RealScore(fidelity=1.0 if ch == worst else 0.5,
                                                     latency_ms=b * 2 if ch == worst else None), k=3)
     assert picked.chosen != worst
+    # every candidate measured over the budget: the fastest, not the most faithful
+    over = {tuple(ch): b * (1.5 + 0.1 * i) for i, ch in enumerate(sol.meta["top"])}
+    picked, table = rerank(p, sol, lambda ch: RealScore(fidelity=1.0 if ch == worst else 0.5,
+                                                        latency_ms=over[tuple(ch)]), k=3)
+    assert picked.chosen == sol.meta["top"][0] and not any(t["within_budget"] for t in table)
+    # a ratio measured beside the teacher is read against the problem's teacher latency
+    picked, table = rerank(p, sol, lambda ch: RealScore(fidelity=1.0 if ch == worst else 0.5,
+                                                        latency_ratio=2.0 if ch == worst else 0.0), k=3)
+    assert picked.chosen != worst
+    assert next(t for t in table if t["chosen"] == worst)["measured_ms"] == 2.0 * p.teacher_ms
 
 
 def test_report_roundtrip_and_table(registry, tmp_path):
