@@ -25,6 +25,8 @@ one change made to the model passed in.
 
 from __future__ import annotations
 
+import bisect
+
 import inspect
 import math
 import operator
@@ -455,10 +457,10 @@ class Partition:
         for path, (first, final) in spans.items():
             if path in leaf_targets or final not in cut_index:
                 continue
-            before = [r for r in cut_ranks if r < first]
-            if not before:
+            k = bisect.bisect_left(cut_ranks, first)  # the last cut point ranked before ``first``
+            if k == 0:
                 continue
-            start, end = cut_index[before[-1]], cut_index[final]
+            start, end = cut_index[cut_ranks[k - 1]], cut_index[final]
             if start >= end or (start, end) == (0, last) or (end - start) > max_fraction * last:
                 continue
             seg = self.segment(start, end)

@@ -88,9 +88,9 @@ def build(cfg, registry, console=None):
                     segments = sorted({(s.start, s.end): s for s in [*extra, *segments]}.values(),
                                       key=lambda s: (s.start, s.end))
                 if not segments:
-                    raise UsageError(f"no segments of {cfg.teacher} to build alternatives for: "
-                                     "build.modules found no block or stage mapping a cut point to a cut "
-                                     "point; set build.segments or build.tiles")
+                    raise UsageError(f"no segments of {cfg.teacher} to build alternatives for: the "
+                                     "build settings found none (build.modules finds only blocks and stages "
+                                     "mapping a cut point to a cut point); set build.segments or build.tiles")
             else:
                 segments = list(house.manifest.segments)
             populate(house, partition, ctx, sources, segments, seed=cfg.seed,
@@ -679,7 +679,9 @@ class _Students:
 
     def _estimators(self):
         """The configured latency estimator, and a measuring one to fall back on when it is a
-        table (a table holds segments, not whole new models)."""
+        table (a table holds segments, not whole new models). Made once per stage."""
+        if getattr(self, "_made_estimators", None) is not None:
+            return self._made_estimators
         name = self.cfg.plugins.latency
         options = dict(self.cfg.plugin_options.get(name) or {})
         record = self.registry.get(name, "latency")  # the thread count `profile` measured the LUT with
@@ -690,7 +692,8 @@ class _Students:
         if getattr(estimator, "table", None) is not None and "measured-latency" in self.registry.records:
             fallback = self.registry.instantiate("measured-latency", self.cfg.plugin_options.get("measured-latency"),
                                                  category="latency")
-        return estimator, fallback
+        self._made_estimators = (estimator, fallback)
+        return self._made_estimators
 
     def make(self, plan, workdir):
         """Assemble, evaluate, fine-tune (resumable), evaluate again, save ``workdir/student``."""
