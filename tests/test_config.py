@@ -86,3 +86,12 @@ def test_cli_help_lists_every_stage_command(cli):
     assert res.returncode == 0
     for command in ("run", "plugins", "inspect", "build", "profile", "search", "finetune", "export"):
         assert command in res.stdout
+
+
+def test_build_without_any_segment_source_is_a_clear_error():
+    from bespoke.config import load_config
+
+    with pytest.raises(UsageError, match="no segments would be made"):
+        load_config(overrides={"build": {"segments": 0}})
+    cfg = load_config(overrides={"build": {"segments": 0, "modules": True}})
+    assert cfg.build.modules and cfg.build.segments == 0
