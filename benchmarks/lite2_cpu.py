@@ -8,10 +8,12 @@ One process, this machine's CPU, batch 1, 2 threads. It
    (240 px) with the real packaged ImageNet weights, and measures their latencies interleaved to
    get Lite0's and Lite1's latency ratios to the teacher on this machine;
 2. runs the whole bespoke pipeline (build the house from train/, profile, search, fine-tune,
-   evaluate on val/, export) at budgets 0.5, 0.7 and the two measured ratios;
+   evaluate on val/, export) at budgets 0.5, 0.7 and the two measured ratios; students may run
+   at the teacher's 260 px or at the ``--input-sizes`` (240 and 224 px by default:
+   ``search.input_sizes``), each size searched with its own latency table;
 3. runs the baselines at the same budgets: a random search over the same house (same
-   fine-tuning), and uniform channel pruning of the teacher with torch-pruning to the same
-   latency (same fine-tuning);
+   fine-tuning, same sizes), uniform channel pruning of the teacher with torch-pruning to the
+   same latency (same fine-tuning), and the teacher itself at each of the input sizes;
 4. measures every model end to end in one interleaved call (torch eager), and again with ONNX
    Runtime, and prints one table; writes DIR/benchmark.json and DIR/pareto.png. The bespoke
    students are saved under DIR/students/ (load with ``bespoke.load_student``).
@@ -75,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=30, help="timed runs per model in latency measurements")
     p.add_argument("--proxy-images", type=int, default=100,
                    help="val images the search's replace-one proxy uses (all 300 are used for the table)")
+    p.add_argument("--input-sizes", type=int, nargs="*", default=[240, 224],
+                   help="search.input_sizes: students may also run at these input resolutions (px); none: 260 only")
     p.add_argument("--skip-baselines", action="store_true", help="only the bespoke students (faster)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
                   "max_fraction": args.max_fraction, "epochs": args.distill_epochs, "batch_size": 16,
                   "calibration_images": args.calibration_images,
                   "validation_images": args.proxy_images, "augment": True},
-        "search": {"proxy": args.proxy, "rerank_top_k": args.rerank_top_k},
+        "search": {"proxy": args.proxy, "rerank_top_k": args.rerank_top_k, "input_sizes": args.input_sizes},
         "finetune": {"epochs": 100, "steps": args.finetune_steps, "batch_size": 16, "lr": args.finetune_lr,
                      "beta": args.finetune_beta, "bn_recalibration_batches": 8},
     }
@@ -187,12 +191,16 @@ def main(argv=None) -> int:
 
         for s in rnd.students:
             name = f"random-search@{budget_names.get(s.budget, s.budget)}"
-            baseline_models[name] = (load_student(s.student_dir).eval(), s.budget, "random search, same house")
+            baseline_models[name] = (load_student(s.student_dir).eval(), s.budget, "random search, same house",
+                                     s.input_size or t_size)
 
-        baseline_models.update(uniform_pruning(cfg, registry, budgets, budget_names, measure,
-                                               t_model, t_size, out, console))
-        for name, (model, budget, _) in baseline_models.items():
-            baseline_metrics[name], _ = evaluate(model, name, val_set(t_model, t_size), (1, 3, t_size, t_size),
+        for b, (model, budget, note) in uniform_pruning(cfg, registry, budgets, budget_names, measure,
+                                                        t_model, t_size, out, console).items():
+            baseline_models[b] = (model, budget, note, t_size)
+        for size in args.input_sizes:  # the teacher itself at a lower resolution, nothing replaced
+            baseline_models[f"teacher@{size}px"] = (t_model, None, f"the teacher as is at {size} px", size)
+        for name, (model, budget, _, size) in baseline_models.items():
+            baseline_metrics[name], _ = evaluate(model, name, val_set(t_model, size), (1, 3, size, size),
                                                  teacher=teacher_pred)
 
     # ---- 4. Everything measured side by side -----------------------------------------------
@@ -203,8 +211,8 @@ def main(argv=None) -> int:
         name = f"bespoke@{budget_names.get(s.budget, s.budget)}"
         students[name] = (load_student(s.student_dir).eval(), s)
     every = {n: (r["model"], r["size"]) for n, r in refs.items()}
-    every.update({n: (m, t_size) for n, (m, _) in students.items()})
-    every.update({n: (m, t_size) for n, (m, _, _) in baseline_models.items()})
+    every.update({n: (m, s.input_size or t_size) for n, (m, s) in students.items()})
+    every.update({n: (m, size) for n, (m, _, _, size) in baseline_models.items()})
     torch_ms = measure(every)
     ort = registry.instantiate("onnxruntime-latency", {"threads": args.threads, "runs": args.runs, "warmup": 5},
                                category="latency")
@@ -227,10 +235,11 @@ def main(argv=None) -> int:
     for d in DONORS:
         row(d, "donor", None, ref_metrics[d], f"{refs[d]['size']} px, pretrained as is")
     for name, (model, s) in students.items():  # all val images, like every other row
-        m, _ = evaluate(model, name, val_set(t_model, t_size), (1, 3, t_size, t_size), teacher=teacher_pred)
-        row(name, "student", s.budget, m, f"{len(s.replaced)} segment(s) replaced; "
+        size = s.input_size or t_size
+        m, _ = evaluate(model, name, val_set(t_model, size), (1, 3, size, size), teacher=teacher_pred)
+        row(name, "student", s.budget, m, f"{size} px, {len(s.replaced)} segment(s) replaced; "
             f"predicted {s.latency_ms_predicted:.2f} ms")
-    for name, (_, budget, note) in baseline_models.items():
+    for name, (_, budget, note, _) in baseline_models.items():
         row(name, "baseline", budget, baseline_metrics[name], note)
 
     result = {

@@ -67,6 +67,22 @@ class SearchConfig(Strict):
     rerank: bool = Field(True, description="in `bespoke run`, assemble the best rerank_top_k proxy candidates per budget and keep the one that agrees best with the teacher on the held-out images (ties: lower KL); the proxy adds replace-one losses, which ignores how replacements interact")
     rerank_top_k: int = Field(3, ge=1, description="best proxy candidates per budget assembled and scored for real")
     rerank_latency: bool = Field(True, description="re-ranking also measures each candidate end to end beside the teacher (the latency estimator's own measurement, or measured-latency when it is a table) and drops those over the budget")
+    input_sizes: list[int] = Field(default_factory=list, description="in `bespoke run`, also search students that run at these input resolutions (px, square): each size gets its own latency table and search, budgets stay ratios of the teacher at its own size, and re-ranking picks per budget the best candidate over all sizes (fine-tuned against the teacher at its own size). Needs rerank and held-out images; empty: the teacher's size only")
+
+    @field_validator("input_sizes")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        bad = [s for s in v if not 16 <= int(s) <= 4096]
+        if bad:
+            raise ValueError(f"input sizes must be between 16 and 4096 px, got {bad}")
+        return sorted(set(int(s) for s in v), reverse=True)
+
+    @model_validator(mode="after")
+    def _sizes_need_rerank(self) -> "SearchConfig":
+        if self.input_sizes and not self.rerank:
+            raise ValueError("search.input_sizes needs search.rerank: students at different input sizes are "
+                             "compared by their real agreement with the teacher, which re-ranking measures")
+        return self
 
 
 class PluginSelection(Strict):

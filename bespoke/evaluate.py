@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -98,19 +98,23 @@ def evaluate(model: nn.Module, name: str, dataset: Any, input_shape: Sequence[in
                    top1=top1, top5=top5, agreement=agree, images=int(pred.top5.shape[0])), pred
 
 
-def measure_latencies(models: dict[str, nn.Module], input_shape: Sequence[int], estimator: Any,
-                      fallback: Any = None) -> dict[str, float | None]:
+def measure_latencies(models: dict[str, nn.Module], input_shape: Sequence[int] | Mapping[str, Sequence[int]],
+                      estimator: Any, fallback: Any = None) -> dict[str, float | None]:
     """End-to-end latency (ms) of each model with ``estimator``, all in one interleaved call.
 
-    A table-only estimator cannot answer for a whole new model; then ``fallback`` (a measuring
-    estimator) answers, and when there is none the latency is ``None``.
+    ``input_shape`` is one shape for all, or a shape per model name (models that run at other
+    input sizes). A table-only estimator cannot answer for a whole new model; then ``fallback``
+    (a measuring estimator) answers, and when there is none the latency is ``None``.
     """
     from bespoke.latency import make_query
 
-    shape = tuple(int(s) for s in input_shape)
+    def shape_of(name):
+        shape = input_shape[name] if isinstance(input_shape, Mapping) else input_shape
+        return tuple(int(s) for s in shape)
+
     for m in models.values():
         m.eval()
-    queries = {name: make_query(m, shape) for name, m in models.items()}
+    queries = {name: make_query(m, shape_of(name)) for name, m in models.items()}
     answers: dict[str, float] = {}
     for est in (estimator, fallback):
         missing = [q for n, q in queries.items() if q.key not in answers]

@@ -267,13 +267,29 @@ def student_loss(logits: torch.Tensor, labels: torch.Tensor | None, replaced: di
         cut = targets.get(sid)
         if cut is None or cut not in teacher_acts:
             continue
-        mse = mse + dl(out, teacher_acts[cut].detach())
+        mse = mse + dl(out, _spatially_like(teacher_acts[cut].detach(), out))
     kl = F.kl_div(F.log_softmax(logits.float(), dim=-1),
                   F.log_softmax(teacher_logits.detach().float(), dim=-1),
                   reduction="batchmean", log_target=True)
     total = total + beta * (mse + kl)
     parts.total, parts.mse, parts.kl = total, float(mse.detach()), float(kl.detach())
     return parts
+
+
+def _spatially_like(target: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``target`` resized to ``out``'s spatial size (a student that runs at another input size
+    than the teacher); unchanged when the sizes already agree or are not images."""
+    if target.dim() != 4 or out.dim() != 4 or target.shape[-2:] == out.shape[-2:]:
+        return target
+    return F.interpolate(target, size=out.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+
+
+def resize_input(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """A batch of images resized to ``size`` px square (antialiased), or as is when it has that
+    size already or no size is given."""
+    if size is None or x.dim() != 4 or tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,6 +431,7 @@ def finetune_student(
     console: Any = None,
     on_step: Callable[[int, LossParts], None] | None = None,
     checkpoint_every: int | None = None,
+    input_size: int | None = None,
 ) -> FinetuneResult:
     """Recalibrate BN, then fine-tune ``student`` in place against the frozen ``teacher``.
 
@@ -422,6 +439,9 @@ def finetune_student(
     last cut point being the logits). ``student`` exposes ``replaced_outputs`` after each forward.
     ``dataset[i]`` is an image tensor or ``(image, label)`` (label -1: none). ``cfg`` is a
     :class:`bespoke.config.FinetuneConfig`. ``workdir/checkpoint`` holds the resumable state.
+    ``input_size``: the student runs at that square resolution; each batch (at the teacher's
+    size) is resized for it, so the targets stay the teacher's at its own size (segment targets
+    are resized to the student's feature maps).
     """
     if len(dataset) == 0:
         raise UsageError("fine-tuning needs at least one training image; the data set is empty")
@@ -432,12 +452,12 @@ def finetune_student(
     every = checkpoint_every or getattr(cfg, "checkpoint_every", None) or 50
     steps = total_steps(len(dataset), cfg)
     if targets is None:  # segment ids are "start-end": the keys of replaced_outputs
-        targets = segment_targets(_replaced_ids(student, dataset, device))
+        targets = segment_targets(_replaced_ids(student, dataset, device, input_size))
     last_cut = len(teacher.cut_points) - 1
     wanted = sorted(set(targets.values()) | {last_cut})
     schedule = cfg.model_dump(exclude={"checkpoint_every"}) if hasattr(cfg, "model_dump") else cfg
     fp = fingerprint(schedule, seed, len(dataset),
-                     sorted(targets.items()), fingerprint_extra)
+                     sorted(targets.items()), fingerprint_extra, *([input_size] if input_size else []))
 
     student.to(device)
     teacher_model = teacher.gm if hasattr(teacher, "gm") else teacher.model
@@ -466,7 +486,7 @@ def finetune_student(
                                   seconds=time.perf_counter() - t0, history=history)
     else:
         torch.manual_seed(seed)
-        bn_images = recalibrate_batchnorm(student, bn_batches(dataset, cfg, seed), device, mode="train",
+        bn_images = recalibrate_batchnorm(student, (resize_input(b, input_size) for b in bn_batches(dataset, cfg, seed)), device, mode="train",
                                           within=_bn_scope(student))
 
     def checkpoint(step: int, finished: bool) -> None:
@@ -488,7 +508,7 @@ def finetune_student(
                 g["lr"] = _lr(cfg.lr, step, steps)
             with torch.no_grad():
                 acts = teacher.activations(x, wanted)
-            logits = student(x)
+            logits = student(resize_input(x, input_size))
             parts = student_loss(logits, y if bool((y >= 0).any()) else None,
                                  dict(getattr(student, "replaced_outputs", {}) or {}), acts,
                                  acts[last_cut], targets, beta=cfg.beta,
@@ -507,7 +527,7 @@ def finetune_student(
 
     # Weights moved: the frozen statistics are stale; re-estimate them once more.
     if steps > resumed_from:
-        bn_images += recalibrate_batchnorm(student, bn_batches(dataset, cfg, seed), device, mode="train",
+        bn_images += recalibrate_batchnorm(student, (resize_input(b, input_size) for b in bn_batches(dataset, cfg, seed)), device, mode="train",
                                            within=_bn_scope(student))
     checkpoint(steps, finished=True)
     student.eval()
@@ -516,13 +536,13 @@ def finetune_student(
 
 
 @torch.no_grad()
-def _replaced_ids(student: nn.Module, dataset: Any, device: str) -> list[str]:
+def _replaced_ids(student: nn.Module, dataset: Any, device: str, input_size: int | None = None) -> list[str]:
     batch = next(iter(iter_batches(_Prefix(dataset, min(len(dataset), 2)), 2)), None)
     if batch is None:
         return []
     was = student.training
     student.eval()
-    student(batch[0].to(device))
+    student(resize_input(batch[0].to(device), input_size))
     student.train(was)
     return list((getattr(student, "replaced_outputs", None) or {}).keys())
 
@@ -583,6 +603,7 @@ def freeze(model: nn.Module) -> nn.Module:
 
 __all__: Sequence[str] = [
     "CheckpointState", "FinetuneResult", "LossParts", "batch_at", "finetune_student", "freeze",
-    "iter_batches", "load_checkpoint", "untie", "recalibrate_batchnorm", "save_checkpoint", "segment_targets",
+    "iter_batches", "load_checkpoint", "untie", "recalibrate_batchnorm", "resize_input", "save_checkpoint",
+    "segment_targets",
     "student_loss", "total_steps",
 ]

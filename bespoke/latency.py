@@ -763,8 +763,10 @@ class HouseModules:
         return list(self.segments.values()) + list(self.alternatives.values())
 
 
-def house_modules(house: Any, registry: Any, cfg: Any = None, *, batch: int = 1) -> HouseModules:
-    """Rebuild everything of ``house`` that has a latency (failed alternatives are skipped)."""
+def house_modules(house: Any, registry: Any, cfg: Any = None, *, batch: int = 1,
+                  size: int | None = None) -> HouseModules:
+    """Rebuild everything of ``house`` that has a latency (failed alternatives are skipped), at
+    input resolution ``size`` (default: the teacher's own)."""
     from bespoke.blocks import Context
     from bespoke.distill import source_for
     from bespoke.models import load_model
@@ -775,9 +777,11 @@ def house_modules(house: Any, registry: Any, cfg: Any = None, *, batch: int = 1)
 
         cfg = RunConfig()
     t = house.manifest.teacher
-    size = t.input_size
+    size = int(size or t.input_size)
     model = load_model(t.name, weights=None).eval()
-    partition = Partition.from_model(model, (1, 3, size, size), name=t.name)
+    partition = Partition.from_model(model, (1, 3, t.input_size, t.input_size), name=t.name)
+    if size != t.input_size:
+        partition = partition.resized(size)
     ctx = Context(partition, t.name, (3, size, size), calibration=None, donor_weights=None, seed=cfg.seed)
     segments: dict[str, ProfileItem] = {}
     infos: dict[str, Any] = {}
@@ -832,18 +836,20 @@ def house_replace_one(mods: HouseModules, estimator: LatencyEstimator, *, chunk:
 
 
 def profile_house(house: Any, estimator: LatencyEstimator, registry: Any, cfg: Any = None, *,
-                  batch: int = 1, in_context: bool | None = None) -> tuple[LatencyTable, HouseModules]:
-    """Measure every alternative and teacher segment of ``house`` (and the teacher) into a LUT.
+                  batch: int = 1, in_context: bool | None = None,
+                  size: int | None = None) -> tuple[LatencyTable, HouseModules]:
+    """Measure every alternative and teacher segment of ``house`` (and the teacher) into a LUT,
+    at input resolution ``size`` (default: the teacher's own).
 
     ``in_context`` (default: the estimator's ``in_context`` option, else off) also measures each
     alternative's replace-one saving end to end (:func:`house_replace_one`): one whole-model
     timing per alternative, which is what makes predictions match measured students.
     """
-    mods = house_modules(house, registry, cfg, batch=batch)
+    mods = house_modules(house, registry, cfg, batch=batch, size=size)
     table = profile_modules(mods.items(), estimator, teacher=mods.teacher,
                             notes={"house": str(getattr(house, "root", "")),
                                    "teacher": house.manifest.teacher.name,
-                                   "input_size": house.manifest.teacher.input_size})
+                                   "input_size": int(size or house.manifest.teacher.input_size)})
     if in_context is None:
         in_context = bool(getattr(getattr(estimator, "options", None), "in_context", False))
     if in_context and mods.alternatives:

@@ -283,6 +283,23 @@ class Partition:
                 f"(--input-size).") from None
         return cls(model, gm, input_shape, name=name)
 
+    def resized(self, size: int) -> "Partition":
+        """The same model traced at a square ``size`` px input (what a student that runs at another
+        resolution is cut from). Its cut points are the same nodes, so segment indices carry over;
+        a model whose graph depends on the input size is a clear error."""
+        if len(self.input_shape) != 4:
+            raise UsageError(f"{self.name or 'the model'} takes {tuple(self.input_shape)} inputs, not images: "
+                             "it has no input resolution to change")
+        size = int(size)
+        if (self.input_shape[-2], self.input_shape[-1]) == (size, size):
+            return self
+        other = Partition.from_model(self.model, (self.input_shape[0], self.input_shape[1], size, size),
+                                     name=self.name)
+        if [c.name for c in other.cut_points] != [c.name for c in self.cut_points]:
+            raise UsageError(f"{self.name or 'the model'} traces to a different graph at {size} px than at "
+                             f"{self.input_shape[-1]} px; its students cannot change input size")
+        return other
+
     def _find_cut_points(self) -> None:
         nodes = self._nodes
         rank = self._rank

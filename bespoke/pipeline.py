@@ -139,9 +139,10 @@ def build(cfg, registry, console=None):
         dist.close()
 
 
-def profile(cfg, registry, output, console=None):
+def profile(cfg, registry, output, console=None, size=None):
     """Measure every alternative and teacher segment of the house (and the whole teacher) with
-    the configured measuring estimator; write a latency lookup table to ``output``.
+    the configured measuring estimator, at input resolution ``size`` (default: the teacher's
+    own); write a latency lookup table to ``output``.
 
     This is how a vendor builds the table their device plugin ships. Returns the table.
     """
@@ -171,9 +172,10 @@ def profile(cfg, registry, output, console=None):
     house_dir = Path(cfg.house or Path(cfg.out) / "house")
     house = House.open(house_dir)
     device = estimator.device()
-    console.print(f"profiling {house_dir} with {name}: {device.runtime} on {device.name}, "
+    px = f" at {size} px" if size else ""
+    console.print(f"profiling {house_dir}{px} with {name}: {device.runtime} on {device.name}, "
                   f"{device.threads} thread(s), batch {device.batch}")
-    table, mods = profile_house(house, estimator, registry, cfg, batch=device.batch)
+    table, mods = profile_house(house, estimator, registry, cfg, batch=device.batch, size=size)
     output = Path(output)
     if output.is_file():  # a calibration fitted for this device stays valid for new measurements
         try:
@@ -200,7 +202,8 @@ def profile(cfg, registry, output, console=None):
     return table
 
 
-def search(cfg, registry, output, storage=None, study=None, console=None, evaluate=None):
+def search(cfg, registry, output, storage=None, study=None, console=None, evaluate=None, size=None,
+           size_ratio=None):
     """Search which segments to replace under each of ``cfg.budgets``; write the report (recipes
     per budget and the Pareto front) to ``output`` and show a table. Returns the report.
 
@@ -209,7 +212,10 @@ def search(cfg, registry, output, storage=None, study=None, console=None, evalua
     (``bespoke.search.problem_to_dict``). ``storage``/``study`` go to strategies that take them
     (``optuna``). ``evaluate(candidates) -> RealScore`` (a list of the chosen
     :class:`bespoke.types.Candidate` records), when given, re-ranks the best
-    ``cfg.search.rerank_top_k`` candidates per budget by real scores.
+    ``cfg.search.rerank_top_k`` candidates per budget by real scores. ``size`` searches students
+    that run at that input resolution (latencies of the house rebuilt at that size); budgets stay
+    ratios of the teacher at its own size, which runs ``1 / size_ratio`` times as long as at
+    ``size`` (measured side by side), and ``evaluate``'s latency ratios are to it.
     """
     from pathlib import Path
 
@@ -222,8 +228,9 @@ def search(cfg, registry, output, storage=None, study=None, console=None, evalua
     output = Path(output)
     if not cfg.house:
         raise UsageError("give the model house directory (bespoke search HOUSE) or set `house` in the config")
-    problem, teacher = _search_problem(cfg, registry, console)
-    budgets_ms = S.resolve_budgets(cfg.budgets, problem.teacher_ms)
+    problem, teacher = _search_problem(cfg, registry, console, size)
+    reference_ms = problem.teacher_ms / size_ratio if size_ratio else problem.teacher_ms  # what ratios are of
+    budgets_ms = S.resolve_budgets(cfg.budgets, reference_ms)
     name = cfg.plugins.search
     options = dict(cfg.plugin_options.get(name, {}))
     record = registry.get(name, "search")
@@ -240,7 +247,10 @@ def search(cfg, registry, output, storage=None, study=None, console=None, evalua
                                workdir=str(output.resolve().parent), name=name)
     if evaluate is not None:
         def real(chosen):
-            return evaluate([problem.candidates[i] for i in chosen])
+            r = evaluate([problem.candidates[i] for i in chosen])
+            if isinstance(r, S.RealScore) and r.latency_ms is None and r.latency_ratio is not None:
+                r = r.model_copy(update={"latency_ms": r.latency_ratio * reference_ms})
+            return r
 
         solutions = [S.rerank(problem, s, real, k=cfg.search.rerank_top_k)[0] for s in solutions]
         for s in solutions:
@@ -250,6 +260,11 @@ def search(cfg, registry, output, storage=None, study=None, console=None, evalua
                               + ("" if row["within_budget"] else " (over budget)"), highlight=False)
     report = S.make_report(problem, cfg.budgets, solutions, strategy=name, proxy=cfg.search.proxy,
                            house=str(cfg.house), teacher=teacher)
+    if size:
+        for r in report.results:
+            r.input_size = int(size)
+            r.meta["reference_ms"] = reference_ms
+            r.speedup = reference_ms / r.latency_ms if r.latency_ms > 0 else r.speedup
     written = S.write_report(report, output)
     console.print(S.report_table(report))
     for r in report.results:
@@ -262,7 +277,7 @@ def search(cfg, registry, output, storage=None, study=None, console=None, evalua
     return report
 
 
-def _search_problem(cfg, registry, console):
+def _search_problem(cfg, registry, console, size=None):
     """The search problem from a problem JSON file or a model house; and the teacher's name."""
     import json
     from pathlib import Path
@@ -282,13 +297,13 @@ def _search_problem(cfg, registry, console):
         problem = S.problem_from_dict(data)
         problem.lam = cfg.search.lam
         return problem, data.get("teacher")
-    teacher_ms, seg_ms, alt_ms, house = _house_latencies(cfg, registry, path, console)
+    teacher_ms, seg_ms, alt_ms, house = _house_latencies(cfg, registry, path, console, size)
     problem = S.problem_from_house(house.manifest, seg_ms, alt_ms, teacher_ms,
                                    proxy=cfg.search.proxy, lam=cfg.search.lam)
     return problem, house.manifest.teacher.name
 
 
-def _house_latencies(cfg, registry, root, console):
+def _house_latencies(cfg, registry, root, console, size=None):
     """Teacher, teacher-segment and alternative latencies of a house from the selected estimator."""
     from bespoke.blocks import Context
     from bespoke.distill import block_sources, source_for
@@ -302,20 +317,23 @@ def _house_latencies(cfg, registry, root, console):
         raise UsageError(f"{root}: no model house there (build one with `bespoke build`)")
     house = House.open(root)
     t = house.manifest.teacher
-    size = t.input_size
     model = load_model(t.name, weights=t.weights or "auto")
-    partition = Partition.from_model(model, (1, 3, size, size), name=t.name)
+    partition = Partition.from_model(model, (1, 3, t.input_size, t.input_size), name=t.name)
+    size = int(size or t.input_size)
+    partition = partition.resized(size)
     ctx = Context(partition, t.name, (3, size, size), calibration=None, seed=cfg.seed)
     sources = block_sources(cfg, registry, warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}"))
     estimator = registry.instantiate(cfg.plugins.latency, cfg.plugin_options.get(cfg.plugins.latency),
                                      category="latency")
     queries, seg_key, alt_key = {}, {}, {}
-    for seg in house.manifest.segments:
+    for stored in house.manifest.segments:
+        seg = partition.segment(stored.start, stored.end)  # shapes at this size
         q = make_query(partition.extract(seg), (1, *tuple(seg.in_shape)[1:]))
         queries.setdefault(q.key, q)
         seg_key[seg.id] = q.key
     for rec in house.by_status("trained"):
-        seg = house.segment(rec.segment)
+        stored = house.segment(rec.segment)
+        seg = partition.segment(stored.start, stored.end)
         module = house.load_alternative(rec.id, ctx, source_for(rec.source, sources, cfg, registry))
         q = make_query(module, (1, *tuple(seg.in_shape)[1:]))
         queries.setdefault(q.key, q)
@@ -425,19 +443,31 @@ def run(cfg, registry, console=None):
 
     with clock("build"):
         house = build(cfg, registry, console=console)
+    sizes = [s for s in cfg.search.input_sizes if s != house.manifest.teacher.input_size]
     with clock("profile"):
         search_cfg = _profile(cfg, registry, out / "latency.json", console)
+        sized_cfgs = {s: _profile(cfg, registry, out / f"latency-{s}px.json", console, size=s) for s in sizes}
     stage = _Students(cfg, registry, house, console)
+    rerank = cfg.search.rerank and len(stage.split.val) > 0
+    if sizes and not rerank:
+        from bespoke.errors import UsageError
+
+        raise UsageError("search.input_sizes compares students at different input sizes by their agreement with "
+                         "the teacher on held-out images, and this run has none: give val_data, or raise "
+                         "build.validation_images")
     with clock("search"):
-        found = search(search_cfg, registry, out / "search.json", console=console,
-                       evaluate=stage.fidelity if cfg.search.rerank and len(stage.split.val) else None)
+        found = search(search_cfg, registry, out / ("search.json" if not sizes else f"search-{stage.size}px.json"),
+                       console=console, evaluate=stage.fidelity if rerank else None)
+        if sizes:
+            found = _search_sizes(cfg, registry, stage, found, sized_cfgs, out, console)
     met = _require_feasible(found, console)
     with clock("finetune"):
         students = [stage.make(r.model_dump(), out / "students" / f"budget-{r.budget:g}")
                     for r in met]
     with clock("evaluate"):
         measured = stage.measure(students)
-        _calibrate_lut(search_cfg, stage, students, measured, out / "latency.json", console)
+        _calibrate_lut(search_cfg, stage, [m for m in students if m.size == stage.size], measured,
+                       out / "latency.json", console)  # the table at the teacher's size
     with clock("export"):
         exports = [stage.export(s) for s in students]
     with clock("report"):
@@ -446,6 +476,50 @@ def run(cfg, registry, console=None):
 
 
 # -- helpers of finetune / export / run ----------------------------------------------------------
+
+
+def _search_sizes(cfg, registry, stage, native, sized_cfgs, out, console):
+    """Search students at each other input size too, and keep per budget the best re-ranked one
+    over all sizes (:func:`bespoke.search.pick_scored`: the best held-out agreement among those
+    measured within the budget). Writes the merged report to ``OUT/search.json``."""
+    from bespoke import search as S
+
+    ratios = stage.size_ratios(list(sized_cfgs))
+    console.print("the teacher at other input sizes, measured beside itself at its own size: "
+                  + ", ".join(f"{s} px {r:.3f}" for s, r in ratios.items()), highlight=False)
+    found = {stage.size: native}
+    for size, scfg in sized_cfgs.items():
+        found[size] = search(scfg, registry, out / f"search-{size}px.json", console=console, size=size,
+                             size_ratio=ratios[size], evaluate=lambda c, size=size: stage.fidelity(c, size))
+    merged = []
+    for i, _ in enumerate(native.results):
+        options = [(size, rep.results[i]) for size, rep in found.items()]
+        feasible = [o for o in options if o[1].feasible] or options
+        rows = [_scored_pick(r, native.teacher_ms) for _, r in feasible]
+        size, pick = feasible[S.pick_scored(rows)]
+        pick = pick.model_copy(deep=True)
+        pick.meta["input_sizes"] = [{"input_size": s, **row} for (s, _), row in zip(feasible, rows)]
+        merged.append(pick)
+        console.print(f"budget {pick.budget:g}: the student at {size} px agrees best within the budget ("
+                      + ", ".join(f"{s} px {row['fidelity']:.4f}" + ("" if row["within_budget"] else " over")
+                                  for (s, _), row in zip(feasible, rows)) + ")", highlight=False)
+    report = native.model_copy(update={"results": merged})
+    S.write_report(report, out / "search.json")
+    return report
+
+
+def _scored_pick(result, teacher_ms):
+    """The real scores re-ranking gave the candidate ``result`` kept, as ratios of the teacher at
+    its own size (so students at different input sizes compare)."""
+    table = result.meta.get("reranked") or []
+    row = table[result.meta.get("picked", 0)] if table else {}
+    reference = result.meta.get("reference_ms") or teacher_ms
+    measured = row.get("measured_ratio")
+    if measured is None and row.get("measured_ms") is not None:
+        measured = row["measured_ms"] / reference
+    return {"fidelity": row.get("fidelity", float("-inf")), "measured_ms": measured,
+            "predicted_ms": result.latency_ms / reference,
+            "within_budget": bool(row.get("within_budget", result.feasible)) and result.feasible}
 
 
 class _Clock:
@@ -498,19 +572,26 @@ def _read_search_recipe(path):
     return data
 
 
-def _profile(cfg, registry, lut_path, console):
-    """Latencies of every teacher segment and alternative through the selected estimator.
+def _profile(cfg, registry, lut_path, console, size=None):
+    """Latencies of every teacher segment and alternative through the selected estimator (at
+    input resolution ``size``; default: the teacher's own).
 
     A measuring estimator measures once into ``lut_path`` and the search reads that table (no
     second measurement); a table estimator (a device plugin's LUT) is the profile already.
     Returns the configuration the search stage runs with.
     """
+    from bespoke.errors import UsageError
+
     record = registry.get(cfg.plugins.latency, "latency")
     probe = registry.instantiate(record.name, cfg.plugin_options.get(record.name), category="latency")
     if getattr(probe, "table", None) is not None:
+        if size:
+            raise UsageError(f"search.input_sizes needs a measuring latency estimator: {record.name!r} answers from "
+                             "a table profiled at one input size. Use --plugin measured-latency (or "
+                             "onnxruntime-latency), or leave search.input_sizes empty")
         console.print(f"latencies from the table of {record.name!r}; nothing to measure")
         return cfg
-    profile(cfg, registry, lut_path, console=console)
+    profile(cfg, registry, lut_path, console=console, size=size)
     options = {**cfg.plugin_options, "lut-latency": {"path": str(lut_path)}}
     if "lut-latency" not in registry.records:
         return cfg
@@ -624,26 +705,47 @@ class _Students:
         self.loss = registry.instantiate(cfg.plugins.distill_loss, cfg.plugin_options.get(cfg.plugins.distill_loss),
                                          category="distill-loss")
         self.teacher_metrics, self.teacher_pred = evaluate(self.teacher, t.name, self.split.val, self.shape)
+        self._at = {}
 
-    def assemble(self, choices):
+    def at(self, size=None):
+        """The teacher's partition, block-source context and held-out images at input ``size``
+        (default: the teacher's own), made once per size."""
+        from bespoke import data as images
+        from bespoke.blocks import Context
+
+        size = int(size or self.size)
+        if size == self.size:
+            return _Made(size=size, shape=self.shape, partition=self.partition, ctx=self.ctx, val=self.split.val)
+        if size not in self._at:
+            partition = self.partition.resized(size)
+            ctx = Context(partition, self.house.manifest.teacher.name, (3, size, size), calibration=None,
+                          seed=self.cfg.seed)
+            val = self.split.val.with_transform(images.transforms_for(self.teacher, size))
+            self._at[size] = _Made(size=size, shape=(1, 3, size, size), partition=partition, ctx=ctx, val=val)
+        return self._at[size]
+
+    def assemble(self, choices, size=None):
         from bespoke.distill import source_for
         from bespoke.student import StudentChoice, StudentRecipe, assemble
 
+        view = self.at(size)
         picked, recipe_choices = [], []
         for c in choices:
             rec = self.house.alternative(c["alternative"])
-            seg = self.partition.segment(int(c["start"]), int(c["end"]))
-            module = self.house.load_alternative(rec.id, self.ctx, source_for(rec.source, self.sources, self.cfg, self.registry))
+            seg = view.partition.segment(int(c["start"]), int(c["end"]))
+            module = self.house.load_alternative(rec.id, view.ctx, source_for(rec.source, self.sources, self.cfg, self.registry))
             picked.append((seg, module))
             recipe_choices.append(StudentChoice(segment=seg, spec=rec.spec, alternative_id=rec.id))
         t = self.house.manifest.teacher
-        recipe = StudentRecipe(teacher=t.name, teacher_weights=t.weights, input_size=(3, self.size, self.size),
+        recipe = StudentRecipe(teacher=t.name, teacher_weights=t.weights, input_size=(3, view.size, view.size),
                                choices=recipe_choices)
-        return assemble(self.partition, picked), recipe
+        return assemble(view.partition, picked), recipe
 
-    def fidelity(self, candidates):
+    def fidelity(self, candidates, size=None):
         """How well the student these search candidates assemble into, before fine-tuning, agrees
-        with the teacher on the held-out images: top-1 agreement, ties broken by lower KL."""
+        with the teacher on the held-out images: top-1 agreement, ties broken by lower KL. A
+        student at another input ``size`` sees the images at that size; the teacher, at its own.
+        The latency ratio is to the teacher at its own size."""
         import torch
         import torch.nn.functional as F
 
@@ -651,15 +753,16 @@ class _Students:
         from bespoke.finetune import iter_batches
         from bespoke.search import RealScore
 
+        view = self.at(size)
         student, _ = self.assemble([{"alternative": c.alternative, "start": c.start, "end": c.end}
-                                    for c in candidates])
+                                    for c in candidates], view.size)
         student.to(self.cfg.device).eval()
         agree, kl, n = 0.0, 0.0, 0
         with torch.no_grad(), student.taps(False):
             if getattr(self, "_val_logits", None) is None:  # the teacher's, once
                 self.teacher.to(self.cfg.device)
                 self._val_logits = [self.teacher(x.to(self.cfg.device)) for x, _ in iter_batches(self.split.val, 32)]
-            for (x, _), t in zip(iter_batches(self.split.val, 32), self._val_logits):
+            for (x, _), t in zip(iter_batches(view.val, 32), self._val_logits):
                 x = x.to(self.cfg.device)
                 s = student(x)
                 agree += float((s.argmax(-1) == t.argmax(-1)).sum())
@@ -671,11 +774,30 @@ class _Students:
         if self.cfg.search.rerank_latency:
             estimator, fallback = self._estimators()
             with student.taps(False):
-                ms = measure_latencies({"teacher": self.teacher, "candidate": student}, self.shape,
-                                       estimator, fallback)
+                ms = measure_latencies({"teacher": self.teacher, "candidate": student},
+                                       {"teacher": self.shape, "candidate": view.shape}, estimator, fallback)
             if ms.get("teacher") and ms.get("candidate"):
                 ratio = ms["candidate"] / ms["teacher"]
         return RealScore(fidelity=agree / n - (kl / n) / 1000.0, latency_ratio=ratio)
+
+    def size_ratios(self, sizes):
+        """How long the teacher takes at each input size in ``sizes`` relative to its own size,
+        measured side by side in one interleaved call."""
+        from bespoke.evaluate import measure_latencies
+
+        estimator, fallback = self._estimators()
+        models = {"teacher": self.teacher, **{f"{s}px": self.teacher for s in sizes}}
+        shapes = {"teacher": self.shape, **{f"{s}px": (1, 3, s, s) for s in sizes}}
+        ms = measure_latencies(models, shapes, estimator, fallback)
+        out = {}
+        for s in sizes:
+            if not ms.get("teacher") or not ms.get(f"{s}px"):
+                from bespoke.errors import UsageError
+
+                raise UsageError(f"the latency estimator {self.cfg.plugins.latency!r} cannot measure the teacher at "
+                                 f"{s} px; search.input_sizes needs one that measures whole models")
+            out[s] = ms[f"{s}px"] / ms["teacher"]
+        return out
 
     def _estimators(self):
         """The configured latency estimator, and a measuring one to fall back on when it is a
@@ -702,21 +824,23 @@ class _Students:
         from bespoke.student import save_student
 
         choices = plan.get("choices", [])
-        student, recipe = self.assemble(choices)
+        view = self.at(plan.get("input_size"))
+        student, recipe = self.assemble(choices, view.size)
         name = f"student-{plan.get('budget', 0):g}"
-        self.console.print(f"[bold]{name}[/bold]: {len(choices)} segment(s) replaced: "
+        px = f" at {view.size} px" if view.size != self.size else ""
+        self.console.print(f"[bold]{name}[/bold]{px}: {len(choices)} segment(s) replaced: "
                            + (", ".join(c["alternative"] for c in choices) or "none"), highlight=False)
-        before, _ = evaluate(student, name, self.split.val, self.shape, teacher=self.teacher_pred)
+        before, _ = evaluate(student, name, view.val, view.shape, teacher=self.teacher_pred)
         result = finetune_student(
             student, self.partition, self.train, self.cfg.finetune, workdir, targets=None,
             distill_loss=self.loss, seed=self.cfg.seed, device=self.cfg.device,
             fingerprint_extra=[self.house.manifest.teacher.model_dump(), [c["alternative"] for c in choices]],
-            console=self.console)
+            console=self.console, input_size=view.size if view.size != self.size else None)
         student = result.student
-        after, _ = evaluate(student, name, self.split.val, self.shape, teacher=self.teacher_pred)
+        after, _ = evaluate(student, name, view.val, view.shape, teacher=self.teacher_pred)
         student_dir = save_student(student, recipe, workdir / "student")
         return _Made(name=name, plan=plan, student=student, recipe=recipe, before=before, after=after,
-                     finetune=result, student_dir=student_dir, workdir=workdir)
+                     finetune=result, student_dir=student_dir, workdir=workdir, size=view.size, shape=view.shape)
 
     def measure(self, made):
         """End-to-end latency of the teacher, every student and every reference model, in one
@@ -725,18 +849,18 @@ class _Students:
         from bespoke.models import load_model
 
         self.references = []
-        models = {"teacher": self.teacher}
+        models, shapes = {"teacher": self.teacher}, {"teacher": self.shape}
         for ref in self.cfg.reference_models:
             model = load_model(ref, weights="auto").eval()
             metrics, _ = evaluate(model, ref, self.split.val, self.shape, teacher=self.teacher_pred)
             self.references.append(metrics)
-            models[f"ref:{ref}"] = model
+            models[f"ref:{ref}"], shapes[f"ref:{ref}"] = model, self.shape
         for m in made:
             m.student.taps_enabled = False
-            models[m.name] = m.student
+            models[m.name], shapes[m.name] = m.student, m.shape
         estimator, fallback = self._estimators()
         self.latency_device = (fallback or estimator).device()
-        ms = measure_latencies(models, self.shape, estimator, fallback)
+        ms = measure_latencies(models, shapes, estimator, fallback)
         for m in made:
             m.student.taps_enabled = True
         self.teacher_metrics.latency_ms = ms["teacher"]
@@ -750,7 +874,7 @@ class _Students:
         from bespoke.export import export_model
 
         with m.student.taps(False):
-            res = export_model(m.student, self.shape, m.workdir, ("onnx", "torch-export"), seed=self.cfg.seed)
+            res = export_model(m.student, m.shape, m.workdir, ("onnx", "torch-export"), seed=self.cfg.seed)
         res.student_dir = str(m.student_dir)
         self.console.print(f"{m.name}: exported {res.onnx} (onnxruntime vs PyTorch max |diff| "
                            f"{res.onnx_max_abs_diff:.1e}), {res.torch_export}, {res.student_dir}")
@@ -786,7 +910,8 @@ def _report(cfg, stage, found, made, measured, exports, clock):
                        "label": alts[c["alternative"]].spec.label if c["alternative"] in alts else None}
                       for c in r["choices"]],
             onnx=res.onnx, onnx_max_abs_diff=res.onnx_max_abs_diff, torch_export=res.torch_export,
-            student_dir=res.student_dir, finetune_steps=m.finetune.steps))
+            student_dir=res.student_dir, finetune_steps=m.finetune.steps,
+            input_size=m.size if m.size != stage.size else None))
     skipped = sorted(set(stage.split.skipped) | set(stage.house.manifest.data.get("skipped", [])))
     pred = [s.latency_ms_predicted for s in students if s.latency_ms_measured]
     meas = [s.latency_ms_measured for s in students if s.latency_ms_measured]

@@ -45,6 +45,7 @@ class StudentEntry(BaseModel):
     torch_export: str | None = None
     student_dir: str | None = None
     finetune_steps: int = 0
+    input_size: int | None = Field(None, description="the student's square input resolution (px); None: the teacher's")
 
 
 class Report(BaseModel):
@@ -133,7 +134,8 @@ def summary_table(report: Report) -> Any:
         budget = f"{s.budget:g}" + ("" if s.feasible else " (infeasible)")
         table.add_row(s.name, budget, _fmt(s.params / 1e6), gf(s.flops), _fmt(s.latency_ms_predicted),
                       _fmt(s.latency_ms_measured), f"{s.speedup:.2f}x" if s.speedup else "-",
-                      _fmt(s.top1, True), _fmt(s.agreement, True), str(len(s.replaced)))
+                      _fmt(s.top1, True), _fmt(s.agreement, True),
+                      str(len(s.replaced)) + (f" @ {s.input_size} px" if s.input_size else ""))
     for r in report.references:
         speed = f"{t.latency_ms / r.latency_ms:.2f}x" if r.latency_ms and t.latency_ms else "-"
         table.add_row(f"reference {r.name}", "-", _fmt(r.params / 1e6), gf(r.flops), "-", _fmt(r.latency_ms),

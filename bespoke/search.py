@@ -522,15 +522,26 @@ def rerank(problem: SearchProblem, solution: Solution,
         ok = ok and (solution.budget_ms is None or problem.feasible(ch, solution.budget_ms))
         table.append({"chosen": list(ch), "proxy_loss": problem.loss(ch),
                       "predicted_ms": problem.latency(ch), "fidelity": r.fidelity,
-                      "measured_ms": r.latency_ms, "within_budget": ok})
-    ok_rows = [t for t in table if t["within_budget"]]
-    if ok_rows:
-        pick = max(ok_rows, key=lambda t: t["fidelity"])
-    else:  # every candidate measured over the budget: the one closest to it
-        pick = min(table, key=lambda t: (t["measured_ms"] if t["measured_ms"] is not None else t["predicted_ms"],
-                                         -t["fidelity"]))
-    meta = dict(solution.meta, reranked=table)
+                      "measured_ms": r.latency_ms, "measured_ratio": r.latency_ratio, "within_budget": ok})
+    pick = table[pick_scored(table)]
+    meta = dict(solution.meta, reranked=table, picked=table.index(pick))
     return make_solution(problem, pick["chosen"], solution.budget_ms, meta), table
+
+
+def pick_scored(rows: Sequence[Mapping[str, Any]]) -> int:
+    """Which of the really scored candidates ``rows`` (``fidelity``, ``within_budget``,
+    ``measured_ms``, ``predicted_ms``) to keep: the best fidelity among those within the budget;
+    when none is, the fastest (closest to the budget). Returns its index."""
+    if not rows:
+        raise ValueError("no scored candidates to pick from")
+    ok = [i for i, t in enumerate(rows) if t["within_budget"]]
+    if ok:
+        return max(ok, key=lambda i: rows[i]["fidelity"])
+
+    def ms(t):
+        return t["measured_ms"] if t.get("measured_ms") is not None else t["predicted_ms"]
+
+    return min(range(len(rows)), key=lambda i: (ms(rows[i]), -rows[i]["fidelity"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -602,6 +613,7 @@ class BudgetResult(BaseModel):
     fastest_ms: float | None = None
     choices: list[ChoiceRecord]
     meta: dict[str, Any] = Field(default_factory=dict)
+    input_size: int | None = None  # the student's input resolution, when not the teacher's
 
 
 class FrontPoint(BaseModel):

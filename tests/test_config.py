@@ -95,3 +95,12 @@ def test_build_without_any_segment_source_is_a_clear_error():
         load_config(overrides={"build": {"segments": 0}})
     cfg = load_config(overrides={"build": {"segments": 0, "modules": True}})
     assert cfg.build.modules and cfg.build.segments == 0
+
+
+def test_input_sizes_are_checked_sorted_and_need_reranking():
+    cfg = RunConfig.model_validate({"search": {"input_sizes": [224, 240, 224]}})
+    assert cfg.search.input_sizes == [240, 224]
+    with pytest.raises(Exception, match="between 16 and 4096"):
+        RunConfig.model_validate({"search": {"input_sizes": [8]}})
+    with pytest.raises(Exception, match="needs search.rerank"):
+        RunConfig.model_validate({"search": {"input_sizes": [224], "rerank": False}})

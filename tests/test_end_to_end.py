@@ -158,6 +158,53 @@ def test_end_to_end_budget_below_reach_is_a_usage_error(tiny_run):
     assert "Traceback" not in bad.stderr
 
 
+def test_end_to_end_students_at_other_input_sizes(tmp_path):
+    """search.input_sizes: each size has its own latency table and search; the merged report
+    says, per budget, how each size's best candidate scored; a recipe at another size makes a
+    student that is saved, reloaded and exported at that size."""
+    import bespoke
+    from bespoke.student import read_recipe
+
+    cfg = _tiny_config(tmp_path, budgets=[0.8, 0.4], search={"input_sizes": [48]})
+    proc = run_cli("run", str(cfg), env=OFFLINE, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    for name in ("latency.json", "latency-48px.json", "search-64px.json", "search-48px.json", "search.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "latency-48px.json").read_text())["notes"]["input_size"] == 48
+    merged = json.loads((out / "search.json").read_text())["results"]
+    report = json.loads((out / "report.json").read_text())
+    _check_report(report)
+    for r, s in zip(merged, report["students"]):
+        sizes = [row["input_size"] for row in r["meta"]["input_sizes"]]
+        assert sorted(sizes) == [48, 64], r["meta"]
+        assert r["budget"] == s["budget"]
+        assert s["input_size"] == r["input_size"]  # None: the teacher's 64 px
+        want = s["input_size"] or 64
+        assert read_recipe(s["student_dir"]).input_size == (3, want, want)
+    # a 48 px recipe through `bespoke finetune`, whichever size the run kept
+    recipe = out / "search-48px.budget-0.4.json"
+    assert json.loads(recipe.read_text())["input_size"] == 48
+    ft = run_cli("finetune", str(recipe), "--out", str(tmp_path / "ft"), "--config", str(cfg), env=OFFLINE)
+    assert ft.returncode == 0, ft.stdout[-2000:] + ft.stderr[-2000:]
+    student = bespoke.load_student(tmp_path / "ft" / "student")
+    assert read_recipe(tmp_path / "ft" / "student").input_size == (3, 48, 48)
+    from e2e_models import tiny_resnet
+
+    with torch.no_grad():
+        assert student(torch.randn(1, 3, 48, 48)).shape == tiny_resnet()(torch.randn(1, 3, 64, 64)).shape
+    # a lookup-table estimator holds one input size: a clear error, no traceback
+    conf = yaml.safe_load(cfg.read_text())
+    conf["plugins"]["latency"] = "lut-latency"
+    conf["plugin_options"]["lut-latency"] = {"path": str(out / "latency.json")}
+    path = tmp_path / "lut.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    bad = run_cli("run", str(path), env=OFFLINE, timeout=600)
+    assert bad.returncode == 2, bad.stdout[-2000:] + bad.stderr[-2000:]
+    assert "needs a measuring latency estimator" in " ".join(bad.stderr.split())
+    assert "Traceback" not in bad.stderr
+
+
 def test_end_to_end_missing_data_folder(tmp_path):
     cfg = _tiny_config(tmp_path, data=str(tmp_path / "no-such-folder"))
     proc = run_cli("run", str(cfg), env=OFFLINE)

@@ -137,6 +137,26 @@ def test_token_stride_is_patch_size():
     assert tokens and all(c.stride == 16 for c in tokens)
 
 
+def test_resized_partition_keeps_cut_points_at_another_size():
+    part = teacher("resnet18")
+    small = part.resized(48)
+    assert part.resized(INPUT_SHAPE[-1]) is part
+    assert [c.name for c in small.cut_points] == [c.name for c in part.cut_points]
+    seg = part.tile_segments(3)[1]
+    mine = small.segment(seg.start, seg.end)
+    assert mine.in_shape[1] == seg.in_shape[1] and mine.in_shape[-1] < seg.in_shape[-1]
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        acts = small.activations(x, [seg.start, seg.end])
+        torch.testing.assert_close(small.extract(mine)(acts[seg.start]), acts[seg.end])
+
+
+def test_resized_partition_of_a_fixed_size_model_is_a_clear_error():
+    part = teacher("vit_tiny_patch16_224")  # its position embedding fixes the patch grid
+    with pytest.raises(UsageError, match="does not run on an input"):
+        part.resized(32)
+
+
 # ---- the CLI ---------------------------------------------------------------------------------
 
 

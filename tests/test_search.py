@@ -199,6 +199,21 @@ def test_greedy_feasible_and_rerank_uses_real_scores(registry):
                                                         latency_ratio=2.0 if ch == worst else 0.0), k=3)
     assert picked.chosen != worst
     assert next(t for t in table if t["chosen"] == worst)["measured_ms"] == 2.0 * p.teacher_ms
+    assert picked.meta["reranked"][picked.meta["picked"]]["chosen"] == picked.chosen
+
+
+def test_pick_scored_prefers_fidelity_within_budget_then_speed():
+    from bespoke.search import pick_scored
+
+    def row(fid, ok, ms, pred=1.0):
+        return {"fidelity": fid, "within_budget": ok, "measured_ms": ms, "predicted_ms": pred}
+
+    assert pick_scored([row(0.9, True, 5), row(0.95, False, 4), row(0.92, True, 6)]) == 2
+    # none within the budget: the fastest (measured, else predicted), fidelity breaking ties
+    assert pick_scored([row(0.9, False, 7), row(0.8, False, None, pred=6), row(0.99, False, 8)]) == 1
+    assert pick_scored([row(0.5, False, 6), row(0.7, False, 6)]) == 1
+    with pytest.raises(ValueError):
+        pick_scored([])
 
 
 def test_report_roundtrip_and_table(registry, tmp_path):
