@@ -586,9 +586,7 @@ def _profile(cfg, registry, lut_path, console, size=None):
     probe = registry.instantiate(record.name, cfg.plugin_options.get(record.name), category="latency")
     if getattr(probe, "table", None) is not None:
         if size:
-            raise UsageError(f"search.input_sizes needs a measuring latency estimator: {record.name!r} answers from "
-                             "a table profiled at one input size. Use --plugin measured-latency (or "
-                             "onnxruntime-latency), or leave search.input_sizes empty")
+            return _table_at_size(cfg, record.name, probe, size, console)
         console.print(f"latencies from the table of {record.name!r}; nothing to measure")
         return cfg
     profile(cfg, registry, lut_path, console=console, size=size)
@@ -597,6 +595,33 @@ def _profile(cfg, registry, lut_path, console, size=None):
         return cfg
     plugins = cfg.plugins.model_copy(update={"latency": "lut-latency"})
     return cfg.model_copy(update={"plugins": plugins, "plugin_options": options})
+
+
+def _table_at_size(cfg, name, probe, size, console):
+    """A table estimator answers at one input size; the table for another size lies beside its
+    file as ``<stem>-<size>px.json`` (what `bespoke run` writes). The configuration that reads it."""
+    import json
+    from pathlib import Path
+
+    from bespoke.errors import UsageError
+
+    options = dict(cfg.plugin_options.get(name) or {})
+    path = Path(options.get("path") or getattr(getattr(probe, "options", None), "path", None) or "")
+    sibling = path.with_name(f"{path.stem}-{size}px{path.suffix or '.json'}") if path.name else None
+    if sibling is None or not sibling.is_file():
+        raise UsageError(f"search.input_sizes asks for students at {size} px, but the latency table of {name!r} "
+                         f"({path if path.name else 'no file'}) holds one input size and no table "
+                         f"{sibling.name if sibling else f'<table>-{size}px.json'} lies beside it. Profile the "
+                         f"house at that size (a `bespoke run` with a measuring estimator, --plugin measured-latency, "
+                         "writes one), or leave search.input_sizes empty")
+    try:
+        noted = json.loads(sibling.read_text(encoding="utf-8")).get("notes", {}).get("input_size")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UsageError(f"{sibling}: not a readable latency table ({exc})") from None
+    if noted is not None and int(noted) != int(size):
+        raise UsageError(f"{sibling} was profiled at {noted} px, not {size} px; profile the house again at {size} px")
+    console.print(f"latencies at {size} px from {sibling}", highlight=False)
+    return cfg.model_copy(update={"plugin_options": {**cfg.plugin_options, name: {**options, "path": str(sibling)}}})
 
 
 def _calibrate_lut(search_cfg, stage, made, measured, lut_path, console):

@@ -193,16 +193,23 @@ def test_end_to_end_students_at_other_input_sizes(tmp_path):
 
     with torch.no_grad():
         assert student(torch.randn(1, 3, 48, 48)).shape == tiny_resnet()(torch.randn(1, 3, 64, 64)).shape
-    # a lookup-table estimator holds one input size: a clear error, no traceback
+    # a lookup table holds one input size: the table for another lies beside it, else a clear error
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "latency.json").write_bytes((out / "latency.json").read_bytes())
     conf = yaml.safe_load(cfg.read_text())
     conf["plugins"]["latency"] = "lut-latency"
-    conf["plugin_options"]["lut-latency"] = {"path": str(out / "latency.json")}
+    conf["plugin_options"]["lut-latency"] = {"path": str(tables / "latency.json")}
     path = tmp_path / "lut.yaml"
     path.write_text(yaml.safe_dump(conf))
     bad = run_cli("run", str(path), env=OFFLINE, timeout=600)
     assert bad.returncode == 2, bad.stdout[-2000:] + bad.stderr[-2000:]
-    assert "needs a measuring latency estimator" in " ".join(bad.stderr.split())
-    assert "Traceback" not in bad.stderr
+    err = " ".join(bad.stderr.split())
+    assert "latency-48px.json" in err and "measured-latency" in err and "Traceback" not in bad.stderr
+    (tables / "latency-48px.json").write_bytes((out / "latency-48px.json").read_bytes())
+    good = run_cli("run", str(path), env=OFFLINE, timeout=600)
+    assert good.returncode == 0, good.stdout[-2000:] + good.stderr[-2000:]
+    assert "latencies at 48 px from" in " ".join(good.stdout.split())
 
 
 def test_end_to_end_missing_data_folder(tmp_path):
