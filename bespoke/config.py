@@ -57,6 +57,7 @@ class FinetuneConfig(Strict):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     bn_recalibration_batches: int = Field(8, ge=0)
     checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints (one is always written at the end)")
+    keep_best: bool = Field(True, description="in `bespoke run` and `bespoke finetune`, keep the fine-tuned student only when it agrees with the teacher on the held-out images at least as well as the assembled one did; else save the assembled student (the report says which)")
 
 
 class SearchConfig(Strict):

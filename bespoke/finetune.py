@@ -455,7 +455,7 @@ def finetune_student(
         targets = segment_targets(_replaced_ids(student, dataset, device, input_size))
     last_cut = len(teacher.cut_points) - 1
     wanted = sorted(set(targets.values()) | {last_cut})
-    schedule = cfg.model_dump(exclude={"checkpoint_every"}) if hasattr(cfg, "model_dump") else cfg
+    schedule = cfg.model_dump(exclude={"checkpoint_every", "keep_best"}) if hasattr(cfg, "model_dump") else cfg
     fp = fingerprint(schedule, seed, len(dataset),
                      sorted(targets.items()), fingerprint_extra, *([input_size] if input_size else []))
 

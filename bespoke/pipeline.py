@@ -466,8 +466,9 @@ def run(cfg, registry, console=None):
                     for r in met]
     with clock("evaluate"):
         measured = stage.measure(students)
-        _calibrate_lut(search_cfg, stage, [m for m in students if m.size == stage.size], measured,
-                       out / "latency.json", console)  # the table at the teacher's size
+        at_own_size = [m for m in students if m.size == stage.size]  # what the table at that size predicted
+        if at_own_size:
+            _calibrate_lut(search_cfg, stage, at_own_size, measured, out / "latency.json", console)
     with clock("export"):
         exports = [stage.export(s) for s in students]
     with clock("report"):
@@ -861,11 +862,20 @@ class _Students:
             distill_loss=self.loss, seed=self.cfg.seed, device=self.cfg.device,
             fingerprint_extra=[self.house.manifest.teacher.model_dump(), [c["alternative"] for c in choices]],
             console=self.console, input_size=view.size if view.size != self.size else None)
-        student = result.student
-        after, _ = evaluate(student, name, view.val, view.shape, teacher=self.teacher_pred)
+        after, _ = evaluate(result.student, name, view.val, view.shape, teacher=self.teacher_pred)
+        kept = not (self.cfg.finetune.keep_best and len(view.val) and after.agreement < before.agreement)
+        if kept:
+            student = result.student
+        else:  # fine-tuning on these images made it agree less with the teacher: the assembled one
+            self.console.print(f"  {name}: fine-tuning lowered the held-out agreement with the teacher "
+                               f"({_pct(before.agreement)} -> {_pct(after.agreement)}); keeping the assembled "
+                               "student (finetune.keep_best)", highlight=False)
+            student, recipe = self.assemble(choices, view.size)  # afresh: nothing trained touches it
+            after = before
         student_dir = save_student(student, recipe, workdir / "student")
         return _Made(name=name, plan=plan, student=student, recipe=recipe, before=before, after=after,
-                     finetune=result, student_dir=student_dir, workdir=workdir, size=view.size, shape=view.shape)
+                     finetune=result, student_dir=student_dir, workdir=workdir, size=view.size, shape=view.shape,
+                     finetune_kept=kept)
 
     def measure(self, made):
         """End-to-end latency of the teacher, every student and every reference model, in one
@@ -935,7 +945,7 @@ def _report(cfg, stage, found, made, measured, exports, clock):
                        "label": alts[c["alternative"]].spec.label if c["alternative"] in alts else None}
                       for c in r["choices"]],
             onnx=res.onnx, onnx_max_abs_diff=res.onnx_max_abs_diff, torch_export=res.torch_export,
-            student_dir=res.student_dir, finetune_steps=m.finetune.steps,
+            student_dir=res.student_dir, finetune_steps=m.finetune.steps, finetune_kept=m.finetune_kept,
             input_size=m.size if m.size != stage.size else None))
     skipped = sorted(set(stage.split.skipped) | set(stage.house.manifest.data.get("skipped", [])))
     pred = [s.latency_ms_predicted for s in students if s.latency_ms_measured]

@@ -46,6 +46,7 @@ class StudentEntry(BaseModel):
     student_dir: str | None = None
     finetune_steps: int = 0
     input_size: int | None = Field(None, description="the student's square input resolution (px); None: the teacher's")
+    finetune_kept: bool = Field(True, description="false: fine-tuning lowered the held-out agreement and the assembled student was kept (finetune.keep_best)")
 
 
 class Report(BaseModel):

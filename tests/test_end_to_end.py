@@ -212,6 +212,25 @@ def test_end_to_end_students_at_other_input_sizes(tmp_path):
     assert "latencies at 48 px from" in " ".join(good.stdout.split())
 
 
+def test_end_to_end_fine_tune_that_hurts_is_not_kept(tmp_path):
+    """finetune.keep_best: a fine-tune that lowers the held-out agreement (lr 50 wrecks it) is
+    dropped; the saved student is the assembled one, and the report says so."""
+    import bespoke
+
+    cfg = _tiny_config(tmp_path, finetune={"epochs": 5, "steps": 3, "batch_size": 4, "lr": 50.0,
+                                           "bn_recalibration_batches": 1})
+    proc = run_cli("run", str(cfg), env=OFFLINE, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s = json.loads((tmp_path / "out" / "report.json").read_text())["students"][0]
+    assert s["finetune_kept"] is False and s["finetune_steps"] == 3
+    assert s["agreement"] == s["agreement_before_finetune"]
+    assert "keeping the assembled student" in " ".join(proc.stdout.split())
+    # the saved weights are not the wrecked ones: they are the house's, finite and sane
+    student = bespoke.load_student(s["student_dir"])
+    with torch.no_grad():
+        assert torch.isfinite(student(torch.randn(2, 3, 64, 64))).all()
+
+
 def test_end_to_end_missing_data_folder(tmp_path):
     cfg = _tiny_config(tmp_path, data=str(tmp_path / "no-such-folder"))
     proc = run_cli("run", str(cfg), env=OFFLINE)
