@@ -51,6 +51,15 @@ def _parse_budgets(text: str | None) -> list[float] | None:
     return vals
 
 
+def _parse_sizes(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--input-sizes {text!r}: give comma-separated whole pixel sizes, e.g. 240,224") from None
+
+
 def _config(config: Optional[Path], plugins: Optional[List[str]], **flags: Any):
     """Config file + CLI overrides + --plugin selections, validated, with the registry."""
     from bespoke.config import apply_plugin_flags, check_plugin_selection, load_config
@@ -197,12 +206,15 @@ def run(
     teacher: Optional[str] = typer.Option(None, "--teacher"),
     preset: Optional[str] = typer.Option(None, "--preset", help="quick or full"),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    input_sizes: Optional[str] = typer.Option(None, "--input-sizes",
+                                              help="also search students at these input sizes, e.g. 240,224 (search.input_sizes)"),
 ) -> None:
     """Everything: build (or reuse) the house, profile, search each budget, fine-tune, export, report."""
     from bespoke import pipeline
 
     cfg, reg = _config(config, plugin, budgets=_parse_budgets(budget), out=str(out) if out else None,
-                       data=data, val_data=val_data, teacher=teacher, preset=preset, seed=seed)
+                       data=data, val_data=val_data, teacher=teacher, preset=preset, seed=seed,
+                       **{"search.input_sizes": _parse_sizes(input_sizes)})
     pipeline.run(cfg, reg, console=console)
 
 

@@ -104,3 +104,10 @@ def test_input_sizes_are_checked_sorted_and_need_reranking():
         RunConfig.model_validate({"search": {"input_sizes": [8]}})
     with pytest.raises(Exception, match="needs search.rerank"):
         RunConfig.model_validate({"search": {"input_sizes": [224], "rerank": False}})
+
+
+def test_cli_input_sizes_flag_is_parsed_and_checked(cli, tmp_path):
+    res = cli("run", "--input-sizes", "240,x", "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "whole pixel sizes" in res.stderr and "Traceback" not in res.stderr
+    res = cli("run", "--input-sizes", "8", "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "search.input_sizes" in res.stderr and "Traceback" not in res.stderr
