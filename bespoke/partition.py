@@ -26,7 +26,6 @@ one change made to the model passed in.
 from __future__ import annotations
 
 import bisect
-
 import inspect
 import math
 import operator

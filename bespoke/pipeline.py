@@ -493,11 +493,11 @@ def _search_sizes(cfg, registry, stage, native, sized_cfgs, out, console):
         found[size] = search(scfg, registry, out / f"search-{size}px.json", console=console, size=size,
                              size_ratio=ratios[size], evaluate=lambda c, size=size: stage.fidelity(c, size))
     merged = []
-    for i, _ in enumerate(native.results):
+    for i in range(len(native.results)):
         options = [(size, rep.results[i]) for size, rep in found.items()]
         feasible = [o for o in options if o[1].feasible] or options
         rows = [_scored_pick(r, native.teacher_ms) for _, r in feasible]
-        size, pick = feasible[S.pick_scored(rows)]
+        size, pick = feasible[S.pick_scored(rows, measured="measured_ratio", predicted="predicted_ratio")]
         pick = pick.model_copy(deep=True)
         pick.meta["input_sizes"] = [{"input_size": s, **row} for (s, _), row in zip(feasible, rows)]
         merged.append(pick)
@@ -518,8 +518,8 @@ def _scored_pick(result, teacher_ms):
     measured = row.get("measured_ratio")
     if measured is None and row.get("measured_ms") is not None:
         measured = row["measured_ms"] / reference
-    return {"fidelity": row.get("fidelity", float("-inf")), "measured_ms": measured,
-            "predicted_ms": result.latency_ms / reference,
+    return {"fidelity": row.get("fidelity", float("-inf")), "measured_ratio": measured,
+            "predicted_ratio": result.latency_ms / reference,
             "within_budget": bool(row.get("within_budget", result.feasible)) and result.feasible}
 
 
@@ -581,8 +581,6 @@ def _profile(cfg, registry, lut_path, console, size=None):
     second measurement); a table estimator (a device plugin's LUT) is the profile already.
     Returns the configuration the search stage runs with.
     """
-    from bespoke.errors import UsageError
-
     record = registry.get(cfg.plugins.latency, "latency")
     probe = registry.instantiate(record.name, cfg.plugin_options.get(record.name), category="latency")
     if getattr(probe, "table", None) is not None:

@@ -528,10 +528,12 @@ def rerank(problem: SearchProblem, solution: Solution,
     return make_solution(problem, pick["chosen"], solution.budget_ms, meta), table
 
 
-def pick_scored(rows: Sequence[Mapping[str, Any]]) -> int:
-    """Which of the really scored candidates ``rows`` (``fidelity``, ``within_budget``,
-    ``measured_ms``, ``predicted_ms``) to keep: the best fidelity among those within the budget;
-    when none is, the fastest (closest to the budget). Returns its index."""
+def pick_scored(rows: Sequence[Mapping[str, Any]], *, measured: str = "measured_ms",
+                predicted: str = "predicted_ms") -> int:
+    """Which of the really scored candidates ``rows`` (``fidelity``, ``within_budget`` and a
+    measured and a predicted latency under the keys ``measured`` / ``predicted``, in any one unit)
+    to keep: the best fidelity among those within the budget; when none is, the fastest
+    (measured, else predicted). Returns its index."""
     if not rows:
         raise ValueError("no scored candidates to pick from")
     ok = [i for i, t in enumerate(rows) if t["within_budget"]]
@@ -539,7 +541,7 @@ def pick_scored(rows: Sequence[Mapping[str, Any]]) -> int:
         return max(ok, key=lambda i: rows[i]["fidelity"])
 
     def ms(t):
-        return t["measured_ms"] if t.get("measured_ms") is not None else t["predicted_ms"]
+        return t[measured] if t.get(measured) is not None else t[predicted]
 
     return min(range(len(rows)), key=lambda i: (ms(rows[i]), -rows[i]["fidelity"]))
 

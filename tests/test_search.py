@@ -214,6 +214,10 @@ def test_pick_scored_prefers_fidelity_within_budget_then_speed():
     assert pick_scored([row(0.5, False, 6), row(0.7, False, 6)]) == 1
     with pytest.raises(ValueError):
         pick_scored([])
+    # the latency keys are the caller's (ratios across input sizes)
+    ratios = [{"fidelity": 0.9, "within_budget": False, "r": 0.8, "p": 0.7},
+              {"fidelity": 0.9, "within_budget": False, "r": None, "p": 0.75}]
+    assert pick_scored(ratios, measured="r", predicted="p") == 1
 
 
 def test_report_roundtrip_and_table(registry, tmp_path):
