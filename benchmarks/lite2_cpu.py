@@ -9,7 +9,7 @@ One process, this machine's CPU, batch 1, 2 threads. It
    get Lite0's and Lite1's latency ratios to the teacher on this machine;
 2. runs the whole bespoke pipeline (build the house from train/, profile, search, fine-tune,
    evaluate on val/, export) at budgets 0.5, 0.7 and the two measured ratios; students may run
-   at the teacher's 260 px or at the ``--input-sizes`` (240 and 224 px by default:
+   at the teacher's 260 px or at the ``--input-sizes`` (240, 224, 208 and 192 px by default:
    ``search.input_sizes``), each size searched with its own latency table;
 3. runs the baselines at the same budgets: a random search over the same house (same
    fine-tuning, same sizes), uniform channel pruning of the teacher with torch-pruning to the
@@ -18,8 +18,9 @@ One process, this machine's CPU, batch 1, 2 threads. It
    Runtime, and prints one table; writes DIR/benchmark.json and DIR/pareto.png. The bespoke
    students are saved under DIR/students/ (load with ``bespoke.load_student``).
 
-Latency ratios in the table are measured in the same run, side by side; medians of interleaved
-runs. Costs: ``one_time`` = building the house (segments, alternatives, distillation, profiling
+Latency ratios in the table are measured in the same run, side by side: the median over
+interleaved rounds of each model's ratio to the teacher in that round (90 rounds in the first and
+the final call), so the machine's drift between rounds cancels. Costs: ``one_time`` = building the house (segments, alternatives, distillation, profiling
 of alternatives' accuracy) in CPU-minutes; ``per_target`` = latency profile + search + fine-tuning
 of all students for this device, in CPU-minutes.
 """
@@ -66,18 +67,19 @@ def parse_args(argv=None):
                    help="images the block sources fit adapters and choose channels on")
     p.add_argument("--lowrank-fractions", type=float, nargs="+", default=[0.5], help="lowrank rank fractions")
     p.add_argument("--distill-epochs", type=int, default=1)
-    p.add_argument("--finetune-steps", type=int, default=40, help="fine-tuning steps per student (batch 16)")
+    p.add_argument("--finetune-steps", type=int, default=24,
+                   help="fine-tuning steps per student (batch 16; 40 before 2026-12-02: the longer fine-tune did not help)")
     p.add_argument("--finetune-lr", type=float, default=3e-5)
     p.add_argument("--finetune-beta", type=float, default=3.0,
                    help="weight of the distillation terms against the label loss (500 labels: distillation leads)")
     p.add_argument("--search", default="exact", help="search strategy for the bespoke students (exact, optuna, ...)")
     p.add_argument("--proxy", default="replace-one-kl", help="search.proxy")
-    p.add_argument("--rerank-top-k", type=int, default=5, help="proxy candidates per budget assembled and scored for real")
+    p.add_argument("--rerank-top-k", type=int, default=4, help="proxy candidates per budget assembled and scored for real")
     p.add_argument("--trials", type=int, default=200, help="Optuna trials per search / random samples")
     p.add_argument("--runs", type=int, default=30, help="timed runs per model in latency measurements")
     p.add_argument("--proxy-images", type=int, default=100,
                    help="val images the search's replace-one proxy uses (all 300 are used for the table)")
-    p.add_argument("--input-sizes", type=int, nargs="*", default=[240, 224],
+    p.add_argument("--input-sizes", type=int, nargs="*", default=[240, 224, 208, 192],
                    help="search.input_sizes: students may also run at these input resolutions (px); none: 260 only")
     p.add_argument("--skip-baselines", action="store_true", help="only the bespoke students (faster)")
     p.add_argument("--seed", type=int, default=0)
@@ -117,16 +119,18 @@ def main(argv=None) -> int:
         refs[name] = {"model": model, "size": size}
     measurer = registry.instantiate("measured-latency", {"threads": args.threads, "runs": args.runs,
                                                          "warmup": 5}, category="latency")
-    from bespoke.latency import make_query
+    from bespoke.evaluate import measure_ratios
 
-    def measure(models: dict[str, tuple[torch.nn.Module, int]], estimator=measurer) -> dict[str, float]:
-        queries = {n: make_query(m, (1, 3, s, s)) for n, (m, s) in models.items()}
-        got = estimator.latencies(list(queries.values()))
-        return {n: float(got[q.key]) for n, q in queries.items()}
+    def measure(models: dict[str, tuple[torch.nn.Module, int]], estimator=measurer,
+                reference: str = TEACHER) -> tuple[dict[str, float], dict[str, float]]:
+        """Medians (ms) and ratios to ``reference`` (medians of per-round ratios) of one interleaved call."""
+        return measure_ratios({n: m for n, (m, _) in models.items()},
+                              {n: (1, 3, s, s) for n, (_, s) in models.items()}, estimator, reference=reference)
 
-    ref_ms = measure({n: (r["model"], r["size"]) for n, r in refs.items()})
-    teacher_ms0 = ref_ms[TEACHER]
-    ratios = {d: ref_ms[d] / teacher_ms0 for d in DONORS}
+    # the budgets come from this call: three times the runs, as they decide every search
+    precise = registry.instantiate("measured-latency", {"threads": args.threads, "runs": 3 * args.runs,
+                                                        "warmup": 5}, category="latency")
+    ref_ms, ratios = measure({n: (r["model"], r["size"]) for n, r in refs.items()}, precise)
     console.print(f"reference latencies (ms): {ref_ms}; ratios {ratios}")
 
     def val_set(model, size):
@@ -213,22 +217,21 @@ def main(argv=None) -> int:
     every = {n: (r["model"], r["size"]) for n, r in refs.items()}
     every.update({n: (m, s.input_size or t_size) for n, (m, s) in students.items()})
     every.update({n: (m, size) for n, (m, _, _, size) in baseline_models.items()})
-    torch_ms = measure(every)
-    ort = registry.instantiate("onnxruntime-latency", {"threads": args.threads, "runs": args.runs, "warmup": 5},
-                               category="latency")
+    torch_ms, torch_ratio = measure(every, precise)
+    ort = registry.instantiate("onnxruntime-latency", {"threads": args.threads, "runs": 3 * args.runs,
+                                                       "warmup": 5}, category="latency")
     try:
-        ort_ms = measure(every, ort)
+        ort_ms, ort_ratio = measure(every, ort)
     except Exception as exc:  # ONNX Runtime missing or an export failure: report, do not hide
         console.print(f"[yellow]ONNX Runtime latency skipped: {exc}[/yellow]")
-        ort_ms = {}
+        ort_ms, ort_ratio = {}, {}
 
     rows = []
 
     def row(name, kind, budget, m, note=""):
         rows.append({"name": name, "kind": kind, "budget": budget, "top1": m.top1, "agreement": m.agreement,
-                     "latency_ms": torch_ms[name], "latency_ratio": torch_ms[name] / torch_ms[TEACHER],
-                     "latency_ms_onnxruntime": ort_ms.get(name),
-                     "latency_ratio_onnxruntime": (ort_ms[name] / ort_ms[TEACHER]) if ort_ms.get(name) else None,
+                     "latency_ms": torch_ms[name], "latency_ratio": torch_ratio[name],
+                     "latency_ms_onnxruntime": ort_ms.get(name), "latency_ratio_onnxruntime": ort_ratio.get(name),
                      "params": m.params, "note": note})
 
     row(TEACHER, "teacher", None, ref_metrics[TEACHER], f"{t_size} px")
@@ -293,8 +296,8 @@ def uniform_pruning(cfg, registry, budgets, budget_names, measure, teacher, size
         for _ in range(7):
             mid = (lo + hi) / 2
             # the ratio to the teacher timed beside it: this machine's absolute speed drifts
-            got = measure({"m": (pruned(mid), size), "teacher": (teacher, size)})
-            if got["m"] <= b * got["teacher"]:
+            _, got = measure({"m": (pruned(mid), size), TEACHER: (teacher, size)})
+            if got["m"] <= b:
                 best, hi = mid, mid
             else:
                 lo = mid

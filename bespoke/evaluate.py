@@ -126,3 +126,56 @@ def measure_latencies(models: dict[str, nn.Module], input_shape: Sequence[int] |
             continue
         answers.update({k: float(v) for k, v in got.items() if v is not None})
     return {name: answers.get(q.key) for name, q in queries.items()}
+
+
+def measure_ratios(models: dict[str, nn.Module], input_shape: Sequence[int] | Mapping[str, Sequence[int]],
+                   estimator: Any, fallback: Any = None, *,
+                   reference: str = "teacher") -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """Latency (ms) of each model and its ratio to ``models[reference]``, all in one interleaved
+    call. Returns ``(ms, ratios)``.
+
+    When the estimator that answers gives every timed run (``latency_samples``), a ratio is the
+    median over rounds of the *paired* ratio within one round, so the machine's drift from round
+    to round (seen here: the same model 35 ms in one call, 55 ms in the next) cancels; otherwise
+    it is the ratio of the two medians. A model the estimator cannot time has ``None``.
+    """
+    import statistics
+
+    from bespoke.latency import _per_round, make_query
+
+    if reference not in models:
+        raise ValueError(f"measure_ratios: the reference {reference!r} is not among the models")
+
+    def shape_of(name):
+        shape = input_shape[name] if isinstance(input_shape, Mapping) else input_shape
+        return tuple(int(s) for s in shape)
+
+    for m in models.values():
+        m.eval()
+    queries = {name: make_query(m, shape_of(name)) for name, m in models.items()}
+    for est in (estimator, fallback):
+        if est is None or not callable(getattr(est, "latency_samples", None)):
+            continue
+        try:
+            samples = est.latency_samples(list(queries.values()))
+        except Exception:  # a lookup table that does not hold whole models: try the next one
+            continue
+        ref = samples.get(queries[reference].key)
+        if not ref:
+            continue
+        ms: dict[str, float | None] = {}
+        ratios: dict[str, float | None] = {}
+        for name, q in queries.items():
+            got = samples.get(q.key)
+            if not got:
+                ms[name] = ratios[name] = None
+                continue
+            rounds = min(len(ref), len(got))
+            r_ref, r_got = _per_round(ref[:rounds], rounds), _per_round(got[:rounds], rounds)
+            ms[name] = float(statistics.median(got))
+            ratios[name] = float(statistics.median(b / a for a, b in zip(r_ref, r_got) if a > 0))
+        return ms, ratios
+    ms = measure_latencies(models, input_shape, estimator, fallback)
+    ref_ms = ms.get(reference)
+    ratios = {n: (v / ref_ms if v is not None and ref_ms else None) for n, v in ms.items()}
+    return ms, ratios

@@ -773,7 +773,7 @@ class _Students:
         import torch
         import torch.nn.functional as F
 
-        from bespoke.evaluate import measure_latencies
+        from bespoke.evaluate import measure_ratios
         from bespoke.finetune import iter_batches
         from bespoke.search import RealScore
 
@@ -797,30 +797,29 @@ class _Students:
         ratio = None
         if self.cfg.search.rerank_latency:
             estimator, fallback = self._estimators()
-            with student.taps(False):
-                ms = measure_latencies({"teacher": self.teacher, "candidate": student},
-                                       {"teacher": self.shape, "candidate": view.shape}, estimator, fallback)
-            if ms.get("teacher") and ms.get("candidate"):
-                ratio = ms["candidate"] / ms["teacher"]
+            with student.taps(False):  # the median of per-round ratios: drift between rounds cancels
+                _, ratios = measure_ratios({"teacher": self.teacher, "candidate": student},
+                                           {"teacher": self.shape, "candidate": view.shape}, estimator, fallback)
+            ratio = ratios.get("candidate")
         return RealScore(fidelity=agree / n - (kl / n) / 1000.0, latency_ratio=ratio)
 
     def size_ratios(self, sizes):
         """How long the teacher takes at each input size in ``sizes`` relative to its own size,
-        measured side by side in one interleaved call."""
-        from bespoke.evaluate import measure_latencies
+        measured side by side in one interleaved call (medians of per-round ratios)."""
+        from bespoke.evaluate import measure_ratios
 
         estimator, fallback = self._estimators()
         models = {"teacher": self.teacher, **{f"{s}px": self.teacher for s in sizes}}
         shapes = {"teacher": self.shape, **{f"{s}px": (1, 3, s, s) for s in sizes}}
-        ms = measure_latencies(models, shapes, estimator, fallback)
+        _, ratios = measure_ratios(models, shapes, estimator, fallback)
         out = {}
         for s in sizes:
-            if not ms.get("teacher") or not ms.get(f"{s}px"):
+            if not ratios.get(f"{s}px"):
                 from bespoke.errors import UsageError
 
                 raise UsageError(f"the latency estimator {self.cfg.plugins.latency!r} cannot measure the teacher at "
                                  f"{s} px; search.input_sizes needs one that measures whole models")
-            out[s] = ms[f"{s}px"] / ms["teacher"]
+            out[s] = ratios[f"{s}px"]
         return out
 
     def _estimators(self):

@@ -604,3 +604,25 @@ def test_replace_one_pairs_runs_of_the_same_round_when_the_estimator_gives_them(
     savings, refs = measure_replace_one(teacher, todo, Drifting(ms_of), (1, 3, 16, 16))
     # relative saving 1/4 of the teacher's median (4 ms * 2.0 in the middle round)
     assert refs == [8.0] and savings[saving_key("sig-seg1", "sig-id")].ms == pytest.approx(0.25 * 8.0)
+
+
+def test_measure_ratios_pairs_rounds_and_falls_back_to_medians():
+    from bespoke.evaluate import measure_ratios
+
+    teacher, small = nn.Sequential(block(3, 8), block(8, 8)), nn.Sequential(block(3, 8))
+    runs = {2: [10.0, 20.0, 30.0], 1: [15.0, 8.0, 12.0]}  # per round: 1.5, 0.4, 0.4 of the teacher
+
+    class Paired(_FakeEstimator):
+        def latency_samples(self, queries):
+            return {q.key: runs[sum(isinstance(x, nn.Conv2d) for x in q.module.modules())] for q in queries}
+
+    models = {"teacher": teacher, "small": small}
+    ms, ratios = measure_ratios(models, (1, 3, 16, 16), Paired(None))
+    # the median of the per-round ratios, not the ratio of the medians (12 / 20 = 0.6)
+    assert ratios == {"teacher": 1.0, "small": pytest.approx(0.4)} and ms == {"teacher": 20.0, "small": 12.0}
+
+    medians = _FakeEstimator(lambda m: 10.0 * sum(isinstance(x, nn.Conv2d) for x in m.modules()))
+    ms, ratios = measure_ratios(models, (1, 3, 16, 16), medians)  # no timed runs given: medians
+    assert ratios == {"teacher": 1.0, "small": pytest.approx(0.5)}
+    with pytest.raises(ValueError, match="reference 'base'"):
+        measure_ratios(models, (1, 3, 16, 16), medians, reference="base")
