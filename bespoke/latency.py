@@ -953,7 +953,8 @@ def interleaved_order(n: int, round_index: int) -> list[int]:
 
 
 def time_interleaved(runners: Sequence[Any], *, warmup: int, runs: int, warm_per_visit: int = 1,
-                     runs_per_visit: int = 1, sync: Any = None, clock: str = "wall") -> list[list[float]]:
+                     runs_per_visit: int = 1, sync: Any = None, clock: str = "wall",
+                     gc_off: bool = True) -> list[list[float]]:
     """Time each ``runners[i]()`` (a zero-argument callable); return every timed run in ms.
 
     After ``warmup`` untimed rounds, rounds visit the runners round-robin (each round starting one
@@ -965,29 +966,43 @@ def time_interleaved(runners: Sequence[Any], *, warmup: int, runs: int, warm_per
     ``clock="cpu"`` times the CPU time of the calling thread instead of the wall clock: on a
     machine shared with other work, a single-threaded run's CPU time does not count the time it
     waited for a core. Only meaningful when the work runs on the calling thread (one CPU thread).
+
+    Python's garbage collector is collected once and then off while timing (as :mod:`timeit`
+    does): in a process holding millions of objects (a built model house, a data set), its
+    collections land inside timed runs and add a fixed cost per run, which inflates the
+    latency of small models relative to large ones (``gc_off=False`` keeps it on).
     """
+    import gc
     import time
 
     now = time.thread_time if clock == "cpu" else time.perf_counter
     sync = sync or (lambda: None)
     n = len(runners)
     times: list[list[float]] = [[] for _ in runners]
-    for r in range(warmup):
-        for i in interleaved_order(n, r):
-            runners[i]()
-    sync()
-    per = max(1, runs_per_visit)
-    rounds = -(-runs // per)
-    for r in range(rounds):
-        for i in interleaved_order(n, r):
-            for _ in range(warm_per_visit):
+    was_enabled = gc.isenabled()
+    if gc_off:
+        gc.collect()
+        gc.disable()
+    try:
+        for r in range(warmup):
+            for i in interleaved_order(n, r):
                 runners[i]()
-            for _ in range(min(per, runs - len(times[i]))):
-                sync()
-                t0 = now()
-                runners[i]()
-                sync()
-                times[i].append((now() - t0) * 1e3)
+        sync()
+        per = max(1, runs_per_visit)
+        rounds = -(-runs // per)
+        for r in range(rounds):
+            for i in interleaved_order(n, r):
+                for _ in range(warm_per_visit):
+                    runners[i]()
+                for _ in range(min(per, runs - len(times[i]))):
+                    sync()
+                    t0 = now()
+                    runners[i]()
+                    sync()
+                    times[i].append((now() - t0) * 1e3)
+    finally:
+        if was_enabled:
+            gc.enable()
     return times
 
 

@@ -206,6 +206,25 @@ def test_timing_is_interleaved_with_a_warm_run_per_turn():
     assert log[3:] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 1, 1, 1, 2, 2, 2, 0, 0, 0]
 
 
+def test_timing_turns_the_garbage_collector_off_and_back_on():
+    import gc
+
+    from bespoke.latency import time_interleaved
+
+    seen = []
+    time_interleaved([lambda: seen.append(gc.isenabled())], warmup=1, runs=2)
+    assert seen == [False] * 5 and gc.isenabled()  # 1 warm-up, then 2 turns of 1 untimed + 1 timed
+    seen.clear()
+    time_interleaved([lambda: seen.append(gc.isenabled())], warmup=0, runs=2, gc_off=False)
+    assert seen == [True] * 4
+    gc.disable()
+    try:  # a caller that had it off keeps it off
+        time_interleaved([lambda: None], warmup=0, runs=1)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_measured_latency_runs_on_tiny_modules():
     est = load_registry().instantiate("measured-latency", {**FAST, "threads": 1})
     qs = _queries()
