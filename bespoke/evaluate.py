@@ -98,14 +98,9 @@ def evaluate(model: nn.Module, name: str, dataset: Any, input_shape: Sequence[in
                    top1=top1, top5=top5, agreement=agree, images=int(pred.top5.shape[0])), pred
 
 
-def measure_latencies(models: dict[str, nn.Module], input_shape: Sequence[int] | Mapping[str, Sequence[int]],
-                      estimator: Any, fallback: Any = None) -> dict[str, float | None]:
-    """End-to-end latency (ms) of each model with ``estimator``, all in one interleaved call.
-
-    ``input_shape`` is one shape for all, or a shape per model name (models that run at other
-    input sizes). A table-only estimator cannot answer for a whole new model; then ``fallback``
-    (a measuring estimator) answers, and when there is none the latency is ``None``.
-    """
+def _queries(models: dict[str, nn.Module],
+             input_shape: Sequence[int] | Mapping[str, Sequence[int]]) -> dict[str, Any]:
+    """One latency query per model (in eval mode): ``input_shape`` is one shape, or one per name."""
     from bespoke.latency import make_query
 
     def shape_of(name):
@@ -114,7 +109,18 @@ def measure_latencies(models: dict[str, nn.Module], input_shape: Sequence[int] |
 
     for m in models.values():
         m.eval()
-    queries = {name: make_query(m, shape_of(name)) for name, m in models.items()}
+    return {name: make_query(m, shape_of(name)) for name, m in models.items()}
+
+
+def measure_latencies(models: dict[str, nn.Module], input_shape: Sequence[int] | Mapping[str, Sequence[int]],
+                      estimator: Any, fallback: Any = None) -> dict[str, float | None]:
+    """End-to-end latency (ms) of each model with ``estimator``, all in one interleaved call.
+
+    ``input_shape`` is one shape for all, or a shape per model name (models that run at other
+    input sizes). A table-only estimator cannot answer for a whole new model; then ``fallback``
+    (a measuring estimator) answers, and when there is none the latency is ``None``.
+    """
+    queries = _queries(models, input_shape)
     answers: dict[str, float] = {}
     for est in (estimator, fallback):
         missing = [q for n, q in queries.items() if q.key not in answers]
@@ -141,18 +147,12 @@ def measure_ratios(models: dict[str, nn.Module], input_shape: Sequence[int] | Ma
     """
     import statistics
 
-    from bespoke.latency import _per_round, make_query
+    from bespoke.latency import _per_round
 
     if reference not in models:
         raise ValueError(f"measure_ratios: the reference {reference!r} is not among the models")
 
-    def shape_of(name):
-        shape = input_shape[name] if isinstance(input_shape, Mapping) else input_shape
-        return tuple(int(s) for s in shape)
-
-    for m in models.values():
-        m.eval()
-    queries = {name: make_query(m, shape_of(name)) for name, m in models.items()}
+    queries = _queries(models, input_shape)
     for est in (estimator, fallback):
         if est is None or not callable(getattr(est, "latency_samples", None)):
             continue
