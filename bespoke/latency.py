@@ -943,6 +943,42 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown-cpu"
 
 
+_STEADY_ALLOCATOR: bool | None = None
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+
+
+def steady_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Fix glibc malloc's mmap and trim thresholds for this process, once; True where applied.
+
+    With glibc's default *dynamic* thresholds, what a model's forward pass costs on the CPU
+    depends on what the process did before: freed activation buffers above the trim threshold
+    go back to the OS and every run faults them in again (measured here, EfficientNet-Lite2 at
+    260 px, batch 1: 1.5 million minor page faults in one timing call, 35 ms per run; 4 thousand
+    faults and 22 ms once the thresholds are fixed). A process that has trained something
+    with large batches has raised the thresholds and runs fast; a fresh one runs slow, so
+    latencies measured before and after the model house is built disagree, and large
+    models (more activation memory) are hit harder than small ones. Fixed thresholds keep
+    freed buffers for reuse, as a long-running server with a tuned allocator (jemalloc,
+    tcmalloc) does. Process-wide and not undone (glibc has no getter for the old values).
+    Elsewhere (macOS, Windows, musl) it does nothing and returns False.
+    """
+    global _STEADY_ALLOCATOR
+    if _STEADY_ALLOCATOR is not None:
+        return _STEADY_ALLOCATOR
+    _STEADY_ALLOCATOR = False
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
+            ok = libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1 and ok
+            _STEADY_ALLOCATOR = bool(ok)
+        except (OSError, AttributeError):
+            pass
+    return _STEADY_ALLOCATOR
+
+
 def interleaved_order(n: int, round_index: int) -> list[int]:
     """Round-robin order for one timing round: each round starts one later, so no query always
     runs right after the same neighbour and drift hits every query alike."""

@@ -26,6 +26,8 @@ class MeasuredLatencyOptions(PluginOptions):
         "median", description="summary of the timed runs: median (default), or min, which resists other load on a shared machine")
     in_context: bool = Field(
         False, description="`bespoke profile` also measures each alternative's saving in context: the whole teacher with that one segment replaced, end to end (one whole-model timing per alternative; predictions then match measured students far better)")
+    steady_allocator: bool = Field(
+        True, description="fix glibc malloc's mmap/trim thresholds before timing (bespoke.latency.steady_allocator), so freed activations are reused rather than faulted in again on every run and a model times the same early in a process and after a build or training; process-wide; no effect off glibc")
     device_name: str | None = Field(None, description="name written into the DeviceInfo (default: the CPU or GPU model)")
 
 
@@ -68,9 +70,11 @@ class MeasuredLatency:
         were timed in the same interleaved round (used for paired differences)."""
         import torch
 
-        from bespoke.latency import time_interleaved, unique_queries
+        from bespoke.latency import steady_allocator, time_interleaved, unique_queries
 
         o = self.options
+        if o.steady_allocator:
+            steady_allocator()
         todo = unique_queries(queries)
         if not todo:
             return {}

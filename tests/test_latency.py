@@ -206,6 +206,60 @@ def test_timing_is_interleaved_with_a_warm_run_per_turn():
     assert log[3:] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 1, 1, 1, 2, 2, 2, 0, 0, 0]
 
 
+_CHURN = """
+import ctypes, resource, sys
+from bespoke.latency import steady_allocator
+if sys.argv[1] == "steady":
+    assert steady_allocator() and steady_allocator()  # applied, and a second call is a no-op
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+def forward():  # a forward pass: buffers of a few MiB, held together, then all freed
+    bufs = [libc.malloc(4 << 20) for _ in range(8)]
+    for b in bufs:
+        libc.memset(b, 1, 4 << 20)
+    for b in bufs:
+        libc.free(b)
+
+for _ in range(3):
+    forward()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    forward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and __import__("platform").libc_ver()[0] == "glibc"),
+                    reason="glibc malloc only")
+def test_steady_allocator_stops_freed_buffers_being_faulted_in_again():
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    default, steady = faults("default"), faults("steady")
+    # default glibc: the 32 MiB freed at the top of the heap goes back to the OS, and each of
+    # the 20 passes faults its 8192 pages in again; fixed thresholds keep them
+    assert default > 20 * 4096
+    assert steady < default / 20
+
+
+def test_measured_latency_fixes_the_allocator_unless_told_not_to(monkeypatch):
+    import bespoke.latency as lat
+
+    calls = []
+    monkeypatch.setattr(lat, "steady_allocator", lambda *a, **k: calls.append(1) or True)
+    reg = load_registry()
+    q = make_query(nn.Conv2d(3, 4, 3), (1, 3, 8, 8))
+    reg.instantiate("measured-latency", {"warmup": 0, "runs": 1}, category="latency").latencies([q])
+    assert calls == [1]
+    reg.instantiate("measured-latency", {"warmup": 0, "runs": 1, "steady_allocator": False},
+                    category="latency").latencies([q])
+    assert calls == [1]
+
+
 def test_timing_turns_the_garbage_collector_off_and_back_on():
     import gc
 
