@@ -268,7 +268,7 @@ def main(argv=None) -> int:
 
 def uniform_pruning(cfg, registry, budgets, budget_names, measure, teacher, size, out, console):
     """Uniform channel pruning of the whole teacher (torch-pruning, L1 magnitude, the same ratio
-    in every layer), the ratio bisected until the measured latency meets each budget; then the
+    in every layer, widths rounded to multiples of 16 as pruned-self's are), the ratio bisected until the measured latency meets each budget; then the
     same fine-tuning as the students (BN recalibration + CE + KL to the teacher)."""
     import torch_pruning as tp
 
@@ -282,7 +282,7 @@ def uniform_pruning(cfg, registry, budgets, budget_names, measure, teacher, size
         m = copy.deepcopy(teacher).eval()
         if ratio > 0:
             pr = tp.pruner.MetaPruner(m, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                      pruning_ratio=ratio, ignored_layers=[m.classifier])
+                                      pruning_ratio=ratio, ignored_layers=[m.classifier], round_to=16)
             pr.step()
         return m
 

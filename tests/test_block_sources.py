@@ -131,6 +131,28 @@ def test_pruned_self(family):
     assert count_parameters(module) == sizes[1]
 
 
+def test_pruned_self_rounds_kept_channels_to_hardware_friendly_widths():
+    """Lite0's expansion convs (96, 144, 240 ... channels): at 25 % the kept widths are
+    multiples of 16 by default (144 -> 112, not 108), and exactly the ratio with round_to 1;
+    narrow groups (fewer than 32 channels) keep the ratio either way."""
+    ctx = _ctx("tf_efficientnet_lite0")
+    seg = _middle_segment(ctx.teacher, span=5)
+
+    def widths(**opts):
+        src = PrunedSelf(PrunedSelfOptions(ratios=[0.25], importance="magnitude", **opts))
+        module, _ = _check_roundtrip(src, ctx, seg, src.propose(ctx, seg)[0])
+        full = ctx.teacher.extract(seg)
+        return [(c.out_channels, dict(full.named_modules())[n].out_channels)
+                for n, c in module.named_modules() if isinstance(c, torch.nn.Conv2d) and c.groups == 1]
+
+    rounded, exact = widths(), widths(round_to=1)
+    pruned = [(k, n) for k, n in rounded if k < n]
+    assert pruned and all(k % 16 == 0 for k, n in pruned if n >= 32)
+    assert any(k != round(n * 0.75) for k, n in pruned)  # the rounding changed something
+    assert all(k == round(n * 0.75) for k, n in exact if k < n)
+    assert [n for _, n in rounded] == [n for _, n in exact]
+
+
 def test_pruned_self_error_importance_is_competitive():
     """importance "error" removes channels whose removal hurts the output little."""
     ctx = _ctx("resnet18", images=8)
