@@ -102,6 +102,33 @@ def test_skip_student_runs_and_is_smaller(name):
     assert torch.equal(student.replaced_outputs[seg.id], part.activations(example(), [seg.start])[seg.start])
 
 
+def test_student_forward_calls_the_same_modules_under_flat_names():
+    """Student.forward runs a flat view of its graph (no getattr chains): the same module
+    objects, outside the state dict, and it follows training, copies and dtype moves."""
+    part = teacher("resnet18")
+    seg = skip_segment(part)
+    student = assemble(part, [(seg, nn.Identity())])
+    flat = student._flat
+    assert flat is not None and not any(k.startswith("_flat") for k in student.state_dict())
+    hier = dict(student.net.named_modules())
+    for name, mod in flat.named_children():
+        assert any(mod is m for m in hier.values()), name
+    x = example()
+    with torch.no_grad():
+        torch.testing.assert_close(student(x), student.net(x), rtol=0, atol=0)
+        for p in student.parameters():  # a change made through the registered modules shows
+            p.mul_(0.5)
+        torch.testing.assert_close(student(x), student.net(x), rtol=0, atol=0)
+    twin = copy.deepcopy(student).double()
+    assert all(a is not b for a, b in zip(twin.parameters(), student.parameters()))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x.double()), twin.net(x.double()), rtol=0, atol=0)
+    twin.replaced_outputs = {}
+    with torch.no_grad():
+        twin(x.double())
+    assert twin.replaced_outputs[seg.id].dtype == torch.float64  # the taps (hooks) fired through the view
+
+
 def test_skip_proposes_nothing_when_shapes_differ():
     part = teacher("resnet18")
     seg = next(s for s in part.enumerate_segments(6) if s.in_shape != s.out_shape)
