@@ -268,8 +268,9 @@ def main(argv=None) -> int:
 
 def uniform_pruning(cfg, registry, budgets, budget_names, measure, teacher, size, out, console):
     """Uniform channel pruning of the whole teacher (torch-pruning, L1 magnitude, the same ratio
-    in every layer, widths rounded to multiples of 16 as pruned-self's are), the ratio bisected until the measured latency meets each budget; then the
-    same fine-tuning as the students (BN recalibration + CE + KL to the teacher)."""
+    in every layer, widths rounded to multiples of 16 as pruned-self's are), the ratio bisected
+    until the measured latency meets each budget; then the same fine-tuning as the students
+    (BN recalibration + CE + KL to the teacher)."""
     import torch_pruning as tp
 
     from bespoke import data as images

@@ -91,8 +91,10 @@ class Student(nn.Module):
         self.recipe: StudentRecipe | None = None
         for seg in self.segments:
             net.get_submodule(f"alternatives.{_module_name(seg)}").register_forward_hook(_Tap(self, seg.id))
-        # not registered (object.__setattr__): the same modules under flat names, see _flat_view
-        object.__setattr__(self, "_flat", _flat_view(net))
+        # not registered (object.__setattr__): the same modules under flat names, built on the
+        # first forward and again after any module anywhere is (re)assigned, see _flat_view
+        object.__setattr__(self, "_flat", None)
+        object.__setattr__(self, "_flat_at", -1)
 
     @property
     def replaced_segments(self) -> list[str]:
@@ -124,7 +126,23 @@ class Student(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._tapping():
             self.replaced_outputs = {}
-        return (self._flat or self.net)(x)
+        if self._flat_at != _REGISTRATIONS[0]:
+            object.__setattr__(self, "_flat", _flat_view(self.net))
+            object.__setattr__(self, "_flat_at", _REGISTRATIONS[0])  # after: building registers modules
+        return (self._flat if self._flat is not None else self.net)(x)
+
+
+# How many submodule assignments (``parent.name = module``) torch has seen in this process: a
+# student whose view was built at another count rebuilds it, so a module swapped into ``net``
+# after assembly (fusion, quantisation, a new alternative) is never bypassed by a stale view.
+_REGISTRATIONS = [0]
+
+
+def _count_registration(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 
 def _flat_view(net: fx.GraphModule) -> fx.GraphModule | None:
@@ -134,7 +152,8 @@ def _flat_view(net: fx.GraphModule) -> fx.GraphModule | None:
     every forward; on EfficientNet-Lite2 at 240 px (200 calls) that made the reassembled
     teacher 4.1 % slower than timm's eager module, the flat view 1.3 % (2 CPU threads). ``net``
     keeps the hierarchy (state dict, saving, hooks); both call the same modules, so training,
-    ``load_state_dict``, ``.to()`` and hooks act on both. Graphs that read tensors directly
+    ``load_state_dict``, ``.to()`` and hooks act on both; a module assigned anew into ``net``
+    makes :class:`Student` rebuild the view. Graphs that read tensors directly
     (``get_attr``, which a device move would replace in ``net`` only) get no view: ``None``.
     """
     graph = copy.deepcopy(net.graph)

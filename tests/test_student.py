@@ -108,12 +108,14 @@ def test_student_forward_calls_the_same_modules_under_flat_names():
     part = teacher("resnet18")
     seg = skip_segment(part)
     student = assemble(part, [(seg, nn.Identity())])
+    x = example()
+    with torch.no_grad():
+        student(x)  # the view is built on the first forward
     flat = student._flat
     assert flat is not None and not any(k.startswith("_flat") for k in student.state_dict())
     hier = dict(student.net.named_modules())
     for name, mod in flat.named_children():
         assert any(mod is m for m in hier.values()), name
-    x = example()
     with torch.no_grad():
         torch.testing.assert_close(student(x), student.net(x), rtol=0, atol=0)
         for p in student.parameters():  # a change made through the registered modules shows
@@ -127,6 +129,14 @@ def test_student_forward_calls_the_same_modules_under_flat_names():
     with torch.no_grad():
         twin(x.double())
     assert twin.replaced_outputs[seg.id].dtype == torch.float64  # the taps (hooks) fired through the view
+    # a module swapped into the graph after assembly is what runs next (no stale view)
+    name = f"seg_{seg.start}_{seg.end}"
+    doubled = nn.Sequential(nn.Identity())
+    doubled.register_forward_hook(lambda m, a, out: out * 2)
+    setattr(twin.net.alternatives, name, doubled)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x.double()), twin.net(x.double()), rtol=0, atol=0)
+        assert twin._flat.get_submodule(f"m_alternatives__{name}") is doubled
 
 
 def test_skip_proposes_nothing_when_shapes_differ():
