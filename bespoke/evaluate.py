@@ -135,8 +135,8 @@ def measure_latencies(models: dict[str, nn.Module], input_shape: Sequence[int] |
 
 
 def measure_ratios(models: dict[str, nn.Module], input_shape: Sequence[int] | Mapping[str, Sequence[int]],
-                   estimator: Any, fallback: Any = None, *,
-                   reference: str = "teacher") -> tuple[dict[str, float | None], dict[str, float | None]]:
+                   estimator: Any, fallback: Any = None, *, reference: str = "teacher",
+                   pairwise: bool = False) -> tuple[dict[str, float | None], dict[str, float | None]]:
     """Latency (ms) of each model and its ratio to ``models[reference]``, all in one interleaved
     call. Returns ``(ms, ratios)``.
 
@@ -144,6 +144,14 @@ def measure_ratios(models: dict[str, nn.Module], input_shape: Sequence[int] | Ma
     median over rounds of the *paired* ratio within one round, so the machine's drift from round
     to round (seen here: the same model 35 ms in one call, 55 ms in the next) cancels; otherwise
     it is the ratio of the two medians. A model the estimator cannot time has ``None``.
+
+    ``pairwise``: time each model in its own call beside the reference only, instead of all in
+    one call. How many models one call interleaves changes the ratios (measured on this CPU: a
+    student at 0.83 of the teacher in a pair, 0.84-0.86 in a call of five: each model runs with
+    the others' weights in the caches), so ratios that are compared with each other -- a budget
+    taken from a reference model, a re-ranked candidate, a final table -- are best all timed the
+    same way; re-ranking times candidates in pairs. The reference's ms is then its median over
+    all calls.
     """
     import statistics
 
@@ -151,6 +159,22 @@ def measure_ratios(models: dict[str, nn.Module], input_shape: Sequence[int] | Ma
 
     if reference not in models:
         raise ValueError(f"measure_ratios: the reference {reference!r} is not among the models")
+    if pairwise and len(models) > 2:
+        ms: dict[str, float | None] = {}
+        ratios: dict[str, float | None] = {reference: 1.0}
+        ref_ms: list[float] = []
+        shape_of = (lambda n: input_shape[n]) if isinstance(input_shape, Mapping) else (lambda n: input_shape)
+        for name, model in models.items():
+            if name == reference:
+                continue
+            got_ms, got = measure_ratios({reference: models[reference], name: model},
+                                         {reference: shape_of(reference), name: shape_of(name)},
+                                         estimator, fallback, reference=reference)
+            ms[name], ratios[name] = got_ms[name], got[name]
+            if got_ms[reference] is not None:
+                ref_ms.append(got_ms[reference])
+        ms[reference] = float(statistics.median(ref_ms)) if ref_ms else None
+        return {n: ms[n] for n in models}, {n: ratios[n] for n in models}
 
     queries = _queries(models, input_shape)
     for est in (estimator, fallback):

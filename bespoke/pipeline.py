@@ -805,13 +805,14 @@ class _Students:
 
     def size_ratios(self, sizes):
         """How long the teacher takes at each input size in ``sizes`` relative to its own size,
-        measured side by side in one interleaved call (medians of per-round ratios)."""
+        each size timed in its own interleaved call beside the teacher at its own size (medians of
+        per-round ratios), the way re-ranking times a candidate."""
         from bespoke.evaluate import measure_ratios
 
         estimator, fallback = self._estimators()
         models = {"teacher": self.teacher, **{f"{s}px": self.teacher for s in sizes}}
         shapes = {"teacher": self.shape, **{f"{s}px": (1, 3, s, s) for s in sizes}}
-        _, ratios = measure_ratios(models, shapes, estimator, fallback)
+        _, ratios = measure_ratios(models, shapes, estimator, fallback, pairwise=True)
         out = {}
         for s in sizes:
             if not ratios.get(f"{s}px"):

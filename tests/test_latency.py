@@ -699,3 +699,34 @@ def test_measure_ratios_pairs_rounds_and_falls_back_to_medians():
     assert ratios == {"teacher": 1.0, "small": pytest.approx(0.5)}
     with pytest.raises(ValueError, match="reference 'base'"):
         measure_ratios(models, (1, 3, 16, 16), medians, reference="base")
+
+
+def test_measure_ratios_pairwise_times_each_model_beside_the_reference_alone():
+    from bespoke.evaluate import measure_ratios
+
+    teacher = nn.Sequential(block(3, 8), block(8, 8), block(8, 8), block(8, 8))
+    half, quarter = nn.Sequential(block(3, 8), block(8, 8)), nn.Sequential(block(3, 8))
+    calls = []
+
+    class Crowded(_FakeEstimator):
+        """Every model runs slower the more models share a call (caches), the teacher included."""
+        def latency_samples(self, queries):
+            calls.append(len(queries))
+            crowd = 1.0 + 0.25 * (len(queries) - 2)
+            convs = lambda q: sum(isinstance(x, nn.Conv2d) for x in q.module.modules())
+            return {q.key: [(5.0 * convs(q) + (0 if convs(q) == 4 else 2.0 * crowd)) * r for r in (1.0, 1.1, 0.9)]
+                    for q in queries}
+
+    models = {"half": half, "teacher": teacher, "quarter": quarter}
+    shapes = {"teacher": (1, 3, 16, 16), "half": (1, 3, 16, 16), "quarter": (1, 3, 8, 8)}
+    _, together = measure_ratios(models, shapes, Crowded(None))
+    assert calls == [3]
+    calls.clear()
+    ms, pairs = measure_ratios(models, shapes, Crowded(None), pairwise=True)
+    assert calls == [2, 2] and list(ms) == ["half", "teacher", "quarter"]
+    # in pairs: (10 + 2) / 20 and (5 + 2) / 20; all three in one call: +0.5 ms of crowding each
+    assert pairs == {"half": pytest.approx(0.6), "teacher": 1.0, "quarter": pytest.approx(0.35)}
+    assert together["half"] == pytest.approx(12.5 / 20) and ms["teacher"] == pytest.approx(20.0)
+    calls.clear()
+    assert measure_ratios({"teacher": teacher, "half": half}, (1, 3, 16, 16), Crowded(None),
+                          pairwise=True)[1]["half"] == pytest.approx(0.6) and calls == [2]
