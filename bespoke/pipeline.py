@@ -876,9 +876,11 @@ class _Students:
                      finetune_kept=kept)
 
     def measure(self, made):
-        """End-to-end latency of the teacher, every student and every reference model, in one
-        interleaved call of the selected estimator (a measuring one when it is a table)."""
-        from bespoke.evaluate import evaluate, measure_latencies
+        """End-to-end latency of the teacher, every student and every reference model with the
+        selected estimator (a measuring one when it is a table), each timed in its own interleaved
+        call beside the teacher (``measure_ratios(pairwise=True)``), the way re-ranking timed the
+        candidates: how many models one call holds moves the ratios."""
+        from bespoke.evaluate import evaluate, measure_ratios
         from bespoke.models import load_model
 
         self.references = []
@@ -893,7 +895,7 @@ class _Students:
             models[m.name], shapes[m.name] = m.student, m.shape
         estimator, fallback = self._estimators()
         self.latency_device = (fallback or estimator).device()
-        ms = measure_latencies(models, shapes, estimator, fallback)
+        ms, _ = measure_ratios(models, shapes, estimator, fallback, pairwise=True)
         for m in made:
             m.student.taps_enabled = True
         self.teacher_metrics.latency_ms = ms["teacher"]
