@@ -10,14 +10,17 @@ One process, this machine's CPU, batch 1, 2 threads. It
 2. runs the whole bespoke pipeline (build the house from train/, profile, search, fine-tune,
    evaluate on val/, export) at budgets 0.5, 0.7 and the two measured ratios; students may run
    at the teacher's 260 px or at the ``--input-sizes`` (240, 224, 208 and 192 px by default:
-   ``search.input_sizes``), each size searched with its own latency table;
+   ``search.input_sizes``), each size searched with its own latency table; the final pick of a
+   budget over the sizes counts agreement on the 100 held-out images plus ``--pick-train-images``
+   training images, and times again the finalists measured within 3 % of the budget;
 3. runs the baselines at the same budgets: a random search over the same house (same
    fine-tuning, same sizes), uniform channel pruning of the teacher with torch-pruning to the
    same latency (same fine-tuning), and the teacher itself at each of the input sizes;
 4. measures every model end to end, each in its own interleaved call beside the teacher (torch
    eager), and again with ONNX Runtime, and prints one table; writes DIR/benchmark.json and
    DIR/pareto.png. The bespoke students are saved under DIR/students/ (load with
-   ``bespoke.load_student``).
+   ``bespoke.load_student``). Every row at a donor's latency says how its top-1 differs from
+   that donor's on the same 300 images, with a 95 % paired-bootstrap interval.
 
 Latency ratios in the table are measured in the same run, side by side: the median over
 interleaved rounds of each model's ratio to the teacher in that round (90 rounds for the budgets
@@ -86,6 +89,11 @@ def parse_args(argv=None):
                    help="val images the search's replace-one proxy uses (all 300 are used for the table)")
     p.add_argument("--input-sizes", type=int, nargs="*", default=[240, 224, 208, 192],
                    help="search.input_sizes: students may also run at these input resolutions (px); none: 260 only")
+    p.add_argument("--pick-train-images", type=int, default=200,
+                   help="search.pick_train_images: the final pick over input sizes also counts agreement on this many "
+                        "training images (100 held-out images tell candidates one image apart)")
+    p.add_argument("--pick-remeasure", type=int, default=2,
+                   help="search.pick_remeasure: finalists measured within 3 %% of the budget are timed this many more times")
     p.add_argument("--skip-baselines", action="store_true", help="only the bespoke students (faster)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -148,9 +156,10 @@ def main(argv=None) -> int:
     t_model, t_size = refs[TEACHER]["model"], refs[TEACHER]["size"]
     teacher_metrics, teacher_pred = evaluate(t_model, TEACHER, val_set(t_model, t_size), (1, 3, t_size, t_size))
     ref_metrics = {TEACHER: teacher_metrics}
+    preds = {TEACHER: teacher_pred}  # every model's answers on val, for the paired comparisons
     for d in DONORS:
         m, s = refs[d]["model"], refs[d]["size"]
-        ref_metrics[d], _ = evaluate(m, d, val_set(m, s), (1, 3, s, s), teacher=teacher_pred)
+        ref_metrics[d], preds[d] = evaluate(m, d, val_set(m, s), (1, 3, s, s), teacher=teacher_pred)
 
     # ---- 2. bespoke ------------------------------------------------------------------------
     budgets = [0.5, 0.7, round(ratios[DONORS[0]], 3), round(ratios[DONORS[1]], 3)]
@@ -174,7 +183,8 @@ def main(argv=None) -> int:
                   "max_fraction": args.max_fraction, "epochs": args.distill_epochs, "batch_size": 16,
                   "calibration_images": args.calibration_images,
                   "validation_images": args.proxy_images, "augment": True},
-        "search": {"proxy": args.proxy, "rerank_top_k": args.rerank_top_k, "input_sizes": args.input_sizes},
+        "search": {"proxy": args.proxy, "rerank_top_k": args.rerank_top_k, "input_sizes": args.input_sizes,
+                   "pick_train_images": args.pick_train_images, "pick_remeasure": args.pick_remeasure},
         "finetune": {"epochs": 100, "steps": args.finetune_steps, "batch_size": 16, "lr": args.finetune_lr,
                      "beta": args.finetune_beta, "bn_recalibration_batches": 8},
     }
@@ -213,8 +223,8 @@ def main(argv=None) -> int:
         for size in args.input_sizes:  # the teacher itself at a lower resolution, nothing replaced
             baseline_models[f"teacher@{size}px"] = (t_model, None, f"the teacher as is at {size} px", size)
         for name, (model, budget, _, size) in baseline_models.items():
-            baseline_metrics[name], _ = evaluate(model, name, val_set(t_model, size), (1, 3, size, size),
-                                                 teacher=teacher_pred)
+            baseline_metrics[name], preds[name] = evaluate(model, name, val_set(t_model, size), (1, 3, size, size),
+                                                           teacher=teacher_pred)
 
     # ---- 4. Everything measured side by side -----------------------------------------------
     from bespoke import load_student
@@ -236,19 +246,26 @@ def main(argv=None) -> int:
         ort_ms, ort_ratio = {}, {}
 
     rows = []
+    from bespoke.evaluate import paired_difference
+
+    donor_at = {budgets[2]: DONORS[0], budgets[3]: DONORS[1]}  # the budgets set by a donor's latency
 
     def row(name, kind, budget, m, note=""):
+        versus = None
+        if budget in donor_at and name in preds:  # top-1 minus the donor's, on the same images
+            versus = {"donor": donor_at[budget], **paired_difference(preds[name], preds[donor_at[budget]],
+                                                                      seed=args.seed).as_dict()}
         rows.append({"name": name, "kind": kind, "budget": budget, "top1": m.top1, "agreement": m.agreement,
                      "latency_ms": torch_ms[name], "latency_ratio": torch_ratio[name],
                      "latency_ms_onnxruntime": ort_ms.get(name), "latency_ratio_onnxruntime": ort_ratio.get(name),
-                     "params": m.params, "note": note})
+                     "params": m.params, "vs_donor": versus, "note": note})
 
     row(TEACHER, "teacher", None, ref_metrics[TEACHER], f"{t_size} px")
     for d in DONORS:
         row(d, "donor", None, ref_metrics[d], f"{refs[d]['size']} px, pretrained as is")
     for name, (model, s) in students.items():  # all val images, like every other row
         size = s.input_size or t_size
-        m, _ = evaluate(model, name, val_set(t_model, size), (1, 3, size, size), teacher=teacher_pred)
+        m, preds[name] = evaluate(model, name, val_set(t_model, size), (1, 3, size, size), teacher=teacher_pred)
         row(name, "student", s.budget, m, f"{size} px, {len(s.replaced)} segment(s) replaced; "
             f"predicted {s.latency_ms_predicted:.2f} ms")
     for name, (_, budget, note, _) in baseline_models.items():
@@ -326,16 +343,21 @@ def print_table(rows, result, console):
 
     t = Table(title=f"EfficientNet-Lite2 on this CPU ({result['machine']['threads']} threads, batch 1), "
                     f"{result['date']}")
-    for col in ("name", "kind", "budget", "top-1", "agreement", "ms (torch)", "ratio", "ms (ORT)", "ratio (ORT)",
-                "params (M)"):
+    for col in ("name", "kind", "budget", "top-1", "vs donor [95% CI]", "agreement", "ms (torch)", "ratio",
+                "ms (ORT)", "ratio (ORT)", "params (M)"):
         t.add_column(col)
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}"
 
+    def versus(v):
+        if not v:
+            return "-"
+        return f"{100 * v['diff']:+.1f} [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]"
+
     for r in rows:
         t.add_row(r["name"], r["kind"], "-" if r["budget"] is None else f"{r['budget']:.3g}", pct(r["top1"]),
-                  pct(r["agreement"]), f"{r['latency_ms']:.2f}", f"{r['latency_ratio']:.3f}",
+                  versus(r.get("vs_donor")), pct(r["agreement"]), f"{r['latency_ms']:.2f}", f"{r['latency_ratio']:.3f}",
                   "-" if r["latency_ms_onnxruntime"] is None else f"{r['latency_ms_onnxruntime']:.2f}",
                   "-" if r["latency_ratio_onnxruntime"] is None else f"{r['latency_ratio_onnxruntime']:.3f}",
                   f"{r['params'] / 1e6:.2f}")

@@ -203,3 +203,48 @@ def measure_ratios(models: dict[str, nn.Module], input_shape: Sequence[int] | Ma
     ref_ms = ms.get(reference)
     ratios = {n: (v / ref_ms if v is not None and ref_ms else None) for n, v in ms.items()}
     return ms, ratios
+
+
+@dataclass
+class PairedDifference:
+    """``a``'s top-1 minus ``b``'s on the same images, with a paired-bootstrap interval."""
+
+    diff: float  # top-1(a) - top-1(b), as a fraction
+    low: float  # the interval's bounds, as fractions
+    high: float
+    only_a: int  # images only ``a`` gets right
+    only_b: int  # images only ``b`` gets right
+    images: int
+    confidence: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"diff": self.diff, "low": self.low, "high": self.high, "only_a": self.only_a,
+                "only_b": self.only_b, "images": self.images, "confidence": self.confidence}
+
+
+def paired_difference(a: Predictions, b: Predictions, *, resamples: int = 10000, confidence: float = 0.95,
+                      seed: int = 0) -> PairedDifference:
+    """How much better ``a`` is than ``b`` on top-1 over the same labelled images, and how sure
+    that is: the images are resampled with replacement (both models' answers on an image stay
+    together), and the interval holds the central ``confidence`` of the resampled differences.
+    On 300 images one image is 0.33 points and a 95 % interval is about +-2 points wide for two
+    models that disagree on 10 % of the images: a difference inside it is not a difference.
+    """
+    if a.labels.shape != b.labels.shape or not torch.equal(a.labels, b.labels):
+        raise ValueError("paired_difference needs both models' predictions on the same images, in the same order")
+    mask = a.labels >= 0
+    n = int(mask.sum())
+    if n == 0:
+        raise ValueError("paired_difference needs labelled images")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+    ra = (a.top5[mask, 0] == a.labels[mask]).float()
+    rb = (b.top5[mask, 0] == b.labels[mask]).float()
+    d = ra - rb
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (resamples, n), generator=g)
+    boot = d[idx].mean(dim=1)
+    tail = (1 - confidence) / 2
+    low, high = torch.quantile(boot, torch.tensor([tail, 1 - tail])).tolist()
+    return PairedDifference(diff=float(d.mean()), low=float(low), high=float(high), only_a=int((d > 0).sum()),
+                            only_b=int((d < 0).sum()), images=n, confidence=confidence)

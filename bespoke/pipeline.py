@@ -497,6 +497,7 @@ def _search_sizes(cfg, registry, stage, native, sized_cfgs, out, console):
         options = [(size, rep.results[i]) for size, rep in found.items()]
         feasible = [o for o in options if o[1].feasible] or options
         rows = [_scored_pick(r, native.teacher_ms) for _, r in feasible]
+        _refine_finalists(cfg, stage, feasible, rows, native.results[i].budget, console)
         size, pick = feasible[S.pick_scored(rows, measured="measured_ratio", predicted="predicted_ratio")]
         pick = pick.model_copy(deep=True)
         pick.meta["input_sizes"] = [{"input_size": s, **row} for (s, _), row in zip(feasible, rows)]
@@ -507,6 +508,44 @@ def _search_sizes(cfg, registry, stage, native, sized_cfgs, out, console):
     report = native.model_copy(update={"results": merged})
     S.write_report(report, out / "search.json")
     return report
+
+
+def _refine_finalists(cfg, stage, finalists, rows, budget, console):
+    """Sharpen the real scores ``rows`` of a budget's finalists (one ``(size, result)`` per input
+    size) in place before the pick: with ``search.pick_remeasure``, time again those measured
+    within ``pick_margin`` of the budget, either side, and judge them by the median of all their
+    measurements; with ``search.pick_train_images``, score those within the budget (or near it)
+    by their agreement on the held-out plus that many training images."""
+    import statistics
+
+    s = cfg.search
+    if not (s.pick_train_images or s.pick_remeasure) or budget is None:
+        return
+    for (size, result), row in zip(finalists, rows):
+        measured = row.get("measured_ratio")
+        near = measured is not None and abs(measured - budget) <= s.pick_margin * budget
+        if s.pick_remeasure and near and result.feasible:
+            times = [measured] + [stage.ratio_of(result.choices, size) for _ in range(s.pick_remeasure)]
+            times = [t for t in times if t is not None]
+            row["measured_ratios"] = times
+            row["measured_ratio"] = measured = float(statistics.median(times))
+            row["within_budget"] = measured <= budget * (1 + 1e-9)
+        if s.pick_train_images and result.feasible and (row["within_budget"] or near):
+            row["proxy_fidelity"] = row["fidelity"]
+            row["fidelity"] = stage.pick_fidelity(result.choices, size)
+    console.print(f"budget {budget:g}: finalists " + ", ".join(
+        f"{size} px " + (f"ratio {row['measured_ratio']:.3f}" if row.get("measured_ratio") is not None else "")
+        + (f" (x{len(row['measured_ratios'])})" if "measured_ratios" in row else "")
+        + f" agreement {row['fidelity']:.4f}" + ("" if row["within_budget"] else " over")
+        for (size, _), row in zip(finalists, rows)), highlight=False)
+
+
+def _plain(choices):
+    """Search choices (objects or dicts) as the dicts :meth:`_Students.assemble` takes."""
+    def get(c, k):
+        return c[k] if isinstance(c, dict) else getattr(c, k)
+
+    return [{"alternative": get(c, "alternative"), "start": get(c, "start"), "end": get(c, "end")} for c in choices]
 
 
 def _scored_pick(result, teacher_ms):
@@ -773,7 +812,6 @@ class _Students:
         import torch
         import torch.nn.functional as F
 
-        from bespoke.evaluate import measure_ratios
         from bespoke.finetune import iter_batches
         from bespoke.search import RealScore
 
@@ -794,14 +832,70 @@ class _Students:
                                      reduction="sum"))
                 n += x.shape[0]
         n = max(n, 1)
-        ratio = None
-        if self.cfg.search.rerank_latency:
-            estimator, fallback = self._estimators()
-            with student.taps(False):  # the median of per-round ratios: drift between rounds cancels
-                _, ratios = measure_ratios({"teacher": self.teacher, "candidate": student},
-                                           {"teacher": self.shape, "candidate": view.shape}, estimator, fallback)
-            ratio = ratios.get("candidate")
+        ratio = self._pair_ratio(student, view) if self.cfg.search.rerank_latency else None
         return RealScore(fidelity=agree / n - (kl / n) / 1000.0, latency_ratio=ratio)
+
+    def _pair_ratio(self, student, view):
+        """The student's latency ratio to the teacher at its own size, timed in one interleaved
+        call beside it (the median of per-round ratios: drift between rounds cancels)."""
+        from bespoke.evaluate import measure_ratios
+
+        estimator, fallback = self._estimators()
+        with student.taps(False):
+            _, ratios = measure_ratios({"teacher": self.teacher, "candidate": student},
+                                       {"teacher": self.shape, "candidate": view.shape}, estimator, fallback)
+        return ratios.get("candidate")
+
+    def ratio_of(self, choices, size=None):
+        """Assemble the student of ``choices`` at input ``size`` and time it beside the teacher."""
+        view = self.at(size)
+        student, _ = self.assemble(_plain(choices), view.size)
+        return self._pair_ratio(student.eval(), view)
+
+    def pick_fidelity(self, choices, size=None):
+        """Top-1 agreement with the teacher of the student of ``choices`` (at input ``size``) on
+        the held-out images plus ``search.pick_train_images`` training images (a fixed subset at
+        the eval transforms), for the final pick of a budget over input sizes. The images are
+        decoded once per size and kept."""
+        import torch
+
+        view = self.at(size)
+        student, _ = self.assemble(_plain(choices), view.size)
+        student.to(self.cfg.device).eval()
+        targets = torch.cat([t.argmax(-1) for t in self._teacher_on_pick_images()])
+        agree, n = 0, 0
+        with torch.no_grad(), student.taps(False):
+            for x in self._pick_images(view.size):
+                s = student(x.to(self.cfg.device)).argmax(-1).cpu()
+                agree += int((s == targets[n:n + len(s)]).sum())
+                n += len(s)
+        return agree / max(n, 1)
+
+    def _pick_images(self, size):
+        """Batches of the held-out images and the pick's training subset at input ``size``."""
+        from bespoke import data as images
+        from bespoke.finetune import iter_batches
+
+        cache = self.__dict__.setdefault("_pick_cache", {})
+        if size not in cache:
+            import torch
+
+            n = min(self.cfg.search.pick_train_images, len(self.split.train))
+            order = torch.randperm(len(self.split.train), generator=torch.Generator().manual_seed(self.cfg.seed + 1))
+            transform = images.transforms_for(self.teacher, size)
+            train = self.split.train.subset(sorted(order[:n].tolist())).with_transform(transform)
+            val = self.split.val.with_transform(transform)
+            cache[size] = [x for part in (val, train) if len(part) for x, _ in iter_batches(part, 32)]
+        return cache[size]
+
+    def _teacher_on_pick_images(self):
+        import torch
+
+        if getattr(self, "_pick_teacher", None) is None:
+            self.teacher.to(self.cfg.device).eval()
+            with torch.no_grad():
+                self._pick_teacher = [self.teacher(x.to(self.cfg.device)).cpu() for x in self._pick_images(self.size)]
+        return self._pick_teacher
 
     def size_ratios(self, sizes):
         """How long the teacher takes at each input size in ``sizes`` relative to its own size,

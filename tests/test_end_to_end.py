@@ -165,7 +165,8 @@ def test_end_to_end_students_at_other_input_sizes(tmp_path):
     import bespoke
     from bespoke.student import read_recipe
 
-    cfg = _tiny_config(tmp_path, budgets=[0.8, 0.4], search={"input_sizes": [48]})
+    cfg = _tiny_config(tmp_path, budgets=[0.8, 0.4],
+                       search={"input_sizes": [48], "pick_train_images": 6, "pick_remeasure": 1, "pick_margin": 0.5})
     proc = run_cli("run", str(cfg), env=OFFLINE, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
@@ -178,6 +179,9 @@ def test_end_to_end_students_at_other_input_sizes(tmp_path):
     for r, s in zip(merged, report["students"]):
         sizes = [row["input_size"] for row in r["meta"]["input_sizes"]]
         assert sorted(sizes) == [48, 64], r["meta"]
+        for row in r["meta"]["input_sizes"]:  # the final pick: 4 held-out + 6 training images
+            if row["within_budget"]:
+                assert "proxy_fidelity" in row and round(row["fidelity"] * 10, 6).is_integer(), row
         assert r["budget"] == s["budget"]
         assert s["input_size"] == r["input_size"]  # None: the teacher's 64 px
         want = s["input_size"] or 64

@@ -226,6 +226,43 @@ def test_evaluate_teacher_and_student():
     assert um.top1 is None and um.top5 is None
 
 
+def _preds(correct, labels):
+    from bespoke.evaluate import Predictions
+
+    labels = torch.tensor(labels)
+    top1 = torch.where(torch.tensor(correct, dtype=torch.bool), labels, (labels + 1) % 10)
+    return Predictions(torch.stack([top1] + [(labels + k) % 10 for k in range(2, 6)], dim=1), labels)
+
+
+def test_paired_difference_counts_images_and_brackets_the_difference():
+    from bespoke.evaluate import paired_difference
+
+    labels = [i % 10 for i in range(300)]
+    a = _preds([i % 10 != 0 for i in range(300)], labels)  # 90 %
+    b = _preds([i % 10 not in (0, 1, 2) for i in range(300)], labels)  # 70 %, wrong wherever a is
+    d = paired_difference(a, b, resamples=2000)
+    assert d.images == 300 and d.only_a == 60 and d.only_b == 0
+    assert abs(d.diff - 0.2) < 1e-6 and d.low < 0.2 < d.high and d.low > 0.1
+    same = paired_difference(a, a, resamples=500)
+    assert same.diff == same.low == same.high == 0.0
+    # one image apart out of 300: the interval spans zero
+    c = _preds([i % 10 != 0 or i == 0 for i in range(300)], labels)
+    near = paired_difference(c, a, resamples=2000)
+    assert near.only_a == 1 and near.low <= 0 <= near.high
+
+
+def test_paired_difference_rejects_mismatched_or_unlabelled_images():
+    from bespoke.evaluate import paired_difference
+
+    a = _preds([True, False], [1, 2])
+    with pytest.raises(ValueError, match="same images"):
+        paired_difference(a, _preds([True, False, True], [1, 2, 3]))
+    with pytest.raises(ValueError, match="labelled"):
+        paired_difference(_preds([True], [-1]), _preds([True], [-1]))
+    with pytest.raises(ValueError, match="confidence"):
+        paired_difference(a, a, confidence=1.5)
+
+
 def test_export_onnx_matches_and_program_reloads(tmp_path):
     from bespoke.export import export_model
 

@@ -461,3 +461,49 @@ def test_run_goes_on_with_met_budgets_and_refuses_when_none_is_met():
     found.results = [result(0.5, False)]
     with pytest.raises(UsageError, match="fastest student this model house allows runs in 60.00 ms"):
         _require_feasible(found)
+
+
+def test_final_pick_remeasures_near_the_budget_and_scores_on_more_images():
+    """_refine_finalists: finalists measured near the budget (either side) are timed again and
+    judged by the median; those within (or near) are scored on more images; far ones are not."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from bespoke.config import SearchConfig
+    from bespoke.pipeline import _refine_finalists
+    from bespoke.search import pick_scored
+
+    class Stage:
+        timed, scored = [], []
+
+        def ratio_of(self, choices, size):
+            self.timed.append(size)
+            return {240: 0.79, 224: 0.83}[size]
+
+        def pick_fidelity(self, choices, size):
+            self.scored.append(size)
+            return {240: 0.90, 224: 0.95, 192: 0.50}[size]
+
+    def result(feasible=True):
+        return SimpleNamespace(feasible=feasible, choices=[])
+
+    finalists = [(240, result()), (224, result()), (192, result()), (260, result(False))]
+    rows = [{"fidelity": 0.96, "measured_ratio": 0.81, "within_budget": False},  # just over: timed again
+            {"fidelity": 0.97, "measured_ratio": 0.79, "within_budget": True},  # just under: timed again
+            {"fidelity": 0.93, "measured_ratio": 0.60, "within_budget": True},  # far under: as it was
+            {"fidelity": 0.99, "measured_ratio": 0.95, "within_budget": False}]  # infeasible: untouched
+    cfg = SimpleNamespace(search=SearchConfig(pick_train_images=5, pick_remeasure=2, pick_margin=0.03))
+    stage = Stage()
+    _refine_finalists(cfg, stage, finalists, rows, 0.8, Console(quiet=True))
+    assert sorted(stage.timed) == [224, 224, 240, 240]
+    assert rows[0]["measured_ratios"] == [0.81, 0.79, 0.79] and rows[0]["within_budget"]
+    assert rows[1]["measured_ratio"] == 0.83 and not rows[1]["within_budget"]
+    assert "measured_ratios" not in rows[2] and rows[2]["within_budget"]
+    assert sorted(stage.scored) == [192, 224, 240]  # 224 is near the budget: scored too
+    assert rows[0]["fidelity"] == 0.90 and rows[0]["proxy_fidelity"] == 0.96 and rows[3]["fidelity"] == 0.99
+    assert finalists[pick_scored(rows, measured="measured_ratio", predicted="measured_ratio")][0] == 240
+    # off by default: nothing is timed or scored again
+    plain = [dict(r) for r in rows]
+    _refine_finalists(SimpleNamespace(search=SearchConfig()), Stage(), finalists, plain, 0.8, Console(quiet=True))
+    assert plain == rows
