@@ -497,20 +497,22 @@ def _search_sizes(cfg, registry, stage, native, sized_cfgs, out, console):
         options = [(size, rep.results[i]) for size, rep in found.items()]
         feasible = [o for o in options if o[1].feasible] or options
         rows = [_scored_pick(r, native.teacher_ms) for _, r in feasible]
-        _refine_finalists(cfg, stage, feasible, rows, native.results[i].budget, console)
+        _refine_finalists(cfg, stage, feasible, rows, native.results[i].budget)
         size, pick = feasible[S.pick_scored(rows, measured="measured_ratio", predicted="predicted_ratio")]
         pick = pick.model_copy(deep=True)
         pick.meta["input_sizes"] = [{"input_size": s, **row} for (s, _), row in zip(feasible, rows)]
         merged.append(pick)
         console.print(f"budget {pick.budget:g}: the student at {size} px agrees best within the budget ("
                       + ", ".join(f"{s} px {row['fidelity']:.4f}" + ("" if row["within_budget"] else " over")
+                                  + (f" (timed x{len(row['measured_ratios'])}: {row['measured_ratio']:.3f})"
+                                     if "measured_ratios" in row else "")
                                   for (s, _), row in zip(feasible, rows)) + ")", highlight=False)
     report = native.model_copy(update={"results": merged})
     S.write_report(report, out / "search.json")
     return report
 
 
-def _refine_finalists(cfg, stage, finalists, rows, budget, console):
+def _refine_finalists(cfg, stage, finalists, rows, budget):
     """Sharpen the real scores ``rows`` of a budget's finalists (one ``(size, result)`` per input
     size) in place before the pick: with ``search.pick_remeasure``, time again those measured
     within ``pick_margin`` of the budget, either side, and judge them by the median of all their
@@ -533,11 +535,6 @@ def _refine_finalists(cfg, stage, finalists, rows, budget, console):
         if s.pick_train_images and result.feasible and (row["within_budget"] or near):
             row["proxy_fidelity"] = row["fidelity"]
             row["fidelity"] = stage.pick_fidelity(result.choices, size)
-    console.print(f"budget {budget:g}: finalists " + ", ".join(
-        f"{size} px " + (f"ratio {row['measured_ratio']:.3f}" if row.get("measured_ratio") is not None else "")
-        + (f" (x{len(row['measured_ratios'])})" if "measured_ratios" in row else "")
-        + f" agreement {row['fidelity']:.4f}" + ("" if row["within_budget"] else " over")
-        for (size, _), row in zip(finalists, rows)), highlight=False)
 
 
 def _plain(choices):
@@ -769,6 +766,7 @@ class _Students:
                                          category="distill-loss")
         self.teacher_metrics, self.teacher_pred = evaluate(self.teacher, t.name, self.split.val, self.shape)
         self._at = {}
+        self._pick_cache, self._pick_teacher, self._last_finalist = {}, None, (None, None)  # the final pick's
 
     def at(self, size=None):
         """The teacher's partition, block-source context and held-out images at input ``size``
@@ -816,8 +814,7 @@ class _Students:
         from bespoke.search import RealScore
 
         view = self.at(size)
-        student, _ = self.assemble([{"alternative": c.alternative, "start": c.start, "end": c.end}
-                                    for c in candidates], view.size)
+        student, _ = self.assemble(_plain(candidates), view.size)
         student.to(self.cfg.device).eval()
         agree, kl, n = 0.0, 0.0, 0
         with torch.no_grad(), student.taps(False):
@@ -846,11 +843,19 @@ class _Students:
                                        {"teacher": self.shape, "candidate": view.shape}, estimator, fallback)
         return ratios.get("candidate")
 
+    def _finalist(self, choices, size):
+        """The student of ``choices`` at input ``size``, assembled once: the final pick times and
+        scores the same finalist in turn, so the last one assembled is kept."""
+        plain = _plain(choices)
+        key = (self.at(size).size, tuple(tuple(c.values()) for c in plain))
+        if self._last_finalist[0] != key:
+            student, _ = self.assemble(plain, key[0])
+            self._last_finalist = (key, student.to(self.cfg.device).eval())
+        return self._last_finalist[1]
+
     def ratio_of(self, choices, size=None):
-        """Assemble the student of ``choices`` at input ``size`` and time it beside the teacher."""
-        view = self.at(size)
-        student, _ = self.assemble(_plain(choices), view.size)
-        return self._pair_ratio(student.eval(), view)
+        """Time the student of ``choices`` at input ``size`` beside the teacher (its ratio)."""
+        return self._pair_ratio(self._finalist(choices, size), self.at(size))
 
     def pick_fidelity(self, choices, size=None):
         """Top-1 agreement with the teacher of the student of ``choices`` (at input ``size``) on
@@ -860,8 +865,7 @@ class _Students:
         import torch
 
         view = self.at(size)
-        student, _ = self.assemble(_plain(choices), view.size)
-        student.to(self.cfg.device).eval()
+        student = self._finalist(choices, size)
         targets = torch.cat([t.argmax(-1) for t in self._teacher_on_pick_images()])
         agree, n = 0, 0
         with torch.no_grad(), student.taps(False):
@@ -876,7 +880,7 @@ class _Students:
         from bespoke import data as images
         from bespoke.finetune import iter_batches
 
-        cache = self.__dict__.setdefault("_pick_cache", {})
+        cache = self._pick_cache
         if size not in cache:
             import torch
 
@@ -891,7 +895,7 @@ class _Students:
     def _teacher_on_pick_images(self):
         import torch
 
-        if getattr(self, "_pick_teacher", None) is None:
+        if self._pick_teacher is None:
             self.teacher.to(self.cfg.device).eval()
             with torch.no_grad():
                 self._pick_teacher = [self.teacher(x.to(self.cfg.device)).cpu() for x in self._pick_images(self.size)]

@@ -468,8 +468,6 @@ def test_final_pick_remeasures_near_the_budget_and_scores_on_more_images():
     judged by the median; those within (or near) are scored on more images; far ones are not."""
     from types import SimpleNamespace
 
-    from rich.console import Console
-
     from bespoke.config import SearchConfig
     from bespoke.pipeline import _refine_finalists
     from bespoke.search import pick_scored
@@ -495,7 +493,7 @@ def test_final_pick_remeasures_near_the_budget_and_scores_on_more_images():
             {"fidelity": 0.99, "measured_ratio": 0.95, "within_budget": False}]  # infeasible: untouched
     cfg = SimpleNamespace(search=SearchConfig(pick_train_images=5, pick_remeasure=2, pick_margin=0.03))
     stage = Stage()
-    _refine_finalists(cfg, stage, finalists, rows, 0.8, Console(quiet=True))
+    _refine_finalists(cfg, stage, finalists, rows, 0.8)
     assert sorted(stage.timed) == [224, 224, 240, 240]
     assert rows[0]["measured_ratios"] == [0.81, 0.79, 0.79] and rows[0]["within_budget"]
     assert rows[1]["measured_ratio"] == 0.83 and not rows[1]["within_budget"]
@@ -505,5 +503,5 @@ def test_final_pick_remeasures_near_the_budget_and_scores_on_more_images():
     assert finalists[pick_scored(rows, measured="measured_ratio", predicted="measured_ratio")][0] == 240
     # off by default: nothing is timed or scored again
     plain = [dict(r) for r in rows]
-    _refine_finalists(SimpleNamespace(search=SearchConfig()), Stage(), finalists, plain, 0.8, Console(quiet=True))
+    _refine_finalists(SimpleNamespace(search=SearchConfig()), Stage(), finalists, plain, 0.8)
     assert plain == rows
