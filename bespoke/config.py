@@ -55,6 +55,8 @@ class FinetuneConfig(Strict):
     lr: float = Field(1e-4, gt=0)
     beta: float = Field(0.3, ge=0, description="weight of the distillation terms")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    mixup: float = Field(0.0, ge=0, description="mixup's Beta(a, a) parameter for each fine-tuning batch (the teacher sees the mixed images too: function matching); 0: off")
+    crop_scale: float = Field(1.0, gt=0, le=1, description="random resized crops of each fine-tuning image, at least this fraction of its area (the teacher sees the same crops); 1: off (flips only)")
     bn_recalibration_batches: int = Field(8, ge=0)
     checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints (one is always written at the end)")
     keep_best: bool = Field(True, description="in `bespoke run` and `bespoke finetune`, keep the fine-tuned student only when it agrees with the teacher on the held-out images at least as well as the assembled one did; else save the assembled student (the report says which)")

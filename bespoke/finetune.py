@@ -12,6 +12,8 @@ is what "KL between student and teacher outputs" means in the reference method.
 
 The teacher is frozen and runs once per step through :meth:`Partition.activations`, which returns
 every needed cut-point activation *and* its logits (the last cut point) from one forward pass.
+Batches are flipped at random and, when configured, cropped and mixed (:func:`mix_batch`); the
+teacher sees the same augmented images as the student.
 
 BatchNorm: the replaced parts' statistics are recalibrated after assembly (cumulative average
 over training batches, forward in train mode without gradients), held fixed while fine-tuning
@@ -31,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -95,6 +98,41 @@ def batch_at(dataset: Any, batch_size: int, step: int, seed: int, augment: bool 
         f = flip[keep]
         x = torch.where(f[:, None, None, None], x.flip(-1), x)
     return x, y
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, step: int, seed: int, *, mixup: float = 0.0,
+              crop_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    """Function-matching augmentation of one batch: random resized crops, then mixup.
+
+    ``crop_scale`` < 1: each image is replaced by a random crop of at least that fraction of its
+    area (aspect ratio 3/4 to 4/3), resized back to its size. ``mixup`` > 0: the batch is blended
+    with a shuffled copy of itself, ``lam * x + (1 - lam) * x[perm]`` with ``lam ~ Beta(mixup,
+    mixup)``. The teacher sees the same augmented images, so its output stays a consistent target
+    (Beyer et al. 2022, "Knowledge distillation: a good teacher is patient and consistent"); with
+    500 images and flips alone, a longer fine-tune fits the images instead of the teacher.
+    Returns ``(x, y, y_other, lam)``: the label loss is ``lam * CE(y) + (1 - lam) * CE(y_other)``
+    (``y_other`` None without mixup). A pure function of ``(step, seed)``, so a resumed run
+    draws the same augmentations.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 7 + 13)
+    if crop_scale < 1.0 and x.dim() == 4:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        out = []
+        for img in x:
+            area = h * w * float(torch.empty(1).uniform_(crop_scale, 1.0, generator=g))
+            ratio = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)))
+            ch = max(1, min(h, int(round(math.sqrt(area / ratio)))))
+            cw = max(1, min(w, int(round(math.sqrt(area * ratio)))))
+            top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+            crop = img[None, :, top:top + ch, left:left + cw]
+            out.append(F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0])
+        x = torch.stack(out)
+    if mixup > 0 and x.shape[0] > 1:
+        lam = random.Random(seed * 1_000_003 + step).betavariate(mixup, mixup)
+        perm = torch.randperm(x.shape[0], generator=g)
+        return lam * x + (1 - lam) * x[perm], y, y[perm], lam
+    return x, y, None, 1.0
 
 
 def iter_batches(dataset: Any, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -251,17 +289,25 @@ def student_loss(logits: torch.Tensor, labels: torch.Tensor | None, replaced: di
                  teacher_acts: dict[int, torch.Tensor], teacher_logits: torch.Tensor,
                  targets: dict[str, int], *, beta: float, label_smoothing: float,
                  distill_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 mixed_labels: torch.Tensor | None = None, lam: float = 1.0,
                  ) -> LossParts:
-    """CE (labelled samples only) + beta * (segment distillation + KL(teacher || student))."""
+    """CE (labelled samples only) + beta * (segment distillation + KL(teacher || student)).
+
+    ``mixed_labels`` and ``lam`` (mixup, :func:`mix_batch`): the label term is ``lam * CE(labels)
+    + (1 - lam) * CE(mixed_labels)``, each over the samples whose label it has."""
     dl = distill_loss or (lambda s, t: F.mse_loss(s, t.detach()))
     total = logits.new_zeros(())
     parts = LossParts(total=total)
-    if labels is not None:
-        mask = labels >= 0
+    ce = logits.new_zeros(())
+    for lab, weight in ((labels, lam), (mixed_labels, 1.0 - lam)):
+        if lab is None or weight <= 0:
+            continue
+        mask = lab >= 0
         if bool(mask.any()):
-            ce = F.cross_entropy(logits[mask], labels[mask], label_smoothing=label_smoothing)
-            total = total + ce
-            parts.ce = float(ce.detach())
+            ce = ce + weight * F.cross_entropy(logits[mask], lab[mask], label_smoothing=label_smoothing)
+    if labels is not None or mixed_labels is not None:
+        total = total + ce
+        parts.ce = float(ce.detach())
     mse = logits.new_zeros(())
     for sid, out in replaced.items():
         cut = targets.get(sid)
@@ -499,7 +545,10 @@ def finetune_student(
             batch = batch_at(dataset, cfg.batch_size, step, seed)
             if batch is None:  # every image of this batch failed to decode
                 continue
-            x, y = batch[0].to(device), batch[1].to(device)
+            x, y, y_other, lam = mix_batch(batch[0], batch[1], step, seed, mixup=getattr(cfg, "mixup", 0.0),
+                                           crop_scale=getattr(cfg, "crop_scale", 1.0))
+            x, y = x.to(device), y.to(device)
+            y_other = None if y_other is None or not bool((y_other >= 0).any()) else y_other.to(device)
             for g in opt.param_groups:
                 g["lr"] = _lr(cfg.lr, step, steps)
             with torch.no_grad():
@@ -508,7 +557,8 @@ def finetune_student(
             parts = student_loss(logits, y if bool((y >= 0).any()) else None,
                                  dict(getattr(student, "replaced_outputs", {}) or {}), acts,
                                  acts[last_cut], targets, beta=cfg.beta,
-                                 label_smoothing=cfg.label_smoothing, distill_loss=distill_loss)
+                                 label_smoothing=cfg.label_smoothing, distill_loss=distill_loss,
+                                 mixed_labels=y_other, lam=lam)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             opt.step()

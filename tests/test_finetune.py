@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bespoke.config import FinetuneConfig
-from bespoke.finetune import (batch_at, finetune_student, load_checkpoint, recalibrate_batchnorm,
+from bespoke.finetune import (batch_at, finetune_student, load_checkpoint, mix_batch, recalibrate_batchnorm,
                               student_loss)
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -73,6 +73,35 @@ def test_loss_terms():
     no_labels = student_loss(logits, None, {}, {}, teacher_logits, {}, beta=0.5, label_smoothing=0.1)
     assert no_labels.ce == 0.0
     no_labels.total.backward()
+
+
+def test_mixed_label_loss_weights_both_labels():
+    logits = torch.randn(4, 10)
+    a, b = torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, -1])
+    kw = dict(replaced={}, teacher_acts={}, teacher_logits=logits, targets={}, beta=0.0, label_smoothing=0.0)
+    plain = student_loss(logits, a, **kw)
+    assert student_loss(logits, a, mixed_labels=b, lam=1.0, **kw).ce == pytest.approx(plain.ce)
+    other = student_loss(logits, b, **kw)  # the unlabelled sample drops out of this term
+    half = student_loss(logits, a, mixed_labels=b, lam=0.25, **kw)
+    assert half.ce == pytest.approx(0.25 * plain.ce + 0.75 * other.ce, rel=1e-5)
+
+
+def test_mix_batch_is_a_function_of_the_step_and_mixes_consistently():
+    x = torch.randn(6, 3, 20, 20)
+    y = torch.arange(6)
+    same = mix_batch(x, y, 0, 0)  # both off: the batch as it is
+    assert same[0] is x and same[2] is None and same[3] == 1.0
+    a = mix_batch(x, y, 3, 1, mixup=0.4, crop_scale=0.3)
+    b = mix_batch(x, y, 3, 1, mixup=0.4, crop_scale=0.3)
+    c = mix_batch(x, y, 4, 1, mixup=0.4, crop_scale=0.3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and a[3] == b[3]
+    assert not torch.equal(a[0], c[0])
+    assert a[0].shape == x.shape and 0.0 <= a[3] <= 1.0
+    xm, ya, yb, lam = mix_batch(x, y, 3, 1, mixup=0.4)  # mixup only: a blend of two images
+    assert torch.equal(ya, y) and sorted(yb.tolist()) == y.tolist()
+    torch.testing.assert_close(xm, lam * x + (1 - lam) * x[yb])
+    crops = mix_batch(x, y, 3, 1, crop_scale=0.3)[0]  # crops only: resized back, not the original
+    assert crops.shape == x.shape and not torch.equal(crops, x)
 
 
 def test_batches_are_a_function_of_the_step():
@@ -134,11 +163,13 @@ def test_unlabelled_data_uses_distillation_only(tmp_path):
     assert all(h["ce"] == 0.0 for h in res.history)
 
 
-def test_interrupted_finetune_resumes_where_it_stopped(tmp_path):
+@pytest.mark.parametrize("aug", [{}, {"mixup": 0.4, "crop_scale": 0.5}], ids=["flips", "mixup-crops"])
+def test_interrupted_finetune_resumes_where_it_stopped(tmp_path, aug):
     """Crash after step 3 (checkpoint every step); the resumed run ends exactly where an
-    uninterrupted one does."""
+    uninterrupted one does (also with mixup and random crops: they are drawn from the step)."""
     data = tiny.ImageList()
-    full = finetune_student(tiny.make()[2], tiny.make()[1], data, _cfg(), tmp_path / "full",
+    cfg = _cfg(**aug)
+    full = finetune_student(tiny.make()[2], tiny.make()[1], data, cfg, tmp_path / "full",
                             checkpoint_every=1)
 
     class Crash(Exception):
@@ -150,9 +181,9 @@ def test_interrupted_finetune_resumes_where_it_stopped(tmp_path):
 
     _, part, student, _ = tiny.make()
     with pytest.raises(Crash):
-        finetune_student(student, part, data, _cfg(), tmp_path / "cut", checkpoint_every=1, on_step=crash)
+        finetune_student(student, part, data, cfg, tmp_path / "cut", checkpoint_every=1, on_step=crash)
     assert load_checkpoint(tmp_path / "cut" / "checkpoint")[0].step == 2
-    resumed = finetune_student(tiny.make()[2], tiny.make()[1], data, _cfg(), tmp_path / "cut", checkpoint_every=1)
+    resumed = finetune_student(tiny.make()[2], tiny.make()[1], data, cfg, tmp_path / "cut", checkpoint_every=1)
     assert resumed.resumed_from == 2 and resumed.steps == 6
     ref = full.student.state_dict()
     for k, v in resumed.student.state_dict().items():
