@@ -188,11 +188,14 @@ def export(
     student: Path = typer.Argument(..., help="a saved student directory"),
     out: Path = typer.Option(..., "--out", "-o"),
     formats: str = typer.Option("onnx,torch-export,safetensors", "--formats"),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch",
+                                       help="symbolic batch axis in the ONNX file and the program (default: batch 1)"),
 ) -> None:
     """Export a student to ONNX (checked with onnxruntime), torch.export and recipe+safetensors."""
     from bespoke import pipeline
 
-    pipeline.export(student, out, [f.strip() for f in formats.split(",") if f.strip()], console=console)
+    pipeline.export(student, out, [f.strip() for f in formats.split(",") if f.strip()], console=console,
+                    dynamic_batch=dynamic_batch)
 
 
 @app.command()

@@ -91,6 +91,10 @@ class SearchConfig(Strict):
         return self
 
 
+class ExportConfig(Strict):
+    dynamic_batch: bool = Field(False, description="export every student's ONNX file and torch.export program with a symbolic batch axis (named batch; checked with onnxruntime at batches 1, 2 and 3); false: batch 1, the batch the latency was measured at")
+
+
 class PluginSelection(Strict):
     """Which implementation of each family runs; names come from ``bespoke plugins``."""
 
@@ -121,6 +125,7 @@ class RunConfig(Strict):
     build: BuildConfig = Field(default_factory=BuildConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     reference_models: list[str] = Field(default_factory=list, description="models drawn on the Pareto plot for comparison (e.g. the donors)")
 
     @field_validator("budgets")

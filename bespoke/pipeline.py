@@ -388,10 +388,12 @@ def finetune(cfg, registry, recipe, out, console=None):
     return made.student_dir
 
 
-def export(student, out, formats, console=None):
+def export(student, out, formats, console=None, dynamic_batch=False):
     """Export a saved student directory to ``out`` in ``formats`` (onnx, torch-export,
     safetensors); the ONNX file is checked against PyTorch with onnxruntime and the saved
-    safetensors form is reloaded and compared. Returns the :class:`bespoke.export.ExportResult`."""
+    safetensors form is reloaded and compared. ``dynamic_batch``: a symbolic batch axis in the
+    ONNX file and the program (:mod:`bespoke.export`). Returns the
+    :class:`bespoke.export.ExportResult`."""
     from pathlib import Path
 
     import torch
@@ -406,14 +408,15 @@ def export(student, out, formats, console=None):
     shape = (1, *model.recipe.input_size)
     with model.taps(False):
         res = export_model(model, shape, Path(out), formats,
-                           save_student=lambda d: save_student(model, model.recipe, d))
+                           save_student=lambda d: save_student(model, model.recipe, d), dynamic_batch=dynamic_batch)
         if res.student_dir:
             x = torch.randn(shape)
             with torch.no_grad():
                 diff = float((load_student(res.student_dir)(x) - model(x)).abs().max())
             console.print(f"safetensors + recipe: {res.student_dir} (reloaded; max |diff| {diff:.2e})")
     if res.onnx:
-        console.print(f"ONNX: {res.onnx} ({res.onnx_exporter} exporter; onnxruntime vs PyTorch "
+        batch = "dynamic batch" if isinstance(res.onnx_batch, str) else f"batch {res.onnx_batch}"
+        console.print(f"ONNX: {res.onnx} ({res.onnx_exporter} exporter, {batch}; onnxruntime vs PyTorch "
                       f"max |diff| {res.onnx_max_abs_diff:.2e})")
     if res.torch_export:
         console.print(f"torch.export program: {res.torch_export} (torch.export.load reloads it)")
@@ -1007,7 +1010,8 @@ class _Students:
         from bespoke.export import export_model
 
         with m.student.taps(False):
-            res = export_model(m.student, m.shape, m.workdir, ("onnx", "torch-export"), seed=self.cfg.seed)
+            res = export_model(m.student, m.shape, m.workdir, ("onnx", "torch-export"), seed=self.cfg.seed,
+                               dynamic_batch=self.cfg.export.dynamic_batch)
         res.student_dir = str(m.student_dir)
         self.console.print(f"{m.name}: exported {res.onnx} (onnxruntime vs PyTorch max |diff| "
                            f"{res.onnx_max_abs_diff:.1e}), {res.torch_export}, {res.student_dir}")
@@ -1042,7 +1046,8 @@ def _report(cfg, stage, found, made, measured, exports, clock):
                        "source": alts[c["alternative"]].source if c["alternative"] in alts else None,
                        "label": alts[c["alternative"]].spec.label if c["alternative"] in alts else None}
                       for c in r["choices"]],
-            onnx=res.onnx, onnx_max_abs_diff=res.onnx_max_abs_diff, torch_export=res.torch_export,
+            onnx=res.onnx, onnx_max_abs_diff=res.onnx_max_abs_diff, onnx_batch=res.onnx_batch,
+            torch_export=res.torch_export,
             student_dir=res.student_dir, finetune_steps=m.finetune.steps, finetune_kept=m.finetune_kept,
             input_size=m.size if m.size != stage.size else None))
     skipped = sorted(set(stage.split.skipped) | set(stage.house.manifest.data.get("skipped", [])))

@@ -42,6 +42,7 @@ class StudentEntry(BaseModel):
     feasible: bool = True
     onnx: str | None = None
     onnx_max_abs_diff: float | None = None
+    onnx_batch: int | str | None = Field(None, description="the ONNX input's batch axis: 1, or 'batch' when exported with export.dynamic_batch")
     torch_export: str | None = None
     student_dir: str | None = None
     finetune_steps: int = 0

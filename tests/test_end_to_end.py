@@ -131,10 +131,13 @@ def test_end_to_end_stage_commands_finetune_and_export(tiny_run):
     assert ft.returncode == 0, ft.stdout[-2000:] + ft.stderr[-2000:]
     assert (root / "ft" / "student" / "recipe.json").is_file()
     ex = run_cli("export", str(root / "ft" / "student"), "--out", str(root / "exp"),
-                 "--formats", "onnx,safetensors", env=OFFLINE)
+                 "--formats", "onnx,safetensors", "--dynamic-batch", env=OFFLINE)
     assert ex.returncode == 0, ex.stdout[-2000:] + ex.stderr[-2000:]
     assert (root / "exp" / "model.onnx").is_file() and (root / "exp" / "student" / "model.safetensors").is_file()
-    assert "max |diff|" in ex.stdout
+    assert "max |diff|" in ex.stdout and "dynamic batch" in ex.stdout
+    from bespoke.export import onnx_batch_axis
+
+    assert onnx_batch_axis(root / "exp" / "model.onnx") == "batch"
 
 
 def test_end_to_end_budget_below_reach_is_a_usage_error(tiny_run):

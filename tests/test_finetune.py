@@ -309,6 +309,40 @@ def test_export_onnx_matches_and_program_reloads(tmp_path):
         torch.testing.assert_close(program.module()(x), student(x), rtol=1e-5, atol=1e-5)
 
 
+def test_export_with_a_dynamic_batch_runs_at_any_batch(tmp_path):
+    import onnxruntime as ort
+
+    from bespoke.export import export_model
+
+    _, _, student, _ = tiny.make()
+    student.eval()
+    static = export_model(student, (1, 3, 32, 32), tmp_path / "static", ["onnx"])
+    assert static.onnx_batch == 1
+    res = export_model(student, (1, 3, 32, 32), tmp_path / "dynamic", ["onnx", "torch-export"], dynamic_batch=True)
+    assert res.onnx_batch == "batch" and res.onnx_max_abs_diff < 1e-4
+    sess = ort.InferenceSession(res.onnx, providers=["CPUExecutionProvider"])
+    assert sess.get_outputs()[0].shape[0] == "batch"
+    program = torch.export.load(res.torch_export).module()
+    for b in (1, 5):
+        x = torch.randn(b, 3, 32, 32)
+        with torch.no_grad():
+            want = student(x)
+        torch.testing.assert_close(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(program(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_a_dynamic_batch_the_model_fixes(tmp_path):
+    from bespoke.errors import UsageError
+    from bespoke.export import export_model
+
+    class FixedBatch(nn.Module):
+        def forward(self, x):
+            return torch.ones(2, 1) * x.flatten(1).mean(1, keepdim=True)  # batch must be 2
+
+    with pytest.raises(UsageError, match="without --dynamic-batch"):
+        export_model(FixedBatch(), (1, 3, 8, 8), tmp_path, ["onnx"], dynamic_batch=True)
+
+
 def test_export_rejects_unknown_format(tmp_path):
     from bespoke.errors import UsageError
     from bespoke.export import export_model
