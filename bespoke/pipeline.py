@@ -734,6 +734,38 @@ def _require_feasible(found, console=None):
     return met
 
 
+PICK_CACHE_BYTES = 2 << 30  # decoded pick images kept in memory, over all input sizes
+
+
+class DecodedBatches:
+    """Decoded image batches per key (an input size), kept while their total stays under
+    ``limit`` bytes. Past it, a key's batches are decoded again on every pass (the returned
+    iterable calls ``make`` anew each time), so a large ``search.pick_train_images`` costs time,
+    not memory."""
+
+    def __init__(self, limit: int = PICK_CACHE_BYTES):
+        self.limit, self.kept, self.bytes = limit, {}, 0
+
+    def get(self, key, make, nbytes):
+        """``make()`` yields the batches; ``nbytes`` is what keeping them would take."""
+        if key in self.kept:
+            return self.kept[key]
+        if self.bytes + nbytes <= self.limit:
+            batches = list(make())
+            self.kept[key] = batches
+            self.bytes += sum(b.numel() * b.element_size() for b in batches)
+            return batches
+        return _Replay(make)
+
+
+class _Replay:
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
+
+
 class _Made:
     """One fine-tuned student and what is known about it."""
 
@@ -769,7 +801,7 @@ class _Students:
                                          category="distill-loss")
         self.teacher_metrics, self.teacher_pred = evaluate(self.teacher, t.name, self.split.val, self.shape)
         self._at = {}
-        self._pick_cache, self._pick_teacher, self._last_finalist = {}, None, (None, None)  # the final pick's
+        self._pick_cache, self._pick_teacher, self._last_finalist = DecodedBatches(), None, (None, None)  # the final pick's
 
     def at(self, size=None):
         """The teacher's partition, block-source context and held-out images at input ``size``
@@ -864,7 +896,7 @@ class _Students:
         """Top-1 agreement with the teacher of the student of ``choices`` (at input ``size``) on
         the held-out images plus ``search.pick_train_images`` training images (a fixed subset at
         the eval transforms), for the final pick of a budget over input sizes. The images are
-        decoded once per size and kept."""
+        decoded once per size and kept, up to :data:`PICK_CACHE_BYTES` over all sizes."""
         import torch
 
         view = self.at(size)
@@ -883,17 +915,19 @@ class _Students:
         from bespoke import data as images
         from bespoke.finetune import iter_batches
 
-        cache = self._pick_cache
-        if size not in cache:
-            import torch
+        import torch
 
-            n = min(self.cfg.search.pick_train_images, len(self.split.train))
-            order = torch.randperm(len(self.split.train), generator=torch.Generator().manual_seed(self.cfg.seed + 1))
-            transform = images.transforms_for(self.teacher, size)
-            train = self.split.train.subset(sorted(order[:n].tolist())).with_transform(transform)
-            val = self.split.val.with_transform(transform)
-            cache[size] = [x for part in (val, train) if len(part) for x, _ in iter_batches(part, 32)]
-        return cache[size]
+        n = min(self.cfg.search.pick_train_images, len(self.split.train))
+        order = torch.randperm(len(self.split.train), generator=torch.Generator().manual_seed(self.cfg.seed + 1))
+        transform = images.transforms_for(self.teacher, size)
+        train = self.split.train.subset(sorted(order[:n].tolist())).with_transform(transform)
+        val = self.split.val.with_transform(transform)
+        nbytes = (len(val) + n) * 3 * size * size * 4  # float32 images
+
+        def make():
+            return (x for part in (val, train) if len(part) for x, _ in iter_batches(part, 32))
+
+        return self._pick_cache.get(size, make, nbytes)
 
     def _teacher_on_pick_images(self):
         import torch

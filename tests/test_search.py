@@ -463,6 +463,31 @@ def test_run_goes_on_with_met_budgets_and_refuses_when_none_is_met():
         _require_feasible(found)
 
 
+def test_pick_images_are_kept_up_to_the_byte_limit_then_decoded_per_pass():
+    import torch
+
+    from bespoke.pipeline import DecodedBatches
+
+    calls = []
+
+    def batches(key):
+        def make():
+            calls.append(key)
+            return (torch.full((2, 3), float(key + i)) for i in range(3))
+        return make
+
+    one = 3 * 2 * 3 * 4  # three float32 batches of 2 x 3
+    cache = DecodedBatches(limit=2 * one)
+    first = cache.get(1, batches(1), one)
+    assert cache.get(1, batches(1), one) is first and calls == [1]  # kept: decoded once
+    cache.get(2, batches(2), one)
+    assert cache.bytes == 2 * one
+    over = cache.get(3, batches(3), one)  # past the limit: not kept, decoded on every pass
+    assert 3 not in cache.kept and calls == [1, 2]
+    passes = [[float(b[0, 0]) for b in over] for _ in range(2)]
+    assert passes == [[3.0, 4.0, 5.0]] * 2 and calls == [1, 2, 3, 3]
+
+
 def test_final_pick_remeasures_near_the_budget_and_scores_on_more_images():
     """_refine_finalists: finalists measured near the budget (either side) are timed again and
     judged by the median; those within (or near) are scored on more images; far ones are not."""
