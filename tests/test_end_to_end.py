@@ -74,7 +74,7 @@ def _check_report(report: dict) -> None:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    cfg = _tiny_config(root)
+    cfg = _tiny_config(root, export={"dynamic_batch": True})
     proc = run_cli("run", str(cfg), env=OFFLINE, timeout=600)
     return root, cfg, proc
 
@@ -89,7 +89,7 @@ def test_end_to_end_tiny_run(tiny_run):
     assert report["teacher"]["top1"] is None  # random images carry no labels
     s = report["students"][0]
     assert s["replaced"] and s["latency_ms_measured"] > 0 and 0 <= s["agreement"] <= 1
-    assert s["onnx_max_abs_diff"] < 1e-3
+    assert s["onnx_max_abs_diff"] < 1e-3 and s["onnx_batch"] == "batch"  # export.dynamic_batch
     assert Path(s["torch_export"]).is_file()
     assert report["data"]["skipped_images"] == 1 and "broken.png" in report["data"]["skipped"]
     assert (out / "pareto.png").stat().st_size > 1000
