@@ -162,8 +162,9 @@ def main(argv=None) -> int:
         ref_metrics[d], preds[d] = evaluate(m, d, val_set(m, s), (1, 3, s, s), teacher=teacher_pred)
 
     # ---- 2. bespoke ------------------------------------------------------------------------
-    budgets = [0.5, 0.7, round(ratios[DONORS[0]], 3), round(ratios[DONORS[1]], 3)]
-    budget_names = {0.5: "0.5", 0.7: "0.7", budgets[2]: "lite0-latency", budgets[3]: "lite1-latency"}
+    at_donors = [round(ratios[DONORS[0]], 3), round(ratios[DONORS[1]], 3)]
+    budget_names = {0.5: "0.5", 0.7: "0.7", at_donors[0]: "lite0-latency", at_donors[1]: "lite1-latency"}
+    budgets = list(budget_names)  # a donor's ratio equal to 0.5 or 0.7 is searched once, under the donor's name
     base = {
         "teacher": TEACHER, "teacher_weights": "packaged", "donors": DONORS,
         "data": str(train_dir), "val_data": str(val_dir), "class_list": str(class_list),
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
     rows = []
     from bespoke.evaluate import paired_difference
 
-    donor_at = {budgets[2]: DONORS[0], budgets[3]: DONORS[1]}  # the budgets set by a donor's latency
+    donor_at = {at_donors[0]: DONORS[0], at_donors[1]: DONORS[1]}  # the budgets set by a donor's latency
 
     def row(name, kind, budget, m, note=""):
         versus = None
