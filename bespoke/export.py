@@ -97,8 +97,14 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, program: An
                 _name_batch_axis(path)
             return exporter
         except Exception as exc:  # try the other exporter before giving up
-            errors.append(f"{exporter}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+            errors.append(f"{exporter}: {_first_line(exc)}")
     raise UsageError("ONNX export failed with both exporters:\n  " + "\n  ".join(errors))
+
+
+def _first_line(exc: Exception) -> str:
+    """``Type: first line of the message`` (at most 200 characters of it), for one-line errors."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def _name_batch_axis(path: Path) -> None:
@@ -159,8 +165,7 @@ def export_model(model: nn.Module, input_shape: Sequence[int], out: str | Path,
         except Exception as exc:
             if dynamic_batch:
                 raise UsageError(f"torch.export could not export this student with a dynamic batch axis "
-                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-                                 f"export it without --dynamic-batch (batch 1)") from exc
+                                 f"({_first_line(exc)}); export it without --dynamic-batch (batch 1)") from exc
             if "torch-export" in formats:
                 raise
     if "torch-export" in formats:

@@ -915,19 +915,18 @@ class _Students:
         from bespoke import data as images
         from bespoke.finetune import iter_batches
 
-        import torch
-
         n = min(self.cfg.search.pick_train_images, len(self.split.train))
-        order = torch.randperm(len(self.split.train), generator=torch.Generator().manual_seed(self.cfg.seed + 1))
-        transform = images.transforms_for(self.teacher, size)
-        train = self.split.train.subset(sorted(order[:n].tolist())).with_transform(transform)
-        val = self.split.val.with_transform(transform)
-        nbytes = (len(val) + n) * 3 * size * size * 4  # float32 images
 
         def make():
+            import torch
+
+            order = torch.randperm(len(self.split.train), generator=torch.Generator().manual_seed(self.cfg.seed + 1))
+            transform = images.transforms_for(self.teacher, size)
+            train = self.split.train.subset(sorted(order[:n].tolist())).with_transform(transform)
+            val = self.split.val.with_transform(transform)
             return (x for part in (val, train) if len(part) for x, _ in iter_batches(part, 32))
 
-        return self._pick_cache.get(size, make, nbytes)
+        return self._pick_cache.get(size, make, (len(self.split.val) + n) * 3 * size * size * 4)  # float32
 
     def _teacher_on_pick_images(self):
         import torch
