@@ -9,9 +9,10 @@ the packaged weights, trained against on the 500 ``train/`` images exactly as th
 fine-tune does (``bespoke.finetune.finetune_student``, logits only at another input size),
 starting from the saved weights, or with ``--from-teacher`` from the teacher's own weights for
 every parameter the student shares with it (what the assembled student had, for students whose
-replacements are skips). ``--set`` overrides ``finetune`` keys (``bespoke.config.FinetuneConfig``;
-the benchmark's are steps=24 lr=3e-5 beta=3, batch 16). Prints top-1 on the 300 ``val/`` images
-before and after, and the seconds the fine-tune took.
+replacements are skips). ``--set`` overrides ``finetune`` keys (``bespoke.config.FinetuneConfig``)
+of the benchmark's own defaults (``lite2_cpu.finetune_settings``: 24 steps, lr 3e-5, beta 3,
+batch 16). Prints top-1 on the 300 ``val/`` images before and after, and the seconds the
+fine-tune took.
 """
 
 from __future__ import annotations
@@ -68,8 +69,10 @@ def main(argv=None) -> int:
     from bespoke.models import load_model
     from bespoke.partition import Partition
 
-    settings = {"epochs": 100, "steps": 24, "batch_size": 16, "lr": 3e-5, "beta": 3.0,
-                "bn_recalibration_batches": 8, **parse_set(args.set)}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import lite2_cpu
+
+    settings = {**lite2_cpu.finetune_settings(lite2_cpu.parse_args(["--out", "unused"])), **parse_set(args.set)}
     try:
         cfg = FinetuneConfig(**settings)
         student = load_student(args.student)

@@ -99,6 +99,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def finetune_settings(args) -> dict:
+    """The ``finetune`` section every student and baseline of this benchmark is trained with."""
+    return {"epochs": 100, "steps": args.finetune_steps, "batch_size": 16, "lr": args.finetune_lr,
+            "beta": args.finetune_beta, "bn_recalibration_batches": 8}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not (args.data / "train").is_dir() or not (args.data / "val").is_dir():
@@ -186,8 +192,7 @@ def main(argv=None) -> int:
                   "validation_images": args.proxy_images, "augment": True},
         "search": {"proxy": args.proxy, "rerank_top_k": args.rerank_top_k, "input_sizes": args.input_sizes,
                    "pick_train_images": args.pick_train_images, "pick_remeasure": args.pick_remeasure},
-        "finetune": {"epochs": 100, "steps": args.finetune_steps, "batch_size": 16, "lr": args.finetune_lr,
-                     "beta": args.finetune_beta, "bn_recalibration_batches": 8},
+        "finetune": finetune_settings(args),
     }
     cfg = RunConfig.model_validate(base)
 
