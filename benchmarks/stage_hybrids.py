@@ -5,10 +5,11 @@
 A splice ``AK`` runs network A's stem and its first K stages, then a 1x1 adapter, then network
 B's stages K.. and head (A, B: ``0`` Lite0 then Lite2, ``2`` Lite2 then Lite0), all at 224 px.
 The adapter is the least-squares map from A's features to B's at the splice on the first 300
-``train/`` images (ridge 1e-4); nothing else is trained. It prints, per splice, top-1 on the 300
-``val/`` images and the latency ratio to the teacher (Lite2 at 260 px) and Lite0's, timed in the
-same interleaved rounds (batch 1, 2 threads; the median over 40 rounds of each round's ratio,
-3 runs per model and round).
+``train/`` images (:func:`bespoke.blocks.fit_linear_adapter`, ridge 1e-4); nothing else is
+trained. It prints, per splice, top-1 on the 300 ``val/`` images and the latency ratios to the
+teacher (Lite2 at 260 px) of the hybrid and of Lite0, each timed beside the teacher as
+``benchmarks/lite2_cpu.py`` times its rows (``measured-latency``, 90 runs, batch 1, 2 threads;
+``measure_ratios(..., pairwise=True)``: the median of per-round paired ratios).
 
 This is the upper end of what a ``timm-donors`` segment spanning whole stages could start from
 before distillation; see docs/benchmarks.md ("Experiments after the latest run").
@@ -17,9 +18,7 @@ before distillation; see docs/benchmarks.md ("Experiments after the latest run")
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,42 +37,6 @@ def suffix(m: nn.Module, k: int) -> nn.Module:
     return nn.Sequential(*m.blocks[k:], m.conv_head, m.bn2, m.global_pool, m.classifier)
 
 
-@torch.no_grad()
-def fit_adapter(fa: torch.Tensor, fb: torch.Tensor, ridge: float = 1e-4) -> nn.Conv2d:
-    """The 1x1 convolution (with bias) that best maps ``fa`` to ``fb`` per pixel."""
-    a = fa.permute(0, 2, 3, 1).reshape(-1, fa.shape[1]).double()
-    b = fb.permute(0, 2, 3, 1).reshape(-1, fb.shape[1]).double()
-    a1 = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
-    gram = a1.T @ a1
-    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=a.dtype)
-    sol = torch.linalg.solve(gram, a1.T @ b)
-    conv = nn.Conv2d(fa.shape[1], fb.shape[1], 1)
-    conv.weight.copy_(sol[:-1].T.float()[:, :, None, None])
-    conv.bias.copy_(sol[-1].float())
-    return conv
-
-
-def time_ratios(models: dict, rounds: int = 40) -> dict[str, float]:
-    """Each model's median over interleaved rounds of its time relative to the teacher's in
-    that round (the machine's drift between rounds cancels)."""
-    xs = {k: torch.randn(1, 3, s, s) for k, (_, s) in models.items()}
-    got: dict[str, list[float]] = {k: [] for k in models}
-    with torch.no_grad():
-        for k, (m, _) in models.items():
-            for _ in range(3):
-                m(xs[k])
-        for _ in range(rounds):
-            took = {}
-            for k, (m, _) in models.items():
-                t = time.perf_counter()
-                for _ in range(3):
-                    m(xs[k])
-                took[k] = time.perf_counter() - t
-            for k in models:
-                got[k].append(took[k] / took["teacher"])
-    return {k: statistics.median(v) for k, v in got.items()}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -90,9 +53,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from bespoke import data as images
-    from bespoke.evaluate import evaluate
+    from bespoke.blocks import fit_linear_adapter
+    from bespoke.evaluate import evaluate, measure_ratios
     from bespoke.finetune import iter_batches
     from bespoke.models import load_model
+    from bespoke.plugins import get_registry
+
+    timer = get_registry().instantiate("measured-latency", {"threads": args.threads, "runs": 90, "warmup": 5},
+                                       category="latency")
 
     lite2 = load_model("tf_efficientnet_lite2", "auto").eval()
     lite0 = load_model("tf_efficientnet_lite0", "auto").eval()
@@ -107,9 +75,11 @@ def main(argv=None) -> int:
         with torch.no_grad():
             fa = torch.cat([prefix(first, k)(x[i:i + 50]) for i in range(0, len(x), 50)])
             fb = torch.cat([prefix(second, k)(x[i:i + 50]) for i in range(0, len(x), 50)])
-        hybrid = nn.Sequential(prefix(first, k), fit_adapter(fa, fb), suffix(second, k)).eval()
+        hybrid = nn.Sequential(prefix(first, k), fit_linear_adapter(fa, fb), suffix(second, k)).eval()
         metrics, _ = evaluate(hybrid, f"hybrid-{s}", split.val, (1, 3, SIZE, SIZE))
-        r = time_ratios({"teacher": (lite2, 260), "hybrid": (hybrid, SIZE), "lite0": (lite0, 224)})
+        _, r = measure_ratios({"teacher": lite2, "hybrid": hybrid, "lite0": lite0},
+                              {"teacher": (1, 3, 260, 260), "hybrid": (1, 3, SIZE, SIZE), "lite0": (1, 3, 224, 224)},
+                              timer, pairwise=True)
         print(f"{s:>6} {100 * metrics.top1:6.1f} {r['hybrid']:6.3f} {r['lite0']:11.3f}", flush=True)
     return 0
 
