@@ -136,7 +136,8 @@ def measure_latencies(models: dict[str, nn.Module], input_shape: Sequence[int] |
 
 def measure_ratios(models: dict[str, nn.Module], input_shape: Sequence[int] | Mapping[str, Sequence[int]],
                    estimator: Any, fallback: Any = None, *, reference: str = "teacher",
-                   pairwise: bool = False) -> tuple[dict[str, float | None], dict[str, float | None]]:
+                   pairwise: bool = False, intervals: dict[str, tuple[float, float]] | None = None,
+                   ) -> tuple[dict[str, float | None], dict[str, float | None]]:
     """Latency (ms) of each model and its ratio to ``models[reference]``, all in one interleaved
     call. Returns ``(ms, ratios)``.
 
@@ -152,6 +153,15 @@ def measure_ratios(models: dict[str, nn.Module], input_shape: Sequence[int] | Ma
     taken from a reference model, a re-ranked candidate, a final table -- are best all timed the
     same way; re-ranking times candidates in pairs. The reference's ms is then its median over
     all calls.
+
+    A model given under two names (the teacher as the reference and again at another input
+    size) is timed as a copy under the second name: one module object would share its weights
+    in the caches with itself, which a student (its own weights) never does, and would come out
+    cheaper than the same network with weights of its own.
+
+    ``intervals``, when given, receives each model's 95 % interval of its ratio (a bootstrap of
+    the median over the per-round paired ratios; only where timed runs are given): the noise a
+    budget check must allow for.
     """
     import statistics
 
@@ -159,6 +169,7 @@ def measure_ratios(models: dict[str, nn.Module], input_shape: Sequence[int] | Ma
 
     if reference not in models:
         raise ValueError(f"measure_ratios: the reference {reference!r} is not among the models")
+    models = _own_weights(models, reference)
     if pairwise and len(models) > 2:
         ms: dict[str, float | None] = {}
         ratios: dict[str, float | None] = {reference: 1.0}
@@ -169,7 +180,7 @@ def measure_ratios(models: dict[str, nn.Module], input_shape: Sequence[int] | Ma
                 continue
             got_ms, got = measure_ratios({reference: models[reference], name: model},
                                          {reference: shape_of(reference), name: shape_of(name)},
-                                         estimator, fallback, reference=reference)
+                                         estimator, fallback, reference=reference, intervals=intervals)
             ms[name], ratios[name] = got_ms[name], got[name]
             if got_ms[reference] is not None:
                 ref_ms.append(got_ms[reference])
@@ -196,13 +207,60 @@ def measure_ratios(models: dict[str, nn.Module], input_shape: Sequence[int] | Ma
                 continue
             rounds = min(len(ref), len(got))
             r_ref, r_got = _per_round(ref[:rounds], rounds), _per_round(got[:rounds], rounds)
+            paired = [b / a for a, b in zip(r_ref, r_got) if a > 0]
             ms[name] = float(statistics.median(got))
-            ratios[name] = float(statistics.median(b / a for a, b in zip(r_ref, r_got) if a > 0))
+            ratios[name] = float(statistics.median(paired))
+            if intervals is not None and name != reference:
+                intervals[name] = median_interval(paired)
         return ms, ratios
     ms = measure_latencies(models, input_shape, estimator, fallback)
     ref_ms = ms.get(reference)
     ratios = {n: (v / ref_ms if v is not None and ref_ms else None) for n, v in ms.items()}
     return ms, ratios
+
+
+def _own_weights(models: dict[str, nn.Module], reference: str) -> dict[str, nn.Module]:
+    """``models`` with every module object that already appeared under an earlier name (the
+    reference first) replaced by a deep copy, so no two timed models share weights."""
+    import copy
+
+    seen: set[int] = set()
+    out: dict[str, nn.Module] = {}
+    for name in [reference, *[n for n in models if n != reference]]:
+        model = models[name]
+        if id(model) in seen:
+            model = copy.deepcopy(model)
+        seen.add(id(model))
+        out[name] = model
+    return {name: out[name] for name in models}
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95, resamples: int = 2000,
+                    seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of the median of ``values`` (fixed seed: the same runs give the same
+    interval)."""
+    import numpy as np
+
+    v = np.asarray(list(values), dtype=float)
+    if v.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    medians = np.median(v[rng.integers(0, v.size, size=(resamples, v.size))], axis=1)
+    tail = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(medians, [tail, 1.0 - tail])
+    return (float(lo), float(hi))
+
+
+def over_budget(ratio: float | None, interval: tuple[float, float] | None, budget: float,
+                tolerance: float = 0.0) -> bool:
+    """Whether a model measured at ``ratio`` (95 % ``interval``) is over ``budget`` by more than
+    the measured noise: its whole interval lies above the budget, and so does ``ratio`` by more
+    than ``tolerance`` (a relative margin). Without an interval, ``ratio`` alone decides."""
+    if ratio is None:
+        return False
+    if ratio <= budget * (1.0 + tolerance):
+        return False
+    return interval is None or interval[0] > budget
 
 
 @dataclass

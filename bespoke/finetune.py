@@ -491,6 +491,8 @@ def finetune_student(
     ckpt = workdir / "checkpoint"
     every = checkpoint_every or getattr(cfg, "checkpoint_every", None) or 50
     steps = total_steps(len(dataset), cfg)
+    if getattr(student, "taps_enabled", None) is False:  # a loaded student: distillation needs its taps
+        student.taps_enabled = True
     if input_size is not None:
         targets = {}
     elif targets is None:  # segment ids are "start-end": the keys of replaced_outputs

@@ -19,13 +19,17 @@ Strides (input resolution / activation resolution):
 
 To make segments safe to run on shared activations, tracing makes the graph functional: in-place
 activations (``nn.ReLU(inplace=True)`` and the like) are switched to out-of-place, which gives the
-same numbers, and in-place tensor ops in the graph become their out-of-place forms. This is the
-one change made to the model passed in.
+same numbers, and in-place tensor ops in the graph become their out-of-place forms. The model
+passed in is left as it is (it keeps running in place, as deployed): the graph calls out-of-place
+copies of its in-place modules and shares every other module, parameter and buffer with it. Each
+node so changed carries ``node.meta["bespoke_inplace"]`` (what it was), so that a student can
+run in place again where the teacher did (:class:`bespoke.student.Student`).
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 import inspect
 import math
 import operator
@@ -122,6 +126,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> fx.GraphModule
     tracer = _Tracer(list(timm_modules) + list(leaf_modules), timm_functions)
     name = type(model).__name__
     concrete = _optional_args(model)
+    model, switched = _out_of_place_root(model)
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as exc:
@@ -142,7 +147,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> fx.GraphModule
                          f"Fix: {fix}") from None
     _drop_specialization_guards(graph)
     gm = fx.GraphModule(tracer.root, graph, name)
-    _make_functional(gm)
+    _make_functional(gm, switched)
     return gm
 
 
@@ -178,21 +183,77 @@ def _optional_args(model: nn.Module) -> dict[str, Any]:
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def _make_functional(gm: fx.GraphModule) -> None:
-    """Replace in-place ops by out-of-place ones (same numbers) so activations can be shared."""
-    for m in gm.modules():
-        if isinstance(getattr(m, "inplace", None), bool) and m.inplace:
+def _is_inplace_module(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "inplace", None), bool) and m.inplace
+
+
+def _out_of_place_root(model: nn.Module) -> tuple[nn.Module, set[str]]:
+    """``model`` with each in-place module (``inplace=True``) replaced by an out-of-place copy,
+    on shallow copies of its ancestors only; and the paths of the modules replaced. Every other
+    module, parameter and buffer is the model's own object (no weight is copied, and moving the
+    model to a device moves what the graph uses), while the model itself keeps running in place."""
+    paths = [name for name, m in model.named_modules() if name and _is_inplace_module(m)]
+    if not paths:
+        return model, set()
+    return with_inplace(model, paths, False), set(paths)
+
+
+def with_inplace(module: nn.Module, paths: Iterable[str], inplace: bool) -> nn.Module:
+    """A copy of ``module`` whose submodules at ``paths`` (``""``: the module itself) have
+    ``inplace`` set; only they and their ancestors are copied (shallowly), so every other
+    module, parameter and buffer stays the original object."""
+
+    def shallow(m: nn.Module) -> nn.Module:
+        new = copy.copy(m)
+        new.__dict__["_modules"] = dict(m._modules)
+        return new
+
+    root = shallow(module)
+    copied = {id(root)}
+    for path in paths:
+        if not path:
+            root.inplace = inplace
+            continue
+        parent, parts = root, path.split(".")
+        for part in parts[:-1]:
+            child = parent._modules[part]
+            if id(child) not in copied:
+                child = shallow(child)
+                copied.add(id(child))
+                parent._modules[part] = child
+            parent = child
+        leaf = shallow(parent._modules[parts[-1]])
+        leaf.inplace = inplace
+        parent._modules[parts[-1]] = leaf
+    return root
+
+
+def _make_functional(gm: fx.GraphModule, switched_modules: set[str] = frozenset()) -> None:
+    """Replace in-place ops by out-of-place ones (same numbers) so activations can be shared;
+    each node changed (or calling a module switched to out-of-place) records in
+    ``node.meta["bespoke_inplace"]`` what it was."""
+    for m in gm.modules():  # modules the root copy did not reach (none, for modules it traced)
+        if _is_inplace_module(m):
             m.inplace = False
     changed = False
     for node in gm.graph.nodes:
+        if node.op == "call_module":  # the module, or modules inside a leaf, switched
+            inside = sorted(p[len(node.target) + 1:] if p != node.target else "" for p in switched_modules
+                            if p == node.target or p.startswith(node.target + "."))
+            if inside:
+                node.meta["bespoke_inplace"] = {"modules": inside}
+            continue
+        if node.op not in ("call_function", "call_method"):
+            continue
+        was = {"target": node.target, "kwargs": dict(node.kwargs)}
         if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
             node.target = _INPLACE_OPERATORS[node.target]
-            changed = True
         elif node.op == "call_method" and node.target in _INPLACE_METHODS:
             node.target = _INPLACE_METHODS[node.target]
-            changed = True
-        if node.op in ("call_function", "call_method") and node.kwargs.get("inplace") is True:
+        if node.kwargs.get("inplace") is True:
             node.kwargs = {**node.kwargs, "inplace": False}
+        if node.target != was["target"] or node.kwargs != was["kwargs"]:
+            node.meta["bespoke_inplace"] = was
             changed = True
     if changed:
         gm.recompile()

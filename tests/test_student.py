@@ -111,11 +111,17 @@ def test_student_forward_calls_the_same_modules_under_flat_names():
     x = example()
     with torch.no_grad():
         student(x)  # the view is built on the first forward
-    flat = student._flat
+    flat = student._flat[False]  # taps on: the out-of-place view
     assert flat is not None and not any(k.startswith("_flat") for k in student.state_dict())
     hier = dict(student.net.named_modules())
     for name, mod in flat.named_children():
         assert any(mod is m for m in hier.values()), name
+    with torch.no_grad(), student.taps(False):  # taps off: in place where the teacher is
+        torch.testing.assert_close(student(x), student.net(x), rtol=0, atol=0)
+    inplace = student._flat[True]
+    own = {id(p) for p in student.parameters()}
+    assert all(id(p) in own for p in inplace.parameters())  # copies of activations only, same weights
+    assert any(name.endswith("__inplace") for name, _ in inplace.named_children())
     with torch.no_grad():
         torch.testing.assert_close(student(x), student.net(x), rtol=0, atol=0)
         for p in student.parameters():  # a change made through the registered modules shows
@@ -136,7 +142,7 @@ def test_student_forward_calls_the_same_modules_under_flat_names():
     setattr(twin.net.alternatives, name, doubled)
     with torch.no_grad():
         torch.testing.assert_close(twin(x.double()), twin.net(x.double()), rtol=0, atol=0)
-        assert twin._flat.get_submodule(f"m_alternatives__{name}") is doubled
+        assert twin._flat[False].get_submodule(f"m_alternatives__{name}") is doubled
 
 
 def test_skip_proposes_nothing_when_shapes_differ():

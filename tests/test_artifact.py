@@ -1,0 +1,136 @@
+"""What ships is what was timed (issue 24): a saved and reloaded student runs the same
+operations as the student that was assembled, a student with nothing replaced runs the teacher's
+operations in the teacher's order, and the timing protocol never lets two timed models share
+weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from _families import example, model_ref, teacher
+from bespoke.evaluate import measure_ratios, median_interval, over_budget
+from bespoke.plugins import load_registry
+from bespoke.student import StudentChoice, StudentRecipe, assemble, load_student, save_student
+from test_student import _self_copy_plugin
+
+FAMILIES = ["tf_efficientnet_lite0", "mobilenetv3_large_100", "regnetx_002", "convnext_atto"]
+
+
+def _ops(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
+    """Every aten operation one forward pass runs, with its input shapes, in order."""
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        model(x)
+    return [(e.name, str(e.input_shapes)) for e in prof.events() if e.name.startswith("aten::")]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_student_with_nothing_replaced_runs_the_teachers_operations_in_order(name, tmp_path):
+    part = teacher(name)
+    save_student(assemble(part, []), StudentRecipe(teacher=model_ref(name), input_size=(3, 64, 64)), tmp_path)
+    loaded = load_student(tmp_path).eval()
+    x = example(1)
+    part.model.eval()
+    assert _ops(loaded, x) == _ops(part.model, x)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), part.model(x))
+
+
+def test_resnet_student_differs_from_its_teacher_only_where_fx_cannot_see_in_place_adds(tmp_path):
+    # timm's ResNet adds its shortcut with `x += shortcut`; torch.fx records that as `x + shortcut`
+    # (a Proxy has no in-place operators), so that add, and nothing else, runs out of place.
+    part = teacher("resnet18")
+    save_student(assemble(part, []), StudentRecipe(teacher=model_ref("resnet18"), input_size=(3, 64, 64)), tmp_path)
+    x = example(1)
+    got, want = _ops(load_student(tmp_path), x), _ops(part.model.eval(), x)
+    assert len(got) == len(want)
+    differ = {(a[0], b[0]) for a, b in zip(got, want) if a != b}
+    assert differ == {("aten::add", "aten::add_")}
+
+
+def test_partitioning_leaves_the_teachers_in_place_modules_alone():
+    import timm
+
+    from bespoke.partition import Partition
+
+    model = timm.create_model("mobilenetv3_large_100", pretrained=False).eval()
+    before = {n: m.inplace for n, m in model.named_modules() if isinstance(getattr(m, "inplace", None), bool)}
+    part = Partition.from_model(model, (1, 3, 64, 64))
+    assert {n: m.inplace for n, m in model.named_modules() if n in before} == before and any(before.values())
+    assert part.model is model
+    traced = dict(part.gm.named_parameters())
+    assert all(traced[n] is p for n, p in model.named_parameters())  # the weights are shared, not copied
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_saved_and_loaded_student_equals_the_assembled_one_operation_for_operation(name, tmp_path):
+    registry = load_registry(extra_plugins=[_self_copy_plugin()])
+    part = teacher(name)
+    segs = [s for s in part.sample_segments(20, max_fraction=0.2, seed=1)]
+    chosen = []
+    for s in segs:
+        if not any(s.overlaps(c) for c in chosen):
+            chosen.append(s)
+    chosen = chosen[:2]
+    from bespoke import AlternativeSpec
+
+    spec = AlternativeSpec(source="self-copy", kind="self", label="self")
+    student = assemble(part, [(s, copy.deepcopy(part.extract(s))) for s in chosen])
+    with torch.no_grad():  # weights the teacher does not have: the reload must carry them
+        for p in student.parameters():
+            p.mul_(1.01)
+    recipe = StudentRecipe(teacher=model_ref(name), input_size=(3, 64, 64),
+                           choices=[StudentChoice(segment=s, spec=spec) for s in chosen])
+    save_student(student, recipe, tmp_path)
+    loaded = load_student(tmp_path, registry=registry).eval()
+    x = example(1)
+    student.eval()
+    with student.taps(False):  # as every latency measurement runs it
+        assert _ops(loaded, x) == _ops(student, x)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), student(x))
+    with torch.no_grad(), loaded.taps(True):  # taps on (fine-tuning): out of place, same numbers
+        assert torch.equal(loaded(x), student(x))
+        assert sorted(loaded.replaced_outputs) == sorted(s.id for s in chosen)
+    assert list(loaded.state_dict()) == list(student.state_dict())
+
+
+class _Recording:
+    """A measuring estimator stand-in: records which module objects it was asked to time and
+    answers with fixed per-round samples."""
+
+    def __init__(self):
+        self.modules = []
+
+    def latency_samples(self, queries):
+        self.modules.append([q.module for q in queries])
+        return {q.key: [10.0 + i, 11.0 + i, 10.5 + i, 10.2 + i] for i, q in enumerate(queries)}
+
+
+def test_a_model_given_twice_is_timed_as_a_copy_not_beside_itself():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    est = _Recording()
+    measure_ratios({"teacher": net, "smaller": net}, {"teacher": (1, 3, 32, 32), "smaller": (1, 3, 16, 16)}, est)
+    (timed,) = est.modules
+    assert len(timed) == 2 and timed[0] is net and timed[1] is not net
+    assert all(torch.equal(a, b) for a, b in zip(timed[0].state_dict().values(), timed[1].state_dict().values()))
+
+
+def test_ratio_intervals_come_with_the_ratios():
+    nets = {"teacher": torch.nn.Conv2d(3, 4, 3), "student": torch.nn.Conv2d(3, 2, 3)}
+    intervals = {}
+    _, ratios = measure_ratios(nets, (1, 3, 16, 16), _Recording(), intervals=intervals)
+    lo, hi = intervals["student"]
+    assert lo <= ratios["student"] <= hi and "teacher" not in intervals
+
+
+def test_median_interval_and_over_budget():
+    lo, hi = median_interval([0.80, 0.81, 0.79, 0.80, 0.82, 0.80, 0.81])
+    assert 0.79 <= lo <= 0.80 <= hi <= 0.82
+    assert not over_budget(0.805, (0.79, 0.82), 0.80)  # inside the noise
+    assert over_budget(0.86, (0.84, 0.88), 0.80)
+    assert not over_budget(0.81, (0.805, 0.815), 0.80, tolerance=0.02)  # within the tolerance
+    assert not over_budget(None, None, 0.8)
