@@ -211,7 +211,8 @@ def table_latencies(table: LatencyTable, teacher_ms: float, segment_ms: dict[str
     set so that its saving becomes ``a*s - c``. Budgets and reported latencies are then calibrated.
 
     ``segment_key``: segment id -> signature; ``alt_key``: alternative id -> signature;
-    ``alt_segment``: alternative id -> segment id.
+    ``alt_segment``: alternative id -> segment id. :func:`house_latencies` calls it; it is public
+    for callers that already hold a table's raw answers.
     """
     alt = dict(alt_ms)
     if table.savings:
