@@ -1,152 +1,25 @@
 """Answers from a published latency lookup table; measures nothing.
 
-Device plugins reuse :class:`LutLatency` with their own packaged table (see
+The estimator is :class:`bespoke.latency.LutLatency`; this plugin registers it as
+``lut-latency``, reading the table from ``plugin_options.lut-latency.path``. Device plugins
+build on the same public class with their own packaged table (see
 ``examples/bespoke-latency-example`` and docs/latency.md).
 """
 
 from __future__ import annotations
 
-import statistics
-import warnings
-from typing import Sequence
+from bespoke import PluginRecord, hookimpl
+from bespoke.latency import LutLatency, LutLatencyOptions
 
-from pydantic import Field
-
-from bespoke import DeviceInfo, LatencyQuery, PluginOptions, PluginRecord, UsageError, hookimpl
+NAME = "lut-latency"
 
 
-class LutLatencyOptions(PluginOptions):
-    path: str | None = Field(None, description="latency table (JSON) written by `bespoke profile`")
-    allow_fallback: bool = Field(
-        False, description="estimate entries missing from the table from FLOPs (with a warning) instead of failing")
-    expect_device: str | None = Field(None, description="refuse the table unless its device name is this")
-    expect_runtime: str | None = Field(None, description="refuse the table unless its runtime is this (e.g. onnxruntime-cpu)")
-
-
-class LutLatency:
-    """A :class:`bespoke.types.LatencyEstimator` that reads answers from a LUT.
-
-    ``table`` (a :class:`bespoke.latency.LatencyTable`) is public: the search and reports use its
-    teacher latency and calibration. ``estimated`` lists, after each call, the keys that were not
-    in the table and were estimated (``allow_fallback``), with how.
-    """
-
-    def __init__(self, options: LutLatencyOptions | None = None, *, table=None, source: str | None = None):
-        from bespoke.latency import read_lut
-
-        self.options = options or LutLatencyOptions()
-        if table is None:
-            if not self.options.path:
-                raise UsageError(
-                    "lut-latency needs a table: set plugin_options.lut-latency.path to a LUT file "
-                    "(write one with `bespoke profile HOUSE --plugin measured-latency -o lut.json`)")
-            table = read_lut(self.options.path)
-            source = source or self.options.path
-        self.table = table
-        self.source = source or "(in memory)"
-        self.estimated: list[str] = []
-        o, d = self.options, table.device
-        wrong = []
-        if o.expect_device is not None and d.name != o.expect_device:
-            wrong.append(f"device name: table has {d.name!r}, expected {o.expect_device!r}")
-        if o.expect_runtime is not None and d.runtime != o.expect_runtime:
-            wrong.append(f"runtime: table has {d.runtime!r}, expected {o.expect_runtime!r}")
-        if wrong:
-            raise UsageError(f"latency table {self.source!r} is from another device or runtime:\n  "
-                             + "\n  ".join(wrong))
-
-    def device(self) -> DeviceInfo:
-        return self.table.device
-
-    def latencies(self, queries: Sequence[LatencyQuery]) -> dict[str, float]:
-        out: dict[str, float] = {}
-        missing: list[LatencyQuery] = []
-        for q in queries:
-            ms = self.table.get_ms(q.key)
-            if ms is None:
-                missing.append(q)
-            else:
-                out[q.key] = ms
-        self.estimated = []
-        if not missing:
-            return out
-        if not self.options.allow_fallback:
-            lines = [f"{q.key} ({_what(q)})" for q in missing]
-            raise UsageError(
-                f"latency table {self.source!r} has no entry for {len(missing)} module(s):\n  "
-                + "\n  ".join(lines)
-                + "\nProfile them on the device (`bespoke profile HOUSE --plugin measured-latency -o lut.json`), "
-                "or set plugin_options.lut-latency.allow_fallback: true to estimate missing entries from FLOPs."
-            )
-        out.update(self._fallback(missing))
-        return out
-
-    def _fallback(self, missing: Sequence[LatencyQuery]) -> dict[str, float]:
-        """Estimate from FLOPs: ms = c + k * flops fitted on the table's entries (k > 0, c >= 0),
-        or ms proportional to FLOPs with fewer than three usable entries."""
-        from bespoke.latency import count_flops
-
-        known = [(e.flops, e.ms) for e in self.table.entries.values() if e.flops and e.flops > 0]
-        if not known:
-            raise UsageError(
-                f"latency table {self.source!r} records no FLOPs, so the {len(missing)} missing "
-                "entries cannot be estimated; profile them on the device instead")
-        model, how = _fit(known)
-        out: dict[str, float] = {}
-        notes = []
-        for q in missing:
-            if q.module is None:
-                raise UsageError(f"latency table {self.source!r} has no entry for {q.key} and the query "
-                                 "carries no module to count FLOPs of; profile it on the device")
-            flops = count_flops(q.module, q.input_shape)
-            if flops is None:
-                raise UsageError(f"latency table {self.source!r} has no entry for {q.key} ({_what(q)}), "
-                                 "and its FLOPs could not be counted; profile it on the device")
-            ms = model(flops)
-            out[q.key] = ms
-            self.estimated.append(q.key)
-            notes.append(f"{q.key} ({_what(q)}): {flops / 1e6:.2f} MFLOPs -> {ms:.3f} ms")
-        warnings.warn(
-            f"lut-latency: {len(missing)} latencies are not in {self.source!r} and were ESTIMATED by "
-            f"{how} from {len(known)} table entries (allow_fallback is on):\n  " + "\n  ".join(notes),
-            stacklevel=2,
-        )
-        return out
-
-
-def _what(q: LatencyQuery) -> str:
-    kind = type(q.module).__name__ if q.module is not None else "no module"
-    return f"{kind} on input {tuple(q.input_shape)}"
-
-
-def _fit(points):
-    """(predict(flops) -> ms, description) from (flops, ms) pairs."""
-    ratio = statistics.median(ms / f for f, ms in points)
-    proportional = (lambda f: ratio * f, f"FLOPs-proportional scaling ({ratio * 1e6:.4f} ms per MFLOP, median over entries)")
-    if len(points) < 3:
-        return proportional
-    n = len(points)
-    sx = sum(f for f, _ in points)
-    sy = sum(m for _, m in points)
-    sxx = sum(f * f for f, _ in points)
-    sxy = sum(f * m for f, m in points)
-    det = n * sxx - sx * sx
-    if det <= 0:
-        return proportional
-    k = (n * sxy - sx * sy) / det
-    c = (sy - k * sx) / n
-    if k <= 0 or c < 0:
-        return proportional
-    return (lambda f: c + k * f,
-            f"a linear fit on FLOPs (ms = {c:.4f} + {k * 1e6:.4f} * MFLOPs, least squares over entries)")
-
-
-def _factory(options):
-    return LutLatency(options)
+def _factory(options: LutLatencyOptions | None) -> LutLatency:
+    return LutLatency(options, name=NAME)
 
 
 @hookimpl
 def register_latency_estimators(register):
-    register(PluginRecord(name="lut-latency", category="latency", factory=_factory,
+    register(PluginRecord(name=NAME, category="latency", factory=_factory,
                           options_model=LutLatencyOptions,
                           description="Answers from a published latency lookup table; measures nothing"))

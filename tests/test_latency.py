@@ -21,7 +21,7 @@ from torch import nn
 from bespoke import DeviceInfo, LatencyQuery, UsageError
 from bespoke.latency import (
     LatencyTable, LutEntry, ProfileItem, TeacherLatency, calibrate_table, error_summary,
-    fit_calibration, house_latencies, make_query, module_signature, predict_latency,
+    fit_calibration, house_latencies, house_modules, make_query, module_signature, predict_latency,
     profile_modules, read_lut, write_lut,
 )
 from bespoke.plugins import load_registry
@@ -378,7 +378,8 @@ def test_profile_house_round_trip_gives_the_same_answers(tmp_path, monkeypatch):
     assert {e.role for e in again.entries.values()} == {"segment", "alternative"}
     # The LUT plugin answers every latency of the house exactly as profiled.
     lut = reg.instantiate("lut-latency", {"path": str(out)})
-    lat = house_latencies(house, lut, reg, cfg)
+    mods = house_modules(house, reg, cfg)  # what profile timed: random weights, rebuilt from specs
+    lat = house_latencies(house, mods.partition, lut, lambda rec: mods.alternatives[rec.id].module)
     assert lat.teacher_ms == table.teacher.ms
     assert set(lat.segment_ms) == {s.id for s in house.manifest.segments}
     assert set(lat.alt_ms) == {a.id for a in house.manifest.alternatives}

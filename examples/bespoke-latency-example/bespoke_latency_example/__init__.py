@@ -4,6 +4,9 @@ A device vendor copies this package, replaces ``lut.json`` with the table that
 ``bespoke profile HOUSE --plugin measured-latency -o lut.json`` wrote on their board, renames the
 estimator, and publishes it (e.g. as ``bespoke-latency-<device>`` on PyPI). Users then run
 ``bespoke run --plugin example-board-latency``.
+
+It builds on :class:`bespoke.latency.LutLatency`, bespoke's public lookup-table estimator, and
+needs nothing from ``bespoke_plugins``.
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ from importlib import resources
 from pydantic import Field
 
 from bespoke import PluginOptions, PluginRecord, hookimpl
-from bespoke.latency import parse_lut
-from bespoke_plugins.lut_latency import LutLatency, LutLatencyOptions
+from bespoke.latency import LutLatency, LutLatencyOptions, parse_lut
 
 NAME = "example-board-latency"
 LUT_FILE = "lut.json"
@@ -35,7 +37,7 @@ def packaged_table():
 def _factory(options: ExampleBoardOptions | None):
     opts = options or ExampleBoardOptions()
     return LutLatency(LutLatencyOptions(allow_fallback=opts.allow_fallback),
-                      table=packaged_table(), source=f"{__name__}/{LUT_FILE}")
+                      table=packaged_table(), source=f"{__name__}/{LUT_FILE}", name=NAME)
 
 
 @hookimpl
