@@ -165,7 +165,7 @@ def measure_ratios(models: dict[str, nn.Module], input_shape: Sequence[int] | Ma
     """
     import statistics
 
-    from bespoke.latency import _per_round
+    from bespoke.latency import per_round_means as _per_round
 
     if reference not in models:
         raise ValueError(f"measure_ratios: the reference {reference!r} is not among the models")

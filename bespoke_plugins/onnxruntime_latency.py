@@ -96,30 +96,42 @@ class OnnxRuntimeLatency:
         return DeviceInfo(name=name, runtime=f"onnxruntime-{o.device}", threads=o.threads,
                           batch=o.batch, precision="fp32")
 
-    def onnx_path(self, query: LatencyQuery) -> Path:
-        """The exported model for ``query`` (exported on first use)."""
+    def onnx_path(self, query: LatencyQuery, exporter: str | None = None) -> Path:
+        """The exported model for ``query`` (exported on first use) with ``exporter`` (default:
+        the configured one, falling back to the legacy one for graphs the dynamo exporter cannot
+        take); the file name says which exporter wrote it."""
+        path, _ = self._export(query, exporter)
+        return path
+
+    def _export(self, query: LatencyQuery, exporter: str | None = None) -> tuple[Path, str]:
         import torch
 
         o = self.options
-        path = self.cache / f"{query.key}-b{o.batch}-{o.exporter}-op{o.opset}.onnx"
-        if not path.exists():
+        tries = [exporter] if exporter else ([o.exporter, "torchscript"] if o.exporter == "dynamo" else [o.exporter])
+        errors = []
+        for how in tries:
+            path = self.cache / f"{query.key}-b{o.batch}-{how}-op{o.opset}.onnx"
+            if path.exists():
+                return path, how
             module = query.module.eval().to("cpu")
             x = torch.randn((o.batch, *tuple(query.input_shape)[1:]))
             try:
-                _export(module, x, path, o.opset, o.exporter)
-            except Exception as exc:
-                if o.exporter == "dynamo":  # some graphs only the legacy exporter handles
-                    try:
-                        _export(module, x, path, o.opset, "torchscript")
-                        return path
-                    except Exception:
-                        pass
-                raise UsageError(
-                    f"onnxruntime-latency: could not export {type(query.module).__name__} "
-                    f"(key {query.key}, input {tuple(query.input_shape)}) to ONNX: {type(exc).__name__}: "
-                    f"{str(exc)[:300]}"
-                ) from None
-        return path
+                _export(module, x, path, o.opset, how)
+                return path, how
+            except Exception as exc:  # some graphs only the legacy exporter handles
+                errors.append(f"{how}: {type(exc).__name__}: {str(exc)[:300]}")
+        raise UsageError(
+            f"onnxruntime-latency: could not export {type(query.module).__name__} "
+            f"(key {query.key}, input {tuple(query.input_shape)}) to ONNX: " + "; ".join(errors))
+
+    def exported(self, queries: Sequence[LatencyQuery]) -> tuple[list[Path], str]:
+        """Every query exported by one exporter, so that ratios between them compare like with
+        like: when one graph needs the legacy exporter, all of them are exported with it."""
+        done = [self._export(q) for q in queries]
+        used = {how for _, how in done}
+        if len(used) > 1:
+            done = [self._export(q, "torchscript") for q in queries]
+        return [p for p, _ in done], done[0][1] if done else self.options.exporter
 
     def _session(self, path: Path):
         import onnxruntime as ort
@@ -151,7 +163,8 @@ class OnnxRuntimeLatency:
         todo = unique_queries(queries)
         if not todo:
             return {}
-        sessions = [self._session(self.onnx_path(q)) for q in todo]
+        paths, _ = self.exported(todo)
+        sessions = [self._session(p) for p in paths]
         feeds = []
         for q, s in zip(todo, sessions):
             shape = (o.batch, *tuple(q.input_shape)[1:])

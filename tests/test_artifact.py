@@ -134,3 +134,27 @@ def test_median_interval_and_over_budget():
     assert over_budget(0.86, (0.84, 0.88), 0.80)
     assert not over_budget(0.81, (0.805, 0.815), 0.80, tolerance=0.02)  # within the tolerance
     assert not over_budget(None, None, 0.8)
+
+
+def test_onnxruntime_exports_every_model_timed_together_with_one_exporter(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import bespoke_plugins.onnxruntime_latency as plugin
+    from bespoke.latency import make_query
+
+    real = plugin._export
+    used = []
+
+    def export(module, x, path, opset, exporter):
+        used.append((module.out_channels, exporter))
+        if exporter == "dynamo" and module.out_channels == 2:
+            raise RuntimeError("this graph needs the legacy exporter")
+        real(module, x, path, opset, "torchscript")  # quick; the file name records `exporter`
+
+    monkeypatch.setattr(plugin, "_export", export)
+    est = plugin.OnnxRuntimeLatency(plugin.OnnxRuntimeLatencyOptions(runs=2, warmup=0, cache_dir=str(tmp_path)))
+    wide, narrow = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 2, 3)
+    paths, how = est.exported([make_query(wide, (1, 3, 16, 16)), make_query(narrow, (1, 3, 16, 16))])
+    assert how == "torchscript" and all("-torchscript-" in p.name for p in paths)
+    assert (4, "torchscript") in used  # the one dynamo could export was exported again, like the other
+    alone, how_alone = est.exported([make_query(wide, (1, 3, 16, 16))])
+    assert how_alone == "dynamo" and "-dynamo-" in alone[0].name
