@@ -207,7 +207,7 @@ def run(
     data: Optional[str] = typer.Option(None, "--data", help="image folder or package.module:attribute"),
     val_data: Optional[str] = typer.Option(None, "--val-data"),
     teacher: Optional[str] = typer.Option(None, "--teacher"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="quick or full"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="quick (default; minutes), full (the documented defaults) or tiny (a tiny random-weight teacher and donor on generated images: every stage in about a minute, to try a plugin)"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     input_sizes: Optional[str] = typer.Option(None, "--input-sizes",
                                               help="also search students at these input sizes, e.g. 240,224 (search.input_sizes)"),

@@ -119,7 +119,7 @@ class RunConfig(Strict):
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
     device: str = Field("cpu", description="cpu or cuda")
-    preset: Literal["quick", "full"] = "quick"
+    preset: Literal["quick", "full", "tiny"] = Field("quick", description="schedule preset filling every key the configuration leaves unset: quick (minutes), full (the documented defaults) or tiny (a tiny random-weight teacher, donor and generated images: every stage in about a minute, for trying plugins)")
     plugins: PluginSelection = Field(default_factory=PluginSelection)
     plugin_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     build: BuildConfig = Field(default_factory=BuildConfig)
@@ -256,7 +256,7 @@ def plugin_options(cfg: RunConfig, name: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Presets: schedules for `bespoke run --preset quick|full`
+# Presets: schedules for `bespoke run --preset quick|full|tiny`
 # --------------------------------------------------------------------------------------------
 
 # ``quick``: a small but real run that finishes in minutes on a laptop CPU (the offline default).
@@ -283,31 +283,67 @@ QUICK_PLUGIN_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+# ``tiny``: every stage on a tiny random-weight teacher and donor and a handful of generated
+# images (bespoke.tiny), for plugin authors and the docs' examples. Like ``quick``, values apply
+# only where the configuration did not set the key, so `--plugin`, `--teacher` or `--data` swap
+# one piece and keep the rest tiny.
+TINY_PRESET: dict[str, Any] = {
+    "teacher": "bespoke.tiny:teacher",
+    "donors": ["bespoke.tiny:donor"],
+    "data": "bespoke.tiny:images",
+    "input_size": 64,
+    "budgets": [0.8],
+    "out": "bespoke-tiny",
+    "build": {"segments": 3, "tiles": 3, "max_fraction": 0.5, "epochs": 1, "steps_per_epoch": 2,
+              "batch_size": 4, "calibration_images": 8, "validation_images": 8},
+    "search": {"proxy": "replace-one-kl", "rerank_top_k": 2},
+    "finetune": {"epochs": 1, "steps": 2, "batch_size": 4, "bn_recalibration_batches": 1},
+}
+TINY_PLUGIN_OPTIONS: dict[str, dict[str, Any]] = {
+    "measured-latency": {"warmup": 2, "runs": 7},
+    "onnxruntime-latency": {"warmup": 2, "runs": 7},
+    "optuna": {"n_trials": 20},
+    "annealing": {"steps": 300, "restarts": 1},
+    "random": {"samples": 200},
+    "pruned-self": {"ratios": [0.5]},
+    "timm-donors": {"max_per_segment": 1},
+    "lowrank": {"fractions": [0.25], "calibration_images": 8},
+}
+PRESETS: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
+    "quick": (QUICK_PRESET, QUICK_PLUGIN_OPTIONS),
+    "tiny": (TINY_PRESET, TINY_PLUGIN_OPTIONS),
+}
+
+
 def apply_preset(cfg: RunConfig, registry: Any = None) -> RunConfig:
     """``cfg`` with its preset's values filled in wherever the configuration left a default.
 
     ``full`` keeps the documented defaults. ``quick`` shortens every schedule, lowers the input
-    size, and draws the donors on the Pareto plot as reference models.
+    size, and draws the donors on the Pareto plot as reference models. ``tiny`` also swaps in the
+    tiny teacher, donor and images of :mod:`bespoke.tiny`.
     """
-    if cfg.preset != "quick":
+    if cfg.preset not in PRESETS:
         return cfg
+    values, plugin_values = PRESETS[cfg.preset]
     update: dict[str, Any] = {}
-    for key, value in QUICK_PRESET.items():
+    for key, value in values.items():
         current = getattr(cfg, key)
         if isinstance(value, dict):
             section = current.model_copy(update={k: v for k, v in value.items()
                                                  if k not in current.model_fields_set})
             update[key] = section
-        elif key not in cfg.model_fields_set and current is None:
+        elif key not in cfg.model_fields_set and (current is None or cfg.preset == "tiny"):
+            # tiny replaces set defaults too (the Lite teacher, its donors, the budgets)
             update[key] = value
+    donors = update.get("donors", cfg.donors)
     if "reference_models" not in cfg.model_fields_set and not cfg.reference_models:
-        update["reference_models"] = list(cfg.donors)
+        update["reference_models"] = list(donors)
     options = {k: dict(v) for k, v in cfg.plugin_options.items()}
-    for name, values in QUICK_PLUGIN_OPTIONS.items():
+    for name, defaults in plugin_values.items():
         record = registry.records.get(name) if registry is not None else None
         fields = getattr(getattr(record, "options_model", None), "model_fields", {}) if record else {}
         mine = options.get(name, {})
-        extra = {k: v for k, v in values.items() if k in fields and k not in mine}
+        extra = {k: v for k, v in defaults.items() if k in fields and k not in mine}
         if extra:
             options[name] = {**extra, **mine}
     update["plugin_options"] = options
