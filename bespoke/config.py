@@ -30,11 +30,11 @@ class BuildConfig(Strict):
     tiles: int = Field(0, ge=0, description="also cut the network into this many consecutive segments, so one non-overlapping set covers all of it (0: sampling only)")
     enumerate_max_len: int | None = Field(None, ge=1, description="instead of sampling, take every segment up to this many cut points")
     modules: bool = Field(False, description="also one segment per block and stage of the network (every submodule mapping a cut point to a cut point, up to max_fraction of the network): where skip, pruning and same-family donors fit best")
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over the training images distilling the alternatives")
     steps_per_epoch: int | None = Field(None, ge=1, description="cap the steps per epoch")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="images per distillation step")
     bunch_size: int = Field(64, ge=1, description="alternatives trained together per teacher forward")
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="learning rate of block-level distillation (Adam)")
     cache_activations: bool = Field(True, description="cache teacher activations at cut points after the first epoch (later epochs then replay the first epoch's augmented views)")
     calibration_images: int = Field(64, ge=1, description="images used to initialise adapters and choose channels")
     validation_images: int = Field(64, ge=0, description="held-out images for the distillation error and replace-one scores")
@@ -49,15 +49,17 @@ class BuildConfig(Strict):
 
 
 class FinetuneConfig(Strict):
-    epochs: int = Field(1, ge=0)
+    """Fine-tuning each assembled student with distillation from the teacher."""
+
+    epochs: int = Field(1, ge=0, description="passes over the training images (0: BatchNorm recalibration only)")
     steps: int | None = Field(None, ge=0, description="cap the total fine-tuning steps")
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(16, ge=1, description="images per fine-tuning step")
+    lr: float = Field(1e-4, gt=0, description="learning rate of fine-tuning")
     beta: float = Field(0.3, ge=0, description="weight of the distillation terms")
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the cross-entropy term (used only when the images are labelled)")
     mixup: float = Field(0.0, ge=0, description="mixup's Beta(a, a) parameter for each fine-tuning batch (the teacher sees the mixed images too: function matching); 0: off")
     crop_scale: float = Field(1.0, gt=0, le=1, description="random resized crops of each fine-tuning image, at least this fraction of its area (the teacher sees the same crops); 1: off (flips only)")
-    bn_recalibration_batches: int = Field(8, ge=0)
+    bn_recalibration_batches: int = Field(8, ge=0, description="batches of training images that recompute BatchNorm statistics after assembly (0: off)")
     checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints (one is always written at the end)")
     keep_best: bool = Field(True, description="in `bespoke run` and `bespoke finetune`, keep the fine-tuned student only when it agrees with the teacher on the held-out images at least as well as the assembled one did; else save the assembled student (the report says which)")
 
@@ -92,23 +94,26 @@ class SearchConfig(Strict):
 
 
 class ExportConfig(Strict):
+    """Exporting each student (ONNX, torch.export, safetensors)."""
+
     dynamic_batch: bool = Field(False, description="export every student's ONNX file and torch.export program with a symbolic batch axis (named batch; checked with onnxruntime at batches 1, 2 and 3); false: batch 1, the batch the latency was measured at")
 
 
 class PluginSelection(Strict):
     """Which implementation of each family runs; names come from ``bespoke plugins``."""
 
-    block_sources: list[str] = Field(default_factory=lambda: ["timm-donors", "pruned-self", "lowrank", "skip"])
-    distill_loss: str = "mse"
-    latency: str = "measured-latency"
-    search: str = "optuna"
+    block_sources: list[str] = Field(default_factory=lambda: ["timm-donors", "pruned-self", "lowrank", "skip"],
+                                     description="block sources that propose alternatives")
+    distill_loss: str = Field("mse", description="loss of block-level distillation and of the students' per-segment distillation terms")
+    latency: str = Field("measured-latency", description="latency estimator: measured on this device, or a lookup table")
+    search: str = Field("optuna", description="search strategy")
 
 
 class RunConfig(Strict):
-    schema_version: int = CONFIG_SCHEMA_VERSION
+    schema_version: int = Field(CONFIG_SCHEMA_VERSION, description="version of this configuration format")
     teacher: str = Field("tf_efficientnet_lite2", description="timm name, package.module:attribute, or a checkpoint path")
     teacher_weights: str | None = Field(None, description="checkpoint file for the teacher ('packaged' = the packaged Lite weights)")
-    donors: list[str] = Field(default_factory=lambda: ["tf_efficientnet_lite0", "tf_efficientnet_lite1"])
+    donors: list[str] = Field(default_factory=lambda: ["tf_efficientnet_lite0", "tf_efficientnet_lite1"], description="donor networks for the timm-donors block source (timm names, package.module:attribute, checkpoints)")
     input_size: int | None = Field(None, ge=16, description="square input resolution; default: the teacher's own")
     data: str | None = Field(None, description="image folder (flat or class subfolders) or package.module:attribute; default: sample photos shipped by scikit-image")
     val_data: str | None = Field(None, description="held-out image folder; default: split off the training data")
@@ -116,12 +121,12 @@ class RunConfig(Strict):
     budgets: list[float] = Field(default_factory=lambda: [0.6, 0.8], description="latency budgets: ratios of the teacher (<= 1) or milliseconds (> 1)")
     out: str = Field("bespoke-out", description="output directory")
     house: str | None = Field(None, description="model house directory; default: OUT/house")
-    seed: int = 0
+    seed: int = Field(0, description="random seed of every stage")
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
     device: str = Field("cpu", description="cpu or cuda")
     preset: Literal["quick", "full", "tiny"] = Field("quick", description="schedule preset filling every key the configuration leaves unset: quick (minutes), full (the documented defaults) or tiny (a tiny random-weight teacher, donor and generated images: every stage in about a minute, for trying plugins)")
     plugins: PluginSelection = Field(default_factory=PluginSelection)
-    plugin_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    plugin_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="each plugin's own options, under its name (see docs/plugins.md)")
     build: BuildConfig = Field(default_factory=BuildConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)

@@ -74,8 +74,39 @@ def _rows(model: type[BaseModel], prefix: str = ""):
         yield f"| `{key}` | {_type(ann)} | `{shown}` | {field.description or ''} |"
 
 
+CLI_HEADER = """
+## Command line
+
+Every command and option, from the CLI itself (`bespoke COMMAND --help` says the same).
+Options that set a configuration key override the file's value.
+"""
+
+
+def _cli_rows():
+    import typer
+
+    from bespoke.cli import app
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        args = " ".join(f"[{p.name.upper()}]" if not p.required else p.name.upper()
+                        for p in command.params if p.param_type_name == "argument")
+        yield f"\n### `bespoke {name}{' ' + args if args else ''}`\n"
+        yield (command.help or "").strip().split("\n")[0] + "\n"
+        yield "| option | help |"
+        yield "|--------|------|"
+        for param in command.params:
+            if param.param_type_name == "argument":
+                help_text = getattr(param, "help", None) or ""
+                yield f"| `{param.name.upper()}` (argument) | {help_text} |"
+                continue
+            opts = ", ".join(f"`{o}`" for o in param.opts + param.secondary_opts)
+            help_text = (param.help or "").replace("|", "\\|")
+            yield f"| {opts} | {help_text} |"
+
+
 def render() -> str:
-    return HEADER + "\n".join(_rows(RunConfig)) + "\n"
+    return HEADER + "\n".join(_rows(RunConfig)) + "\n" + CLI_HEADER + "\n".join(_cli_rows()) + "\n"
 
 
 if __name__ == "__main__":
