@@ -144,6 +144,18 @@ def test_every_built_in_plugin_is_documented():
             assert family_docs.count(f"`{name}`") >= 2, f"{name} is named but not documented in {PLUGIN_DOCS}"
 
 
+def test_the_public_api_holds_every_contract_type():
+    """Whatever the core hands a plugin or takes back is declared in bespoke.types; all of it is
+    importable from bespoke.api."""
+    import bespoke.api
+    import bespoke.types
+
+    declared = {n for n, v in vars(bespoke.types).items()
+                if inspect.isclass(v) and v.__module__ == "bespoke.types" and not n.startswith("_")}
+    assert declared and not declared - set(bespoke.api.__all__), declared - set(bespoke.api.__all__)
+    assert all(getattr(bespoke.api, n) is getattr(bespoke.types, n) for n in declared)
+
+
 def test_every_public_api_name_is_documented():
     import bespoke.api
 
