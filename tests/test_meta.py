@@ -25,6 +25,9 @@ def test_there_are_four_hook_families():
 def test_hook_is_documented_with_its_signature(hook):
     docs = (ROOT / "docs" / "plugins.md").read_text()
     assert f"### `{hook}(register)`" in docs, f"docs/plugins.md lacks a section for {hook}"
+    section = _section(docs, f"### `{hook}(register)`")
+    # a runnable template (tests/test_templates.py runs it and compares it with the file)
+    assert "<!-- template: examples/plugin-templates/" in section and f"def {hook}(register)" in section
 
 
 @pytest.mark.parametrize("hook", HOOKS)
