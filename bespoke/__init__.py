@@ -1,6 +1,7 @@
 """bespoke: make a pretrained network fast on many target devices at low cost.
 
-The public API for plugins and embedding applications is re-exported here.
+The public types for plugins and embedding applications are re-exported here; plugins import
+from :mod:`bespoke.api`, which also holds the helpers they need.
 """
 
 from bespoke.errors import BespokeError, NotImplementedYet, UsageError

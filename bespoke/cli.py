@@ -27,6 +27,8 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+TEACHER_HELP = "timm model name, package.module:attribute, or a checkpoint path (the config key teacher)"
+CONFIG_HELP = "YAML/TOML run configuration"
 PluginOpt = typer.Option(None, "--plugin", "-p", help="Use this plugin (repeatable); its category says what it replaces. See `bespoke plugins`.")
 
 
@@ -126,7 +128,7 @@ def build(
     config: Optional[Path] = typer.Argument(None, help="YAML/TOML run configuration"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="model house directory"),
     data: Optional[str] = typer.Option(None, "--data", help="image folder or package.module:attribute"),
-    teacher: Optional[str] = typer.Option(None, "--teacher"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help=TEACHER_HELP),
     plugin: Optional[List[str]] = PluginOpt,
 ) -> None:
     """Build (or resume) a model house: sample segments, create alternatives, distil them."""
@@ -141,7 +143,7 @@ def profile(
     house: Path = typer.Argument(..., help="model house directory"),
     output: Path = typer.Option(..., "--output", "-o", help="latency lookup table (JSON) to write"),
     plugin: Optional[List[str]] = PluginOpt,
-    threads: Optional[int] = typer.Option(None, "--threads"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads to measure with (the config key threads): passed to the latency estimator's own threads option when it has one, else a warning says it is not"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/TOML run configuration (e.g. the estimator's plugin_options)"),
 ) -> None:
     """Measure every alternative and teacher segment of HOUSE on this device; write a LUT."""
@@ -155,9 +157,9 @@ def profile(
 def search(
     house: Path = typer.Argument(..., help="model house directory (or a search-problem JSON file, see docs/search.md)"),
     budget: Optional[str] = typer.Option(None, "--budget", "-b", help="comma-separated ratios of the teacher latency (<=1) or ms (>1)"),
-    output: Path = typer.Option(Path("search.json"), "--output", "-o"),
+    output: Path = typer.Option(Path("search.json"), "--output", "-o", help="search report (JSON) to write; one recipe per budget is written beside it"),
     plugin: Optional[List[str]] = PluginOpt,
-    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: SQLite file beside the output)"),
     study: Optional[str] = typer.Option(None, "--study", help="Optuna study name (processes sharing storage and name cooperate)"),
 ) -> None:
@@ -172,8 +174,8 @@ def search(
 def finetune(
     recipe: Path = typer.Argument(..., help="a recipe from `bespoke search` (JSON)"),
     out: Path = typer.Option(..., "--out", "-o", help="directory for the student"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c"),
-    data: Optional[str] = typer.Option(None, "--data"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    data: Optional[str] = typer.Option(None, "--data", help="image folder or package.module:attribute (default: the config's data)"),
     plugin: Optional[List[str]] = PluginOpt,
 ) -> None:
     """Assemble a student, recalibrate BatchNorm, fine-tune it with distillation (resumable)."""
@@ -186,8 +188,8 @@ def finetune(
 @app.command()
 def export(
     student: Path = typer.Argument(..., help="a saved student directory"),
-    out: Path = typer.Option(..., "--out", "-o"),
-    formats: str = typer.Option("onnx,torch-export,safetensors", "--formats"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory for the exported files"),
+    formats: str = typer.Option("onnx,torch-export,safetensors", "--formats", help="comma-separated: onnx, torch-export, safetensors"),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch",
                                        help="symbolic batch axis in the ONNX file and the program (default: batch 1)"),
 ) -> None:
@@ -203,12 +205,12 @@ def run(
     config: Optional[Path] = typer.Argument(None, help="YAML/TOML run configuration (optional)"),
     plugin: Optional[List[str]] = PluginOpt,
     budget: Optional[str] = typer.Option(None, "--budget", "-b", help="comma-separated ratios (<=1) or ms (>1)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (the config key out)"),
     data: Optional[str] = typer.Option(None, "--data", help="image folder or package.module:attribute"),
-    val_data: Optional[str] = typer.Option(None, "--val-data"),
-    teacher: Optional[str] = typer.Option(None, "--teacher"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="quick or full"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    val_data: Optional[str] = typer.Option(None, "--val-data", help="held-out image folder (default: split off the training data)"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help=TEACHER_HELP),
+    preset: Optional[str] = typer.Option(None, "--preset", help="quick (default; minutes), full (the documented defaults) or tiny (a tiny random-weight teacher and donor on generated images: every stage in about a minute, to try a plugin)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="random seed of every stage (the config key seed)"),
     input_sizes: Optional[str] = typer.Option(None, "--input-sizes",
                                               help="also search students at these input sizes, e.g. 240,224 (search.input_sizes)"),
 ) -> None:

@@ -30,11 +30,11 @@ class BuildConfig(Strict):
     tiles: int = Field(0, ge=0, description="also cut the network into this many consecutive segments, so one non-overlapping set covers all of it (0: sampling only)")
     enumerate_max_len: int | None = Field(None, ge=1, description="instead of sampling, take every segment up to this many cut points")
     modules: bool = Field(False, description="also one segment per block and stage of the network (every submodule mapping a cut point to a cut point, up to max_fraction of the network): where skip, pruning and same-family donors fit best")
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over the training images distilling the alternatives")
     steps_per_epoch: int | None = Field(None, ge=1, description="cap the steps per epoch")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="images per distillation step")
     bunch_size: int = Field(64, ge=1, description="alternatives trained together per teacher forward")
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="learning rate of block-level distillation (Adam)")
     cache_activations: bool = Field(True, description="cache teacher activations at cut points after the first epoch (later epochs then replay the first epoch's augmented views)")
     calibration_images: int = Field(64, ge=1, description="images used to initialise adapters and choose channels")
     validation_images: int = Field(64, ge=0, description="held-out images for the distillation error and replace-one scores")
@@ -49,15 +49,17 @@ class BuildConfig(Strict):
 
 
 class FinetuneConfig(Strict):
-    epochs: int = Field(1, ge=0)
+    """Fine-tuning each assembled student with distillation from the teacher."""
+
+    epochs: int = Field(1, ge=0, description="passes over the training images (0: BatchNorm recalibration only)")
     steps: int | None = Field(None, ge=0, description="cap the total fine-tuning steps")
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(16, ge=1, description="images per fine-tuning step")
+    lr: float = Field(1e-4, gt=0, description="learning rate of fine-tuning")
     beta: float = Field(0.3, ge=0, description="weight of the distillation terms")
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the cross-entropy term (used only when the images are labelled)")
     mixup: float = Field(0.0, ge=0, description="mixup's Beta(a, a) parameter for each fine-tuning batch (the teacher sees the mixed images too: function matching); 0: off")
     crop_scale: float = Field(1.0, gt=0, le=1, description="random resized crops of each fine-tuning image, at least this fraction of its area (the teacher sees the same crops); 1: off (flips only)")
-    bn_recalibration_batches: int = Field(8, ge=0)
+    bn_recalibration_batches: int = Field(8, ge=0, description="batches of training images that recompute BatchNorm statistics after assembly (0: off)")
     checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints (one is always written at the end)")
     keep_best: bool = Field(True, description="in `bespoke run` and `bespoke finetune`, keep the fine-tuned student only when it agrees with the teacher on the held-out images at least as well as the assembled one did; else save the assembled student (the report says which)")
 
@@ -70,8 +72,8 @@ class SearchConfig(Strict):
     rerank: bool = Field(True, description="in `bespoke run`, assemble the best rerank_top_k proxy candidates per budget and keep the one that agrees best with the teacher on the held-out images (ties: lower KL); the proxy adds replace-one losses, which ignores how replacements interact")
     rerank_top_k: int = Field(3, ge=1, description="best proxy candidates per budget assembled and scored for real")
     rerank_latency: bool = Field(True, description="re-ranking also measures each candidate end to end beside the teacher (the latency estimator's own measurement, or measured-latency when it is a table) and drops those over the budget")
-    pick_train_images: int = Field(0, ge=0, description="with input_sizes, the final pick of each budget (one re-ranked candidate per input size) counts agreement with the teacher on the held-out images plus this many training images (a fixed subset, at the eval transforms): the held-out images alone (100 here) tell candidates one image apart, which is noise; training images add evidence without choosing on the images the report scores. 0: held-out images only")
-    pick_remeasure: int = Field(0, ge=0, description="with input_sizes, time each finalist of a budget whose measured ratio lies within pick_margin of the budget this many more times beside the teacher, and judge it by the median of all its measurements: one measurement of a pair varies by about 0.03 here, so a candidate 0.006 over the budget may well be within it (and one just under may not be)")
+    pick_train_images: int = Field(0, ge=0, description="with input_sizes, the final pick of each budget (one re-ranked candidate per input size) counts agreement with the teacher on the held-out images plus this many training images (a fixed subset, at the eval transforms): with few held-out images, candidates that differ by one image are within noise; training images add evidence without choosing on the images the report scores. 0: held-out images only")
+    pick_remeasure: int = Field(0, ge=0, description="with input_sizes, time each finalist of a budget whose measured ratio lies within pick_margin of the budget this many more times beside the teacher, and judge it by the median of all its measurements: one measurement of a latency ratio is noisy, so a candidate just over the budget may well be within it (and one just under may not be)")
     pick_margin: float = Field(0.03, ge=0, lt=1, description="relative distance to the budget within which pick_remeasure times a finalist again")
     input_sizes: list[int] = Field(default_factory=list, description="in `bespoke run`, also search students that run at these input resolutions (px, square): each size gets its own latency table and search, budgets stay ratios of the teacher at its own size, and re-ranking picks per budget the best candidate over all sizes (fine-tuned against the teacher at its own size). Needs rerank and held-out images; empty: the teacher's size only")
 
@@ -92,23 +94,26 @@ class SearchConfig(Strict):
 
 
 class ExportConfig(Strict):
+    """Exporting each student (ONNX, torch.export, safetensors)."""
+
     dynamic_batch: bool = Field(False, description="export every student's ONNX file and torch.export program with a symbolic batch axis (named batch; checked with onnxruntime at batches 1, 2 and 3); false: batch 1, the batch the latency was measured at")
 
 
 class PluginSelection(Strict):
     """Which implementation of each family runs; names come from ``bespoke plugins``."""
 
-    block_sources: list[str] = Field(default_factory=lambda: ["timm-donors", "pruned-self", "lowrank", "skip"])
-    distill_loss: str = "mse"
-    latency: str = "measured-latency"
-    search: str = "optuna"
+    block_sources: list[str] = Field(default_factory=lambda: ["timm-donors", "pruned-self", "lowrank", "skip"],
+                                     description="block sources that propose alternatives")
+    distill_loss: str = Field("mse", description="loss of block-level distillation and of the students' per-segment distillation terms")
+    latency: str = Field("measured-latency", description="latency estimator: measured on this device, or a lookup table")
+    search: str = Field("optuna", description="search strategy")
 
 
 class RunConfig(Strict):
-    schema_version: int = CONFIG_SCHEMA_VERSION
+    schema_version: int = Field(CONFIG_SCHEMA_VERSION, description="version of this configuration format")
     teacher: str = Field("tf_efficientnet_lite2", description="timm name, package.module:attribute, or a checkpoint path")
     teacher_weights: str | None = Field(None, description="checkpoint file for the teacher ('packaged' = the packaged Lite weights)")
-    donors: list[str] = Field(default_factory=lambda: ["tf_efficientnet_lite0", "tf_efficientnet_lite1"])
+    donors: list[str] = Field(default_factory=lambda: ["tf_efficientnet_lite0", "tf_efficientnet_lite1"], description="donor networks for the timm-donors block source (timm names, package.module:attribute, checkpoints)")
     input_size: int | None = Field(None, ge=16, description="square input resolution; default: the teacher's own")
     data: str | None = Field(None, description="image folder (flat or class subfolders) or package.module:attribute; default: sample photos shipped by scikit-image")
     val_data: str | None = Field(None, description="held-out image folder; default: split off the training data")
@@ -116,12 +121,12 @@ class RunConfig(Strict):
     budgets: list[float] = Field(default_factory=lambda: [0.6, 0.8], description="latency budgets: ratios of the teacher (<= 1) or milliseconds (> 1)")
     out: str = Field("bespoke-out", description="output directory")
     house: str | None = Field(None, description="model house directory; default: OUT/house")
-    seed: int = 0
+    seed: int = Field(0, description="random seed of every stage")
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
     device: str = Field("cpu", description="cpu or cuda")
-    preset: Literal["quick", "full"] = "quick"
+    preset: Literal["quick", "full", "tiny"] = Field("quick", description="schedule preset filling every key the configuration leaves unset: quick (minutes), full (the documented defaults) or tiny (a tiny random-weight teacher, donor and generated images: every stage in about a minute, for trying plugins)")
     plugins: PluginSelection = Field(default_factory=PluginSelection)
-    plugin_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    plugin_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="each plugin's own options, under its name (see docs/plugins.md)")
     build: BuildConfig = Field(default_factory=BuildConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
@@ -256,7 +261,7 @@ def plugin_options(cfg: RunConfig, name: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Presets: schedules for `bespoke run --preset quick|full`
+# Presets: schedules for `bespoke run --preset quick|full|tiny`
 # --------------------------------------------------------------------------------------------
 
 # ``quick``: a small but real run that finishes in minutes on a laptop CPU (the offline default).
@@ -283,31 +288,67 @@ QUICK_PLUGIN_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+# ``tiny``: every stage on a tiny random-weight teacher and donor and a handful of generated
+# images (bespoke.tiny), for plugin authors and the docs' examples. Like ``quick``, values apply
+# only where the configuration did not set the key, so `--plugin`, `--teacher` or `--data` swap
+# one piece and keep the rest tiny.
+TINY_PRESET: dict[str, Any] = {
+    "teacher": "bespoke.tiny:teacher",
+    "donors": ["bespoke.tiny:donor"],
+    "data": "bespoke.tiny:images",
+    "input_size": 64,
+    "budgets": [0.8],
+    "out": "bespoke-tiny",
+    "build": {"segments": 3, "tiles": 3, "max_fraction": 0.5, "epochs": 1, "steps_per_epoch": 2,
+              "batch_size": 4, "calibration_images": 8, "validation_images": 8},
+    "search": {"proxy": "replace-one-kl", "rerank_top_k": 2},
+    "finetune": {"epochs": 1, "steps": 2, "batch_size": 4, "bn_recalibration_batches": 1},
+}
+TINY_PLUGIN_OPTIONS: dict[str, dict[str, Any]] = {
+    "measured-latency": {"warmup": 2, "runs": 7},
+    "onnxruntime-latency": {"warmup": 2, "runs": 7},
+    "optuna": {"n_trials": 20},
+    "annealing": {"steps": 300, "restarts": 1},
+    "random": {"samples": 200},
+    "pruned-self": {"ratios": [0.5]},
+    "timm-donors": {"max_per_segment": 1},
+    "lowrank": {"fractions": [0.25], "calibration_images": 8},
+}
+PRESETS: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
+    "quick": (QUICK_PRESET, QUICK_PLUGIN_OPTIONS),
+    "tiny": (TINY_PRESET, TINY_PLUGIN_OPTIONS),
+}
+
+
 def apply_preset(cfg: RunConfig, registry: Any = None) -> RunConfig:
     """``cfg`` with its preset's values filled in wherever the configuration left a default.
 
     ``full`` keeps the documented defaults. ``quick`` shortens every schedule, lowers the input
-    size, and draws the donors on the Pareto plot as reference models.
+    size, and draws the donors on the Pareto plot as reference models. ``tiny`` also swaps in the
+    tiny teacher, donor and images of :mod:`bespoke.tiny`.
     """
-    if cfg.preset != "quick":
+    if cfg.preset not in PRESETS:
         return cfg
+    values, plugin_values = PRESETS[cfg.preset]
     update: dict[str, Any] = {}
-    for key, value in QUICK_PRESET.items():
+    for key, value in values.items():
         current = getattr(cfg, key)
         if isinstance(value, dict):
             section = current.model_copy(update={k: v for k, v in value.items()
                                                  if k not in current.model_fields_set})
             update[key] = section
-        elif key not in cfg.model_fields_set and current is None:
+        elif key not in cfg.model_fields_set and (current is None or cfg.preset == "tiny"):
+            # tiny replaces set defaults too (the Lite teacher, its donors, the budgets)
             update[key] = value
+    donors = update.get("donors", cfg.donors)
     if "reference_models" not in cfg.model_fields_set and not cfg.reference_models:
-        update["reference_models"] = list(cfg.donors)
+        update["reference_models"] = list(donors)
     options = {k: dict(v) for k, v in cfg.plugin_options.items()}
-    for name, values in QUICK_PLUGIN_OPTIONS.items():
+    for name, defaults in plugin_values.items():
         record = registry.records.get(name) if registry is not None else None
         fields = getattr(getattr(record, "options_model", None), "model_fields", {}) if record else {}
         mine = options.get(name, {})
-        extra = {k: v for k, v in values.items() if k in fields and k not in mine}
+        extra = {k: v for k, v in defaults.items() if k in fields and k not in mine}
         if extra:
             options[name] = {**extra, **mine}
     update["plugin_options"] = options

@@ -1,14 +1,17 @@
 """The four plugin families bespoke knows, as pluggy hook specifications.
 
 Every hook receives a ``register`` callback. A plugin calls it once per implementation it
-provides, with a :class:`bespoke.types.PluginRecord`, so one plugin package may provide several
+provides, with a :class:`bespoke.api.PluginRecord`, so one plugin package may provide several
 named implementations (and each with its own options model). The built-in plugins in
 ``bespoke_plugins`` use exactly these hooks, loaded through the ``bespoke`` entry-point group, like
 any third-party package.
 
+Plugins import everything from :mod:`bespoke.api`; ``docs/plugins.md`` documents each hook and
+type, and ``examples/plugin-templates/`` holds one runnable plugin per family.
+
 Example (a third-party latency plugin)::
 
-    from bespoke import hookimpl, PluginRecord
+    from bespoke.api import hookimpl, PluginRecord
 
     @hookimpl
     def register_latency_estimators(register):
@@ -40,7 +43,7 @@ def register_block_sources(register: Register) -> None:
 
     :param register: call ``register(PluginRecord(category="block-source", ...))`` once per
         source. ``factory(options)`` must return an object implementing
-        :class:`bespoke.types.BlockSource`; ``options`` is an instance of the record's
+        :class:`bespoke.api.BlockSource`; ``options`` is an instance of the record's
         ``options_model`` (or ``None`` when it has none).
     """
 
@@ -52,7 +55,7 @@ def register_distill_losses(register: Register) -> None:
     Called once when the plugin manager loads.
 
     :param register: call ``register(PluginRecord(category="distill-loss", ...))`` once per
-        loss. ``factory(options)`` returns a :class:`bespoke.types.DistillLoss`: a callable
+        loss. ``factory(options)`` returns a :class:`bespoke.api.DistillLoss`: a callable
         ``loss(student_out, teacher_out) -> scalar tensor``.
     """
 
@@ -64,7 +67,8 @@ def register_latency_estimators(register: Register) -> None:
     Called once when the plugin manager loads.
 
     :param register: call ``register(PluginRecord(category="latency", ...))`` once per
-        estimator. ``factory(options)`` returns a :class:`bespoke.types.LatencyEstimator`.
+        estimator. ``factory(options)`` returns a :class:`bespoke.api.LatencyEstimator`. The
+        run's ``threads`` reaches it as its ``threads`` option when its options model has one.
     """
 
 
@@ -75,5 +79,6 @@ def register_search_strategies(register: Register) -> None:
     Called once when the plugin manager loads.
 
     :param register: call ``register(PluginRecord(category="search", ...))`` once per
-        strategy. ``factory(options)`` returns a :class:`bespoke.types.SearchStrategy`.
+        strategy. ``factory(options)`` returns a :class:`bespoke.api.SearchStrategy`, whose
+        solutions are built with :func:`bespoke.api.finalize`.
     """

@@ -1,7 +1,8 @@
 """Public types shared by the core and every plugin: the contracts of the four plugin families.
 
-Plugins import from here (re-exported by :mod:`bespoke`), never from the core's stage modules'
-private parts. Everything here is small and stable: records, protocols and plain data.
+Plugins import these from :mod:`bespoke.api` (the one public module, with the helpers a plugin
+needs; :mod:`bespoke` re-exports the types too). Everything here is small and stable: records,
+protocols and plain data, documented field by field in ``docs/plugins.md``.
 """
 
 from __future__ import annotations
@@ -173,7 +174,12 @@ class LatencyQuery:
 
 @runtime_checkable
 class LatencyEstimator(Protocol):
-    """Answers latencies in milliseconds for one device and runtime."""
+    """Answers latencies in milliseconds for one device and runtime.
+
+    Every answer must be finite and >= 0, one per query key; the core refuses others, naming the
+    estimator. Optional: ``table`` (a lookup table it answers from), ``latency_samples(queries)``
+    (every timed run per key), ``options``.
+    """
 
     def device(self) -> DeviceInfo: ...
 
@@ -239,6 +245,13 @@ class SearchProblem:
 
 @dataclass
 class Solution:
+    """A strategy's answer for one budget (build it with :func:`bespoke.api.finalize`).
+
+    ``meta`` is JSON-able; the core reads ``feasible`` (``False`` when nothing meets the budget),
+    ``fastest_ms``, ``top`` (the few best distinct chosen sets, best first, handed to re-ranking;
+    without it re-ranking has only ``chosen`` to score) and ``front`` (Pareto points).
+    """
+
     chosen: list[int]  # indices into SearchProblem.candidates
     latency_ms: float
     loss: float
@@ -256,6 +269,7 @@ class SearchStrategy(Protocol):
 
         Returns the best feasible solution found for each budget (the empty solution, i.e. the
         teacher, when nothing is feasible is *not* allowed to pass silently: mark
-        ``meta["feasible"] = False``). ``workdir`` is where a strategy may keep state (e.g. an
-        Optuna SQLite study) so a killed search resumes.
+        ``meta["feasible"] = False``), with the few best sets in ``meta["top"]`` for re-ranking;
+        :func:`bespoke.api.finalize` does both. ``budgets_ms`` are milliseconds. ``workdir`` is
+        where a strategy may keep state (e.g. an Optuna SQLite study) so a killed search resumes.
         """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bespoke import PluginRecord, hookimpl
+from bespoke.api import PluginRecord, hookimpl
 
 
 class MSELoss:

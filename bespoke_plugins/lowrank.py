@@ -28,8 +28,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from bespoke import AlternativeSpec, PluginOptions, PluginRecord, SegmentInfo, UsageError, hookimpl
-from bespoke.blocks import count_parameters, observe_inputs
+from bespoke.api import (AlternativeSpec, PluginOptions, PluginRecord, SegmentInfo, UsageError,
+                        count_parameters, hookimpl, observe_inputs)
 
 NAME = "lowrank"
 

@@ -40,8 +40,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from bespoke import AlternativeSpec, PluginOptions, PluginRecord, SegmentInfo, UsageError, hookimpl
-from bespoke.blocks import count_parameters, observe_inputs
+from bespoke.api import (AlternativeSpec, PluginOptions, PluginRecord, SegmentInfo, UsageError,
+                        count_parameters, hookimpl, observe_inputs)
 
 NAME = "pruned-self"
 
@@ -54,8 +54,8 @@ class PrunedSelfOptions(PluginOptions):
     min_channels: int = Field(4, ge=1, description="never keep fewer channels than this in a group")
     round_to: int = Field(16, ge=1, description=(
         "round kept channel counts to a multiple of this (groups narrower than twice it, and grouped convs, are not rounded). "
-        "CPU kernels vectorise over blocks of channels: an AVX-512 machine ran a Lite2 block 1.6x slower with "
-        "108 expansion channels than with 112, and pruning to odd counts saved nothing; 1: no rounding"))
+        "CPU and GPU kernels work on blocks of channels, so a count off the block can run slower than the "
+        "unpruned layer (docs/plugins.md has a measurement); 8 suits AVX2 CPUs; 1: no rounding"))
     calibration_images: int = Field(32, ge=1, description="calibration images used by importance 'error'")
 
 

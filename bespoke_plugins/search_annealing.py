@@ -26,8 +26,8 @@ from typing import Sequence
 
 from pydantic import Field
 
-from bespoke import PluginOptions, PluginRecord, SearchProblem, Solution, hookimpl
-from bespoke.search import conflicts, finalize, greedy_solution, improve
+from bespoke.api import (PluginOptions, PluginRecord, SearchProblem, Solution, conflicts, finalize,
+                        greedy_solution, hookimpl, improve)
 
 
 class AnnealingOptions(PluginOptions):

@@ -9,8 +9,8 @@ from typing import Sequence
 
 from pydantic import Field
 
-from bespoke import PluginOptions, PluginRecord, SearchProblem, Solution, hookimpl
-from bespoke.search import conflicts, exact_front, finalize, greedy_solution, top_k
+from bespoke.api import (PluginOptions, PluginRecord, SearchProblem, Solution, conflicts,
+                        exact_front, finalize, greedy_solution, hookimpl, top_k)
 
 
 class GreedyOptions(PluginOptions):

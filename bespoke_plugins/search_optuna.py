@@ -37,9 +37,9 @@ from typing import Any, Literal, Sequence
 
 from pydantic import Field
 
-from bespoke import PluginOptions, PluginRecord, SearchProblem, Solution, UsageError, hookimpl
-from bespoke.search import (conflicts, finalize, greedy_solution, improve, optimum, pareto_of,
-                            problem_fingerprint, top_k)
+from bespoke.api import (PluginOptions, PluginRecord, SearchProblem, Solution, UsageError,
+                        conflicts, finalize, greedy_solution, hookimpl, improve, optimum, pareto_of,
+                        problem_fingerprint, top_k)
 
 SKIP = "-"
 _WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial (shared studies)

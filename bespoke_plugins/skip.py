@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from bespoke import AlternativeSpec, PluginRecord, SegmentInfo, hookimpl
+from bespoke.api import AlternativeSpec, PluginRecord, SegmentInfo, hookimpl
 
 
 class SkipSource:

@@ -48,14 +48,15 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from bespoke import AlternativeSpec, PluginOptions, PluginRecord, SegmentInfo, UsageError, hookimpl
-from bespoke.blocks import count_parameters, fit_linear_adapter, identity_adapter, linear_adapter, run_batched
+from bespoke.api import (AlternativeSpec, PluginOptions, PluginRecord, SegmentInfo, UsageError,
+                        count_parameters, fit_linear_adapter, hookimpl, identity_adapter,
+                        linear_adapter, run_batched)
 
 NAME = "timm-donors"
 
 
 def _default_donors() -> list[str]:
-    from bespoke.config import RunConfig
+    from bespoke.api import RunConfig
 
     return list(RunConfig.model_fields["donors"].default_factory())  # type: ignore[misc]
 

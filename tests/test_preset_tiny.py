@@ -1,0 +1,58 @@
+"""`bespoke run --preset tiny`: every stage on the packaged tiny teacher, donor and images."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import run_cli  # noqa: E402
+
+
+def test_tiny_preset_fills_what_the_config_left_unset():
+    from bespoke.config import TINY_PRESET, apply_preset, load_config
+    from bespoke.plugins import get_registry
+
+    reg = get_registry()
+    cfg = apply_preset(load_config(None, {"preset": "tiny", "budgets": [0.5], "build": {"epochs": 2},
+                                          "plugin_options": {"measured-latency": {"runs": 3}}}), reg)
+    assert cfg.teacher == "bespoke.tiny:teacher" and cfg.donors == ["bespoke.tiny:donor"]
+    assert cfg.data == "bespoke.tiny:images" and cfg.input_size == 64
+    assert cfg.budgets == [0.5] and cfg.build.epochs == 2  # the user's values stay
+    assert cfg.build.steps_per_epoch == TINY_PRESET["build"]["steps_per_epoch"]
+    assert cfg.plugin_options["measured-latency"] == {"warmup": 2, "runs": 3}
+    assert cfg.reference_models == ["bespoke.tiny:donor"]
+    mine = apply_preset(load_config(None, {"preset": "tiny", "teacher": "test_resnet"}), reg)
+    assert mine.teacher == "test_resnet" and mine.donors == ["bespoke.tiny:donor"]
+
+
+def test_tiny_models_and_images_are_what_the_preset_promises():
+    import torch
+
+    from bespoke import tiny
+
+    teacher, donor = tiny.teacher(), tiny.donor()
+    x = torch.randn(1, 3, tiny.INPUT_SIZE, tiny.INPUT_SIZE)
+    with torch.no_grad():
+        assert teacher(x).shape == donor(x).shape == (1, 1000)
+    assert sum(p.numel() for p in donor.parameters()) < sum(p.numel() for p in teacher.parameters())
+    images = tiny.images()
+    assert len(images) == 24 and images[0].size == (80, 80) and images[0].mode == "RGB"
+    assert images[0].tobytes() == tiny.images()[0].tobytes()  # seeded
+
+
+def test_bespoke_run_preset_tiny_runs_every_stage(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("run", "--preset", "tiny", "--out", str(out), cwd=tmp_path, timeout=600,
+                   env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["teacher"]["name"] == "bespoke.tiny:teacher"
+    assert report["students"]
+    for s in report["students"]:
+        assert s["replaced"] and Path(s["onnx"]).is_file() and Path(s["student_dir"]).is_dir()
+    for stage in ("build", "profile", "search", "finetune", "evaluate", "export"):
+        assert stage in report["timings_s"], stage
+    for product in ("house", "latency.json", "search.json", "pareto.png"):
+        assert (out / product).exists(), product
