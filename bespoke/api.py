@@ -13,7 +13,11 @@ stable; the stage modules behind it (``bespoke.search``, ``bespoke.blocks``, ...
   :func:`linear_adapter`, :func:`identity_adapter`, :func:`run_batched`,
   :func:`observe_inputs`, :func:`count_parameters`).
 - Distillation losses: :class:`DistillLoss`.
-- Latency estimators: :class:`LatencyEstimator`, :class:`LatencyQuery`, :class:`DeviceInfo`.
+- Latency estimators: :class:`LatencyEstimator`, :class:`LatencyQuery`, :class:`DeviceInfo`; a
+  device's lookup table as an estimator (:class:`LutLatency`, :class:`LutLatencyOptions`,
+  :func:`parse_lut`, :func:`read_lut`), and the timing helpers measuring estimators share
+  (:func:`time_interleaved`, :func:`summarise_samples`, :func:`unique_queries`,
+  :func:`steady_allocator`, :func:`cpu_name`).
 - Search strategies: :class:`SearchStrategy`, :class:`SearchProblem`, :class:`Candidate`,
   :class:`Solution`, and the helpers that build a strategy's result (:func:`finalize`,
   :func:`make_solution`, :func:`top_k`) or solve parts of the problem (:func:`conflicts`,
@@ -30,6 +34,8 @@ from bespoke.blocks import (count_parameters, fit_linear_adapter, identity_adapt
 from bespoke.config import RunConfig
 from bespoke.errors import BespokeError, UsageError
 from bespoke.hookspecs import hookimpl
+from bespoke.latency import (LutLatency, LutLatencyOptions, cpu_name, parse_lut, read_lut, steady_allocator,
+                             summarise_samples, time_interleaved, unique_queries)
 from bespoke.search import (conflicts, exact_front, finalize, greedy_solution, improve, make_solution,
                             optimum, pareto_of, problem_fingerprint, top_k)
 from bespoke.types import (AlternativeSpec, BlockContext, BlockSource, Candidate, DeviceInfo, DistillLoss,
@@ -47,6 +53,8 @@ __all__ = [
     "DistillLoss",
     # latency estimators
     "LatencyEstimator", "LatencyQuery", "DeviceInfo",
+    "LutLatency", "LutLatencyOptions", "parse_lut", "read_lut",
+    "time_interleaved", "summarise_samples", "unique_queries", "steady_allocator", "cpu_name",
     # search strategies
     "SearchStrategy", "SearchProblem", "Candidate", "Solution",
     "finalize", "make_solution", "top_k", "conflicts", "greedy_solution", "improve", "optimum",

@@ -8,8 +8,8 @@ build on the same public class with their own packaged table (see
 
 from __future__ import annotations
 
-from bespoke import PluginRecord, hookimpl
-from bespoke.latency import LutLatency, LutLatencyOptions
+from bespoke.api import PluginRecord, hookimpl
+from bespoke.api import LutLatency, LutLatencyOptions
 
 NAME = "lut-latency"
 

@@ -6,7 +6,7 @@ from typing import Literal, Sequence
 
 from pydantic import Field
 
-from bespoke import DeviceInfo, LatencyQuery, PluginOptions, PluginRecord, UsageError, hookimpl
+from bespoke.api import DeviceInfo, LatencyQuery, PluginOptions, PluginRecord, UsageError, hookimpl
 
 
 NAME = "measured-latency"
@@ -46,7 +46,7 @@ class MeasuredLatency:
                 raise UsageError("measured-latency: device = 'cuda' but torch sees no CUDA GPU; use device: cpu")
 
     def device(self) -> DeviceInfo:
-        from bespoke.latency import cpu_name
+        from bespoke.api import cpu_name
 
         o = self.options
         if o.device_name:
@@ -61,7 +61,7 @@ class MeasuredLatency:
                           batch=o.batch, precision="fp32")
 
     def latencies(self, queries: Sequence[LatencyQuery]) -> dict[str, float]:
-        from bespoke.latency import summarise_samples
+        from bespoke.api import summarise_samples
 
         return summarise_samples(self.latency_samples(queries), self.options.statistic)
 
@@ -70,7 +70,7 @@ class MeasuredLatency:
         were timed in the same interleaved round (used for paired differences)."""
         import torch
 
-        from bespoke.latency import steady_allocator, time_interleaved, unique_queries
+        from bespoke.api import steady_allocator, time_interleaved, unique_queries
 
         o = self.options
         if o.steady_allocator:

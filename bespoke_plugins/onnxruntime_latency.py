@@ -11,7 +11,7 @@ from typing import Literal, Sequence
 
 from pydantic import Field
 
-from bespoke import DeviceInfo, LatencyQuery, PluginOptions, PluginRecord, UsageError, hookimpl
+from bespoke.api import DeviceInfo, LatencyQuery, PluginOptions, PluginRecord, UsageError, hookimpl
 
 
 NAME = "onnxruntime-latency"
@@ -82,7 +82,7 @@ class OnnxRuntimeLatency:
             self.cache = Path(self._tmp.name)
 
     def device(self) -> DeviceInfo:
-        from bespoke.latency import cpu_name
+        from bespoke.api import cpu_name
 
         o = self.options
         name = o.device_name
@@ -148,7 +148,7 @@ class OnnxRuntimeLatency:
         return ort.InferenceSession(str(path), sess_options=so, providers=providers)
 
     def latencies(self, queries: Sequence[LatencyQuery]) -> dict[str, float]:
-        from bespoke.latency import summarise_samples
+        from bespoke.api import summarise_samples
 
         return summarise_samples(self.latency_samples(queries), self.options.statistic)
 
@@ -157,7 +157,7 @@ class OnnxRuntimeLatency:
         were timed in the same interleaved round (used for paired differences)."""
         import numpy as np
 
-        from bespoke.latency import time_interleaved, unique_queries
+        from bespoke.api import time_interleaved, unique_queries
 
         o = self.options
         todo = unique_queries(queries)

@@ -5,7 +5,7 @@ A device vendor copies this package, replaces ``lut.json`` with the table that
 estimator, and publishes it (e.g. as ``bespoke-latency-<device>`` on PyPI). Users then run
 ``bespoke run --plugin example-board-latency``.
 
-It builds on :class:`bespoke.latency.LutLatency`, bespoke's public lookup-table estimator, and
+It builds on :class:`bespoke.api.LutLatency`, bespoke's public lookup-table estimator, and
 needs nothing from ``bespoke_plugins``.
 """
 
@@ -15,8 +15,8 @@ from importlib import resources
 
 from pydantic import Field
 
-from bespoke import PluginOptions, PluginRecord, hookimpl
-from bespoke.latency import LutLatency, LutLatencyOptions, parse_lut
+from bespoke.api import PluginOptions, PluginRecord, hookimpl
+from bespoke.api import LutLatency, LutLatencyOptions, parse_lut
 
 NAME = "example-board-latency"
 LUT_FILE = "lut.json"
