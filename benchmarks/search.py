@@ -95,13 +95,13 @@ def synthetic_problem(args):
 
 def house_problem(args):
     from bespoke.config import load_config
-    from bespoke.pipeline import _search_problem
+    from bespoke.stages.search import search_problem
     from bespoke.plugins import load_registry
     from rich.console import Console
 
     reg = load_registry()
     cfg = load_config(None, {"house": str(args.house), "plugins": {"latency": args.latency}})
-    problem, teacher = _search_problem(cfg, reg, Console(stderr=True))
+    problem, teacher = search_problem(cfg, reg, Console(stderr=True))
     return problem, f"house: {args.house} (teacher {teacher}, {len(problem.candidates)} trained alternatives, latencies from {args.latency})"
 
 

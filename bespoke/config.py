@@ -304,8 +304,7 @@ def apply_preset(cfg: RunConfig, registry: Any = None) -> RunConfig:
         update["reference_models"] = list(cfg.donors)
     options = {k: dict(v) for k, v in cfg.plugin_options.items()}
     for name, values in QUICK_PLUGIN_OPTIONS.items():
-        record = registry.records.get(name) if registry is not None else None
-        fields = getattr(getattr(record, "options_model", None), "model_fields", {}) if record else {}
+        fields = registry.option_fields(name) if registry is not None else set()
         mine = options.get(name, {})
         extra = {k: v for k, v in values.items() if k in fields and k not in mine}
         if extra:
