@@ -49,8 +49,8 @@ def synthetic_problem(args):
     model = load_model("tf_efficientnet_lite2", weights=None)  # latency does not depend on weights
     part = Partition.from_model(model, (1, 3, size, size), name="tf_efficientnet_lite2")
     segments = part.sample_segments(args.segments, 0.3, seed=args.seed)
-    est = load_registry().instantiate("measured-latency", {"threads": args.threads, "warmup": 3, "runs": args.runs},
-                                      category="latency")
+    est = load_registry().latency_estimator("measured-latency", {"threads": args.threads, "warmup": 3,
+                                                                 "runs": args.runs})
     queries = {}
     seg_key = {}
     for seg in segments:
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     rows = []
     for key in [s.strip() for s in args.strategies.split(",") if s.strip()]:
         name, opts = STRATEGIES[key]
-        impl = reg.instantiate(name, opts, category="search")
+        impl = reg.search_strategy(name, opts)
         t0 = time.perf_counter()
         sols = impl.search(problem, budgets, seed=args.seed)
         wall = time.perf_counter() - t0

@@ -559,7 +559,7 @@ def source_for(name: str, sources: dict[str, Any], cfg: Any, registry: Any) -> A
     """The block source ``name`` (for rebuilding) from ``sources``, made through the plugin
     facade (:meth:`bespoke.plugins.Registry.block_source`) and kept there if not enabled now."""
     if name not in sources:
-        sources[name] = registry.block_source(name, cfg)
+        sources[name] = registry.block_source(name, cfg.plugin_options.get(name), donors=cfg.donors)
     return sources[name]
 
 

@@ -209,7 +209,7 @@ class House:
     def load_alternative(self, alt_id: str, ctx: Any, source: Any, *, initial: bool = False) -> "nn.Module":
         """Rebuild alternative ``alt_id`` through its block source and load its weights.
 
-        ``source`` is the block-source object (``registry.instantiate(record.source, ...)``);
+        ``source`` is the block-source object (``registry.block_source(record.source, ...)``);
         ``ctx`` the :class:`bespoke.blocks.Context` of the teacher.
         """
         rec = self.alternative(alt_id)

@@ -148,13 +148,14 @@ class Registry:
 
     # -- the typed facade ------------------------------------------------------------------
 
-    def block_source(self, name: str, cfg: Any = None) -> Any:
-        """Block source ``name`` with ``plugin_options.<name>`` of ``cfg`` (none without ``cfg``:
-        enough to rebuild a saved alternative); a source that has a ``donors`` option gets
-        ``cfg.donors`` unless its options set them."""
-        options = dict(cfg.plugin_options.get(name) or {}) if cfg is not None else {}
-        if cfg is not None and "donors" in self.option_fields(name) and "donors" not in options:
-            options["donors"] = list(cfg.donors)
+    def block_source(self, name: str, options: dict[str, Any] | None = None, *,
+                     donors: Sequence[str] | None = None) -> Any:
+        """Block source ``name`` with ``options`` (its ``plugin_options``; none is enough to
+        rebuild a saved alternative). ``donors`` (the configuration's ``donors``) is the default
+        of a ``donors`` option, for a source that has one."""
+        options = dict(options or {})
+        if donors is not None and "donors" in self.option_fields(name) and "donors" not in options:
+            options["donors"] = list(donors)
         return CheckedBlockSource(self.instantiate(name, options, category="block-source"), name)
 
     def block_sources(self, cfg: Any, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -165,7 +166,7 @@ class Registry:
         out: dict[str, Any] = {}
         for name in cfg.plugins.block_sources:
             try:
-                out[name] = self.block_source(name, cfg)
+                out[name] = self.block_source(name, cfg.plugin_options.get(name), donors=cfg.donors)
             except NotImplementedYet as exc:
                 if warn:
                     warn(f"block source {name!r} is skipped: {exc}")
