@@ -18,6 +18,7 @@ from bespoke.blocks import Context
 from bespoke.config import apply_preset
 from bespoke.distill import DistEnv, Settings, calibration_batch, distill_house, source_for
 from bespoke.errors import UsageError
+from bespoke.export import check_formats, export_model
 from bespoke.house import House, populate
 from bespoke.stages import build as build_stage
 from bespoke.stages import pct, pick, warner
@@ -25,6 +26,7 @@ from bespoke.stages import profile as profile_stage
 from bespoke.stages import search as search_stage
 from bespoke.stages.report import Clock, write_run_report
 from bespoke.stages.students import Students, read_search_recipe
+from bespoke.student import load_student, save_student
 
 
 def build(cfg, registry, console=None):
@@ -163,9 +165,6 @@ def export(student, out, formats, console=None, dynamic_batch=False):
     safetensors form is reloaded and compared. ``dynamic_batch``: a symbolic batch axis in the
     ONNX file and the program (:mod:`bespoke.export`). Returns the
     :class:`bespoke.export.ExportResult`."""
-    from bespoke.export import check_formats, export_model
-    from bespoke.student import load_student, save_student
-
     console = console or Console()
     formats = check_formats(formats)
     model = load_student(Path(student))

@@ -237,6 +237,8 @@ class _Checked:
         self.inner, self.plugin_name = inner, name
 
     def __getattr__(self, attr: str) -> Any:
+        if attr in ("inner", "plugin_name") or attr.startswith("__"):  # copy/pickle before __init__
+            raise AttributeError(attr)
         return getattr(self.inner, attr)
 
     def __repr__(self) -> str:
