@@ -74,7 +74,7 @@ def main() -> None:
         # creation quality is not measured here: the cheap settings give the same architectures
         opts = {"timm-donors": {"donors": args.donors.split(","), "max_per_segment": 1},
                 "pruned-self": {"importance": "magnitude"}}.get(name, {})
-        source = registry.instantiate(name, opts, category="block-source")
+        source = registry.block_source(name, opts)
         for seg in segments:
             try:
                 specs = source.propose(ctx, seg)
@@ -98,7 +98,7 @@ def main() -> None:
     for j in jobs:
         print(f"  {j.record.id}", flush=True)
 
-    loss_fn = registry.instantiate("mse", category="distill-loss")
+    loss_fn = registry.distill_loss("mse")
     settings = Settings(epochs=1, steps_per_epoch=args.steps + 1, batch_size=args.batch, lr=1e-4,
                         cache_activations=False, seed=0)
     needed = sorted({j.segment.start for j in jobs} | {j.segment.end for j in jobs})

@@ -73,9 +73,9 @@ def build_problem(size: int, n_segments: int, max_alts: int, seed: int):
                   donor_weights=None, seed=seed)
     reg = load_registry()
     sources = {
-        "skip": reg.instantiate("skip", None, category="block-source"),
-        "pruned-self": reg.instantiate("pruned-self", {"importance": "magnitude"}, category="block-source"),
-        "lowrank": reg.instantiate("lowrank", {"init": "svd"}, category="block-source"),
+        "skip": reg.block_source("skip"),
+        "pruned-self": reg.block_source("pruned-self", {"importance": "magnitude"}),
+        "lowrank": reg.block_source("lowrank", {"init": "svd"}),
     }
     rng = random.Random(seed)
     segments = []
@@ -263,13 +263,13 @@ def main(argv=None) -> int:
     results = {}
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     if "torch" in runtimes:
-        est = reg.instantiate("measured-latency", common)
+        est = reg.latency_estimator("measured-latency", common)
         results["torch-cpu"] = evaluate("torch-cpu", est, part, segments, reference, students, args.size,
                                         out_dir, args.in_context)
     if "onnxruntime" in runtimes:
         # The legacy exporter exports in a tenth of the time; latencies do not depend on it much.
-        est = reg.instantiate("onnxruntime-latency", {**common, "exporter": "torchscript",
-                                                      "cache_dir": str(out_dir / "onnx")})
+        est = reg.latency_estimator("onnxruntime-latency", {**common, "exporter": "torchscript",
+                                                            "cache_dir": str(out_dir / "onnx")})
         results["onnxruntime-cpu"] = evaluate("onnxruntime-cpu", est, part, segments, reference, students,
                                               args.size, out_dir, args.in_context)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s; load average now {os.getloadavg()[0]:.1f}")

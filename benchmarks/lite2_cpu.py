@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     from bespoke.data import folder_images, transforms_for
     from bespoke.evaluate import evaluate
     from bespoke.models import default_input_size, load_model
+    from bespoke.files import atomic_write_text
     from bespoke.plugins import get_registry
 
     console = Console()
@@ -136,8 +137,8 @@ def main(argv=None) -> int:
         model = load_model(name, weights="packaged").eval()
         size = default_input_size(model)
         refs[name] = {"model": model, "size": size}
-    measurer = registry.instantiate("measured-latency", {"threads": args.threads, "runs": args.runs,
-                                                         "warmup": 5}, category="latency")
+    measurer = registry.latency_estimator("measured-latency", {"threads": args.threads, "runs": args.runs,
+                                                               "warmup": 5})
     from bespoke.evaluate import measure_ratios
 
     def measure(models: dict[str, tuple[torch.nn.Module, int]], estimator=measurer,
@@ -151,8 +152,8 @@ def main(argv=None) -> int:
                               reference=reference, pairwise=True)
 
     # the budgets come from this call: three times the runs, as they decide every search
-    precise = registry.instantiate("measured-latency", {"threads": args.threads, "runs": 3 * args.runs,
-                                                        "warmup": 5}, category="latency")
+    precise = registry.latency_estimator("measured-latency", {"threads": args.threads, "runs": 3 * args.runs,
+                                                              "warmup": 5})
     ref_ms, ratios = measure({n: (r["model"], r["size"]) for n, r in refs.items()}, precise)
     console.print(f"reference latencies (ms): {ref_ms}; ratios {ratios}")
 
@@ -243,8 +244,8 @@ def main(argv=None) -> int:
     every.update({n: (m, s.input_size or t_size) for n, (m, s) in students.items()})
     every.update({n: (m, size) for n, (m, _, _, size) in baseline_models.items()})
     torch_ms, torch_ratio = measure(every, precise)
-    ort = registry.instantiate("onnxruntime-latency", {"threads": args.threads, "runs": 3 * args.runs,
-                                                       "warmup": 5}, category="latency")
+    ort = registry.latency_estimator("onnxruntime-latency", {"threads": args.threads, "runs": 3 * args.runs,
+                                                             "warmup": 5})
     try:
         ort_ms, ort_ratio = measure(every, ort)
     except Exception as exc:  # ONNX Runtime missing or an export failure: report, do not hide
@@ -291,7 +292,7 @@ def main(argv=None) -> int:
         "students": {n: str(s.student_dir) for n, (_, s) in students.items()},
         "unmet_budgets": report.unmet_budgets,
     }
-    (out / "benchmark.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "benchmark.json", json.dumps(result, indent=2))
     print_table(rows, result, console)
     plot(rows, out / "pareto.png")
     console.print(f"wrote {out / 'benchmark.json'} and {out / 'pareto.png'}")

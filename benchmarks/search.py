@@ -49,8 +49,8 @@ def synthetic_problem(args):
     model = load_model("tf_efficientnet_lite2", weights=None)  # latency does not depend on weights
     part = Partition.from_model(model, (1, 3, size, size), name="tf_efficientnet_lite2")
     segments = part.sample_segments(args.segments, 0.3, seed=args.seed)
-    est = load_registry().instantiate("measured-latency", {"threads": args.threads, "warmup": 3, "runs": args.runs},
-                                      category="latency")
+    est = load_registry().latency_estimator("measured-latency", {"threads": args.threads, "warmup": 3,
+                                                                 "runs": args.runs})
     queries = {}
     seg_key = {}
     for seg in segments:
@@ -95,13 +95,13 @@ def synthetic_problem(args):
 
 def house_problem(args):
     from bespoke.config import load_config
-    from bespoke.pipeline import _search_problem
+    from bespoke.stages.search import search_problem
     from bespoke.plugins import load_registry
     from rich.console import Console
 
     reg = load_registry()
     cfg = load_config(None, {"house": str(args.house), "plugins": {"latency": args.latency}})
-    problem, teacher = _search_problem(cfg, reg, Console(stderr=True))
+    problem, teacher = search_problem(cfg, reg, Console(stderr=True))
     return problem, f"house: {args.house} (teacher {teacher}, {len(problem.candidates)} trained alternatives, latencies from {args.latency})"
 
 
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     rows = []
     for key in [s.strip() for s in args.strategies.split(",") if s.strip()]:
         name, opts = STRATEGIES[key]
-        impl = reg.instantiate(name, opts, category="search")
+        impl = reg.search_strategy(name, opts)
         t0 = time.perf_counter()
         sols = impl.search(problem, budgets, seed=args.seed)
         wall = time.perf_counter() - t0

@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     from bespoke.models import load_model
     from bespoke.plugins import get_registry
 
-    timer = get_registry().instantiate("measured-latency", {"threads": args.threads, "runs": 90, "warmup": 5},
-                                       category="latency")
+    timer = get_registry().latency_estimator("measured-latency", {"threads": args.threads, "runs": 90,
+                                                                  "warmup": 5})
 
     lite2 = load_model("tf_efficientnet_lite2", "auto").eval()
     lite0 = load_model("tf_efficientnet_lite0", "auto").eval()

@@ -10,7 +10,8 @@ Helpers for plugins (public, stable):
   by ridge-regularised least squares, mapping one activation to another channel-wise.
 - :func:`linear_adapter`: the same module uninitialised, for rebuilding from a spec.
 - :func:`run_batched`: run a module over a large activation in chunks, without gradients.
-- :func:`count_parameters`, :func:`count_flops`: cost figures of a module.
+- :func:`count_parameters`, :func:`count_flops`: cost figures of a module (from
+  :mod:`bespoke.counting`, the one counter).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from bespoke.counting import count_flops
+from bespoke.counting import count_params as count_parameters
 
 __all__ = [
     "Context",
@@ -241,25 +245,3 @@ def identity_adapter(channels: int) -> nn.Module:
         layer.weight.copy_(torch.eye(channels))
         layer.bias.zero_()
     return layer
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameter elements (shared parameters counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in module.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
-def count_flops(module: nn.Module, example_input: torch.Tensor) -> int:
-    """FLOPs of one forward pass on ``example_input`` (torch's FlopCounterMode: matmuls and
-    convolutions, 2 per multiply-accumulate)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        module(example_input)
-    return int(counter.get_total_flops())

@@ -345,8 +345,7 @@ def apply_preset(cfg: RunConfig, registry: Any = None) -> RunConfig:
         update["reference_models"] = list(donors)
     options = {k: dict(v) for k, v in cfg.plugin_options.items()}
     for name, defaults in plugin_values.items():
-        record = registry.records.get(name) if registry is not None else None
-        fields = getattr(getattr(record, "options_model", None), "model_fields", {}) if record else {}
+        fields = registry.option_fields(name) if registry is not None else set()
         mine = options.get(name, {})
         extra = {k: v for k, v in defaults.items() if k in fields and k not in mine}
         if extra:

@@ -555,37 +555,11 @@ def summary_table(house: House, title: str = "model house") -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _source_options(name: str, cfg: Any, registry: Any) -> dict[str, Any]:
-    """``plugin_options.<name>``; a source with a ``donors`` option gets ``cfg.donors`` by default."""
-    opts = dict(cfg.plugin_options.get(name, {}))
-    rec = registry.get(name, "block-source")
-    fields = getattr(rec.options_model, "model_fields", {}) if rec.options_model else {}
-    if "donors" in fields and "donors" not in opts:
-        opts["donors"] = list(cfg.donors)
-    return opts
-
-
-def block_sources(cfg: Any, registry: Any, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Instantiate every enabled block source; one not implemented yet is skipped with a warning."""
-    from bespoke.errors import NotImplementedYet, UsageError
-
-    out: dict[str, Any] = {}
-    for name in cfg.plugins.block_sources:
-        try:
-            out[name] = registry.instantiate(name, _source_options(name, cfg, registry), category="block-source")
-        except NotImplementedYet as exc:
-            if warn:
-                warn(f"block source {name!r} is skipped: {exc}")
-    if not out:
-        raise UsageError(f"none of the block sources {cfg.plugins.block_sources} is usable; "
-                         f"enable one that is installed (see `bespoke plugins`), e.g. --plugin skip")
-    return out
-
-
 def source_for(name: str, sources: dict[str, Any], cfg: Any, registry: Any) -> Any:
-    """The block source ``name`` (for rebuilding), instantiated on demand if not enabled now."""
+    """The block source ``name`` (for rebuilding) from ``sources``, made through the plugin
+    facade (:meth:`bespoke.plugins.Registry.block_source`) and kept there if not enabled now."""
     if name not in sources:
-        sources[name] = registry.instantiate(name, _source_options(name, cfg, registry), category="block-source")
+        sources[name] = registry.block_source(name, cfg.plugin_options.get(name), donors=cfg.donors)
     return sources[name]
 
 

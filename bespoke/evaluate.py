@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from bespoke.counting import count_flops, count_params
 from bespoke.finetune import iter_batches
 
 
@@ -56,22 +57,6 @@ def agreement(pred: Predictions, reference: Predictions) -> float | None:
     if pred.top5.shape[0] == 0 or pred.top5.shape[0] != reference.top5.shape[0]:
         return None
     return (pred.top5[:, 0] == reference.top5[:, 0]).float().mean().item()
-
-
-def count_params(model: nn.Module) -> int:
-    seen, n = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
-
-
-def count_flops(model: nn.Module, input_shape: Sequence[int]) -> float | None:
-    from bespoke.latency import count_flops as _flops
-
-    model.eval()
-    return _flops(model, tuple(input_shape))
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from bespoke.errors import UsageError
+from bespoke.files import atomic_write
 
 FORMATS = ("onnx", "torch-export", "safetensors")
 
@@ -67,8 +68,8 @@ def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool 
 
 
 def save_program(program: Any, path: Path) -> Path:
-    torch.export.save(program, str(path))
-    return path
+    """Write the ``torch.export`` program to ``path`` atomically (a kill leaves no torn file)."""
+    return atomic_write(path, lambda tmp: torch.export.save(program, tmp), suffix=".tmp.pt2")
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, program: Any = None,
@@ -83,22 +84,29 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, program: An
     errors = []
     for exporter in ("dynamo", "torchscript"):
         try:
-            with _quiet(), torch.no_grad():
-                if exporter == "dynamo":
-                    src = program if program is not None else model
-                    # one self-contained file: students are far below ONNX's 2 GB limit
-                    torch.onnx.export(src, (example,), str(path), dynamo=True, verbose=False,
-                                      external_data=False, input_names=["input"], output_names=["logits"])
-                else:
-                    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-                    torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17,
-                                      input_names=["input"], output_names=["logits"], dynamic_axes=axes)
-            if dynamic_batch:
-                _name_batch_axis(path)
+            # a temporary file renamed over ``path`` when complete: a kill leaves no torn file
+            atomic_write(path, lambda tmp: _write_onnx(exporter, model, program, example, tmp, dynamic_batch),
+                         suffix=".tmp.onnx")
             return exporter
         except Exception as exc:  # try the other exporter before giving up
             errors.append(f"{exporter}: {_first_line(exc)}")
     raise UsageError("ONNX export failed with both exporters:\n  " + "\n  ".join(errors))
+
+
+def _write_onnx(exporter: str, model: nn.Module, program: Any, example: torch.Tensor, path: str,
+                dynamic_batch: bool) -> None:
+    with _quiet(), torch.no_grad():
+        if exporter == "dynamo":
+            src = program if program is not None else model
+            # one self-contained file: students are far below ONNX's 2 GB limit
+            torch.onnx.export(src, (example,), path, dynamo=True, verbose=False,
+                              external_data=False, input_names=["input"], output_names=["logits"])
+        else:
+            axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+            torch.onnx.export(model, (example,), path, dynamo=False, opset_version=17,
+                              input_names=["input"], output_names=["logits"], dynamic_axes=axes)
+    if dynamic_batch:
+        _name_batch_axis(Path(path))
 
 
 def _first_line(exc: Exception) -> str:

@@ -25,11 +25,13 @@ def fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` to fill a temporary file, then move it over ``path`` atomically."""
+def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
+    """Call ``write(tmp_path)`` to fill a temporary file, then move it over ``path`` atomically.
+
+    ``suffix`` ends the temporary file's name, for writers that go by the extension."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)

@@ -20,7 +20,7 @@ over training batches, forward in train mode without gradients), held fixed whil
 (small CPU batches give noisy batch statistics), and recalibrated once more at the end because
 the weights moved.
 
-Checkpoints are atomic directories: ``model.safetensors`` (student weights),
+Checkpoints (:mod:`bespoke.checkpoint`) are atomic directories: ``model.safetensors`` (student weights),
 ``optimizer.safetensors`` (optimizer tensors and the torch RNG state) and ``state.json``
 (step, optimizer hyper-parameters, fingerprint). Nothing is pickled; a killed run resumes from
 the last checkpoint and, with the same data, ends bit-for-bit where an uninterrupted run would.
@@ -29,12 +29,8 @@ the last checkpoint and, with the same data, ends bit-for-bit where an uninterru
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,12 +38,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
 from torch import nn
 
+from bespoke.checkpoint import (CHECKPOINT_SCHEMA_VERSION, CheckpointState, fingerprint,  # noqa: F401 (re-exported)
+                                load_checkpoint, save_checkpoint, unflatten_optimizer)
 from bespoke.errors import UsageError
 
-CHECKPOINT_SCHEMA_VERSION = 1
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -331,99 +327,6 @@ def resize_input(x: torch.Tensor, size: int | None) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON, written atomically
-# --------------------------------------------------------------------------------------------
-
-
-class CheckpointState(BaseModel):
-    schema_version: int = CHECKPOINT_SCHEMA_VERSION
-    fingerprint: str
-    step: int
-    total_steps: int
-    finished: bool = False
-    param_groups: list[dict[str, Any]]
-    optimizer_keys: dict[str, list[str]]  # param index -> names of its state tensors
-    bn_recalibrated: bool = True
-    history: list[dict[str, float]] = []
-
-
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict], dict[str, list[str]]]:
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    keys: dict[str, list[str]] = {}
-    for pid, st in sd["state"].items():
-        keys[str(pid)] = []
-        for name, val in st.items():
-            t = val if isinstance(val, torch.Tensor) else torch.tensor(val)
-            tensors[f"state.{pid}.{name}"] = t.detach().cpu().contiguous()
-            keys[str(pid)].append(name)
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, groups, keys
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict], keys: dict[str, list[str]]) -> dict:
-    state = {int(pid): {name: tensors[f"state.{pid}.{name}"] for name in names} for pid, names in keys.items()}
-    return {"state": state, "param_groups": groups}
-
-
-def _clean_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared storage; clone so tied weights (teacher pieces) save fine.
-    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, state: CheckpointState) -> None:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(_clean_state_dict(model), str(tmp / "model.safetensors"))
-    tensors, groups, keys = _flatten_optimizer(opt)
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    state = state.model_copy(update={"param_groups": groups, "optimizer_keys": keys})
-    (tmp / "state.json").write_text(state.model_dump_json(indent=1))
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = path.with_name(path.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def load_checkpoint(path: Path) -> tuple[CheckpointState, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
-    """(state, model tensors, optimizer tensors), or None if there is no complete checkpoint.
-
-    A crash between the two renames in :func:`save_checkpoint` leaves only ``.old``: use it.
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    for cand in (path, path.with_name(path.name + ".old")):
-        if (cand / "state.json").is_file():
-            try:
-                state = CheckpointState.model_validate_json((cand / "state.json").read_text())
-                return state, load_file(str(cand / "model.safetensors")), load_file(str(cand / "optimizer.safetensors"))
-            except Exception:
-                continue
-    return None
-
-
-def fingerprint(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------------
 # The fine-tune
 # --------------------------------------------------------------------------------------------
 
@@ -517,7 +420,7 @@ def finetune_student(
     if loaded is not None and loaded[0].fingerprint == fp:
         state, model_t, opt_t = loaded
         student.load_state_dict(model_t, strict=True)
-        opt.load_state_dict(_unflatten_optimizer(opt_t, state.param_groups, state.optimizer_keys))
+        opt.load_state_dict(unflatten_optimizer(opt_t, state.param_groups, state.optimizer_keys))
         if "rng.torch" in opt_t:
             torch.set_rng_state(opt_t["rng.torch"])
         resumed_from, history = state.step, list(state.history)

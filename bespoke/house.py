@@ -104,28 +104,11 @@ def alternative_id(segment: SegmentInfo, spec: AlternativeSpec, taken: Iterable[
     return out
 
 
-def count_params(module: "nn.Module") -> int:
-    from bespoke.blocks import count_parameters
+def _flops(module: "nn.Module", in_shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass at batch 1; 0 (unknown) when they cannot be counted."""
+    from bespoke.counting import count_flops  # torch, loaded only when a house is filled
 
-    return count_parameters(module)
-
-
-def count_flops(module: "nn.Module", in_shape: tuple[int, ...]) -> int:
-    """FLOPs of one forward pass at batch 1 (2 per multiply-add); 0 when it cannot be counted."""
-    import torch
-
-    from bespoke.blocks import count_flops as _count
-
-    p = next(module.parameters(), None)
-    x = torch.zeros((1, *tuple(in_shape)[1:]), device=p.device if p is not None else "cpu")
-    was_training = module.training
-    try:
-        module.eval()
-        return _count(module, x)
-    except Exception:  # a module the counter cannot follow: unknown, not fatal
-        return 0
-    finally:
-        module.train(was_training)
+    return int(count_flops(module, (1, *tuple(in_shape)[1:])) or 0)
 
 
 class House:
@@ -226,7 +209,7 @@ class House:
     def load_alternative(self, alt_id: str, ctx: Any, source: Any, *, initial: bool = False) -> "nn.Module":
         """Rebuild alternative ``alt_id`` through its block source and load its weights.
 
-        ``source`` is the block-source object (``registry.instantiate(record.source, ...)``);
+        ``source`` is the block-source object (``registry.block_source(record.source, ...)``);
         ``ctx`` the :class:`bespoke.blocks.Context` of the teacher.
         """
         rec = self.alternative(alt_id)
@@ -342,6 +325,7 @@ def populate(house: House, partition: Any, ctx: Any, sources: dict[str, Any],
     """
     import torch
 
+    from bespoke.counting import count_params
     from bespoke.errors import NotImplementedYet
 
     added: list[AlternativeRecord] = []
@@ -351,7 +335,7 @@ def populate(house: House, partition: Any, ctx: Any, sources: dict[str, Any],
             extracted = partition.extract(seg)
             house.manifest.segments.append(SegmentRecord(
                 **_segment_fields(seg), params=count_params(extracted),
-                flops=count_flops(extracted, seg.in_shape)))
+                flops=_flops(extracted, seg.in_shape)))
             have.add(seg.id)
     house.save()
     done = set(house.manifest.proposed)
@@ -381,7 +365,7 @@ def populate(house: House, partition: Any, ctx: Any, sources: dict[str, Any],
                     house.save_weights(aid, module, initial=True)
                     rec = AlternativeRecord(id=aid, segment=seg.id, source=name, spec=full,
                                             params=count_params(module),
-                                            flops=count_flops(module, seg.in_shape))
+                                            flops=_flops(module, seg.in_shape))
                 except NotImplementedYet:
                     raise
                 except Exception as exc:

@@ -8,7 +8,8 @@ What lives here (strategies themselves are plugins, see ``bespoke_plugins/search
 - Solvers every strategy may lean on: :func:`greedy_solution`, :func:`fastest_solution`,
   :func:`exact_front` / :func:`optimum` (an exact Pareto dynamic programme over cut points),
   :func:`exhaustive` (brute force, for tests), :func:`finalize` (the no-violation guarantee).
-- :func:`check_solution`, :func:`rerank`, the on-disk report (:class:`SearchReport`) and its table.
+- :func:`check_solution`, :func:`rerank`; the on-disk report (:class:`SearchReport`) and its
+  table live in :mod:`bespoke.search_report` and are re-exported here.
 
 Latency and loss are additive over chosen pairs (the model in ``SearchProblem``), so the set of
 non-overlapping pairs is a weighted interval selection with one extra additive constraint; the
@@ -18,19 +19,18 @@ exact front below solves it by keeping only non-dominated (saving, loss) points 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from bespoke.errors import UsageError
-from bespoke.files import atomic_write_text
+from bespoke.search_report import (SEARCH_SCHEMA_VERSION, BudgetResult, ChoiceRecord,  # noqa: F401 (re-exported)
+                                   FrontPoint, SearchReport, make_report, read_report, report_table,
+                                   write_report)
 from bespoke.types import Candidate, SearchProblem, Solution
 
-SEARCH_SCHEMA_VERSION = 1
 Proxy = Literal["replace-one", "replace-one-kl", "distill-error"]
 EPS = 1e-9
 
@@ -547,7 +547,7 @@ def pick_scored(rows: Sequence[Mapping[str, Any]], *, measured: str = "measured_
 
 
 # --------------------------------------------------------------------------------------------
-# Running a strategy, and the report on disk
+# Running a strategy (the report on disk: bespoke.search_report)
 # --------------------------------------------------------------------------------------------
 
 
@@ -591,114 +591,3 @@ def pareto_of(problem: SearchProblem, sets: Iterable[Sequence[int]]) -> list[tup
             out.append((problem.latency(s), l, list(s)))
             best = l
     return out
-
-
-class ChoiceRecord(BaseModel):
-    segment: str
-    start: int
-    end: int
-    alternative: str
-    saving_ms: float
-    loss: float
-
-
-class BudgetResult(BaseModel):
-    """The pick for one budget: a recipe for ``bespoke finetune`` (its ``choices``)."""
-
-    budget: float  # as the user gave it (ratio or ms)
-    budget_ms: float
-    feasible: bool
-    latency_ms: float
-    loss: float
-    score: float
-    speedup: float
-    fastest_ms: float | None = None
-    choices: list[ChoiceRecord]
-    meta: dict[str, Any] = Field(default_factory=dict)
-    input_size: int | None = None  # the student's input resolution, when not the teacher's
-
-
-class FrontPoint(BaseModel):
-    latency_ms: float
-    loss: float
-    alternatives: list[str]
-
-
-class SearchReport(BaseModel):
-    """``bespoke search`` output: recipes per budget and the latency/loss Pareto front."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    schema_version: int = SEARCH_SCHEMA_VERSION
-    kind: Literal["bespoke.search"] = "bespoke.search"
-    strategy: str
-    house: str | None = None
-    teacher: str | None = None
-    proxy: str
-    lam: float
-    teacher_ms: float
-    n_candidates: int
-    problem_fingerprint: str
-    results: list[BudgetResult]
-    front: list[FrontPoint]
-
-
-def make_report(problem: SearchProblem, budgets: Sequence[float], solutions: Sequence[Solution], *,
-                strategy: str, proxy: str, house: str | None = None,
-                teacher: str | None = None) -> SearchReport:
-    results = []
-    sets: list[Sequence[int]] = []
-    for b, s in zip(budgets, solutions):
-        fronts = s.meta.get("front") or []
-        sets += [p["chosen"] for p in fronts] + [s.chosen] + list(s.meta.get("top", []))
-        meta = {k: v for k, v in s.meta.items() if k not in ("front", "top")}
-        results.append(BudgetResult(
-            budget=b, budget_ms=float(s.budget_ms or 0.0), feasible=bool(s.meta.get("feasible", True)),
-            latency_ms=s.latency_ms, loss=s.loss, score=problem.score(s.chosen, s.budget_ms or 1.0),
-            speedup=problem.teacher_ms / s.latency_ms if s.latency_ms > 0 else math.inf,
-            fastest_ms=s.meta.get("fastest_ms"),
-            choices=[ChoiceRecord(**problem.candidates[i].__dict__) for i in s.chosen],
-            meta=json.loads(json.dumps(meta, default=str))))
-    front = [FrontPoint(latency_ms=lat, loss=l, alternatives=[problem.candidates[i].alternative for i in ch])
-             for lat, l, ch in pareto_of(problem, sets)]
-    return SearchReport(strategy=strategy, house=house, teacher=teacher, proxy=proxy, lam=problem.lam,
-                        teacher_ms=problem.teacher_ms, n_candidates=len(problem.candidates),
-                        problem_fingerprint=problem_fingerprint(problem), results=results, front=front)
-
-
-def write_report(report: SearchReport, path: str | Path) -> list[Path]:
-    """Write the report, and one recipe file per budget beside it (``<stem>.budget-<b>.json``)."""
-    path = Path(path)
-    atomic_write_text(path, report.model_dump_json(indent=2))
-    written = [path]
-    for r in report.results:
-        p = path.with_name(f"{path.stem}.budget-{r.budget:g}.json")
-        recipe = {"kind": "bespoke.search-recipe", "schema_version": SEARCH_SCHEMA_VERSION,
-                  "house": report.house, "teacher": report.teacher, "strategy": report.strategy,
-                  **r.model_dump()}
-        atomic_write_text(p, json.dumps(recipe, indent=2))
-        written.append(p)
-    return written
-
-
-def read_report(path: str | Path) -> SearchReport:
-    from pydantic import ValidationError
-
-    try:
-        return SearchReport.model_validate_json(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValidationError) as exc:
-        raise UsageError(f"{path}: not a readable bespoke search report: {exc}") from None
-
-
-def report_table(report: SearchReport):
-    """A rich table of the picks, one row per budget."""
-    from rich.table import Table
-
-    t = Table(title=f"search: {report.strategy} (teacher {report.teacher_ms:.2f} ms, proxy {report.proxy})")
-    for col in ("budget", "budget ms", "latency ms", "speedup", "proxy loss", "pairs", "feasible"):
-        t.add_column(col, justify="right")
-    for r in report.results:
-        feas = "yes" if r.feasible else f"[red]no[/red] (fastest {r.fastest_ms:.2f} ms)"
-        t.add_row(f"{r.budget:g}", f"{r.budget_ms:.2f}", f"{r.latency_ms:.2f}", f"{r.speedup:.2f}x",
-                  f"{r.loss:.4g}", str(len(r.choices)), feas)
-    return t

@@ -268,6 +268,8 @@ def save_student(student: Student, recipe: StudentRecipe, path: str | Path) -> P
     """Write ``path/recipe.json`` and ``path/model.safetensors``."""
     from safetensors.torch import save_file
 
+    from bespoke.files import atomic_write, atomic_write_text
+
     have = sorted(s.id for s in student.segments)
     want = sorted(c.segment.id for c in recipe.choices)
     if have != want:
@@ -275,8 +277,10 @@ def save_student(student: Student, recipe: StudentRecipe, path: str | Path) -> P
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", "bespoke": "student"})
-    (out / RECIPE_FILE).write_text(recipe.model_dump_json(indent=2) + "\n")
+    # each file atomically: a kill mid-save leaves the previous student's file whole, never a torn one
+    atomic_write(out / WEIGHTS_FILE,
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "bespoke": "student"}))
+    atomic_write_text(out / RECIPE_FILE, recipe.model_dump_json(indent=2) + "\n")
     student.recipe = recipe
     return out
 
@@ -319,7 +323,7 @@ def build_student(recipe: StudentRecipe, registry: Any = None,
     choices = []
     for choice in recipe.choices:
         seg = choice.segment
-        source = registry.instantiate(choice.spec.source, category="block-source")
+        source = registry.block_source(choice.spec.source)
         module = source.rebuild(ctx, teacher.segment(seg.start, seg.end), choice.spec)
         choices.append((seg, module))
     return assemble(teacher, choices)

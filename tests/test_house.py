@@ -218,13 +218,13 @@ def test_imagenet_sample_labels_from_classes_txt():
 def test_resuming_with_other_segment_settings_warns(tmp_path):
     """A house keeps the segments it was created with; a config that asks for others is told so."""
     from bespoke.config import RunConfig
-    from bespoke.pipeline import _segment_settings_changed
+    from bespoke.stages.build import segment_settings_changed
 
     house = _house(tmp_path)
     cfg = RunConfig.model_validate({"teacher": "t", "build": {"segments": 6, "tiles": 0}, "seed": 0})
     house.manifest.build = cfg.build.model_dump(mode="json") | {"seed": 0}
-    assert _segment_settings_changed(house, cfg) == []
+    assert segment_settings_changed(house, cfg) == []
     other = RunConfig.model_validate({"teacher": "t", "build": {"segments": 9, "tiles": 4}, "seed": 0})
-    (line,) = _segment_settings_changed(house, other)
+    (line,) = segment_settings_changed(house, other)
     assert "build.segments 6 -> 9" in line and "build.tiles 0 -> 4" in line
     assert "keeps its 1 segments" in line and "--house" in line

@@ -622,6 +622,8 @@ def test_profile_in_context_and_calibration_reach_the_search(tmp_path, monkeypat
 
     from bespoke import pipeline
     from bespoke.config import RunConfig
+    from bespoke.stages.profile import calibrate_lut
+    from bespoke.stages.search import house_latencies as search_latencies
 
     house = _tiny_house(tmp_path, monkeypatch)
     for rec in house.manifest.alternatives:  # the search loads trained alternatives' weights
@@ -637,7 +639,7 @@ def test_profile_in_context_and_calibration_reach_the_search(tmp_path, monkeypat
     assert all(s.how == "replace-one" and s.reference_ms > 0 for s in table.savings.values())
     search_cfg = cfg.model_copy(update={"plugins": cfg.plugins.model_copy(update={"latency": "lut-latency"}),
                                         "plugin_options": {"lut-latency": {"path": str(out)}}})
-    t0, seg0, alt0, _ = pipeline._house_latencies(search_cfg, reg, house.root, quiet)
+    t0, seg0, alt0, _ = search_latencies(search_cfg, reg, house.root, quiet)
     in_context = sorted(s.ms for s in table.savings.values())
     for rec in house.manifest.alternatives:  # the search's savings are the in-context ones
         assert min(abs(seg0[rec.segment] - alt0[rec.id] - ms) for ms in in_context) < 1e-9
@@ -647,16 +649,16 @@ def test_profile_in_context_and_calibration_reach_the_search(tmp_path, monkeypat
             SimpleNamespace(name="student-0.8", plan={"latency_ms": t0 - 0.5, "choices": []})]
     measured = {"teacher": 1.1 * t0, "student-0.5": 1.1 * (t0 - 1.0), "student-0.8": 1.1 * (t0 - 0.5)}
     stage = SimpleNamespace(latency_device=table.device)
-    cal_table = pipeline._calibrate_lut(search_cfg, stage, made, measured, out, quiet)
+    cal_table = calibrate_lut(search_cfg, stage, made, measured, out, quiet)
     assert cal_table is not None and read_lut(out).calibration == cal_table.calibration
     assert cal_table.calibration.a == pytest.approx(1.1)
     # ... and the next search predicts in calibrated milliseconds.
-    t1, seg1, alt1, _ = pipeline._house_latencies(search_cfg, reg, house.root, quiet)
+    t1, seg1, alt1, _ = search_latencies(search_cfg, reg, house.root, quiet)
     assert t1 == pytest.approx(cal_table.calibration.apply(t0))
     for a in alt1:
         assert seg1[house.alternative(a).segment] - alt1[a] == pytest.approx(1.1 * (seg0[house.alternative(a).segment] - alt0[a]))
     # A table the run did not write (a device plugin's) is left alone.
-    assert pipeline._calibrate_lut(search_cfg, stage, made, measured, tmp_path / "other.json", quiet) is None
+    assert calibrate_lut(search_cfg, stage, made, measured, tmp_path / "other.json", quiet) is None
 
 
 def test_replace_one_pairs_runs_of_the_same_round_when_the_estimator_gives_them():

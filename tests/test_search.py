@@ -440,7 +440,7 @@ def test_run_goes_on_with_met_budgets_and_refuses_when_none_is_met():
     from rich.console import Console
 
     from bespoke.errors import UsageError
-    from bespoke.pipeline import _require_feasible
+    from bespoke.stages.search import require_feasible
     from bespoke.search import BudgetResult
 
     def result(budget, feasible):
@@ -455,18 +455,18 @@ def test_run_goes_on_with_met_budgets_and_refuses_when_none_is_met():
     found = Found()
     found.results = [result(0.5, False), result(0.7, True)]
     buf = io.StringIO()
-    met = _require_feasible(found, Console(file=buf, width=200))
+    met = require_feasible(found, Console(file=buf, width=200))
     assert [r.budget for r in met] == [0.7]
     assert "budget 0.5" in buf.getvalue() and "60.00 ms" in buf.getvalue()
     found.results = [result(0.5, False)]
     with pytest.raises(UsageError, match="fastest student this model house allows runs in 60.00 ms"):
-        _require_feasible(found)
+        require_feasible(found)
 
 
 def test_pick_images_are_kept_up_to_the_byte_limit_then_decoded_per_pass():
     import torch
 
-    from bespoke.pipeline import DecodedBatches
+    from bespoke.stages.pick import DecodedBatches
 
     calls = []
 
@@ -489,12 +489,12 @@ def test_pick_images_are_kept_up_to_the_byte_limit_then_decoded_per_pass():
 
 
 def test_final_pick_remeasures_near_the_budget_and_scores_on_more_images():
-    """_refine_finalists: finalists measured near the budget (either side) are timed again and
+    """refine_finalists: finalists measured near the budget (either side) are timed again and
     judged by the median; those within (or near) are scored on more images; far ones are not."""
     from types import SimpleNamespace
 
     from bespoke.config import SearchConfig
-    from bespoke.pipeline import _refine_finalists
+    from bespoke.stages.pick import refine_finalists
     from bespoke.search import pick_scored
 
     class Stage:
@@ -518,7 +518,7 @@ def test_final_pick_remeasures_near_the_budget_and_scores_on_more_images():
             {"fidelity": 0.99, "measured_ratio": 0.95, "within_budget": False}]  # infeasible: untouched
     cfg = SimpleNamespace(search=SearchConfig(pick_train_images=5, pick_remeasure=2, pick_margin=0.03))
     stage = Stage()
-    _refine_finalists(cfg, stage, finalists, rows, 0.8)
+    refine_finalists(cfg, stage, finalists, rows, 0.8)
     assert sorted(stage.timed) == [224, 224, 240, 240]
     assert rows[0]["measured_ratios"] == [0.81, 0.79, 0.79] and rows[0]["within_budget"]
     assert rows[1]["measured_ratio"] == 0.83 and not rows[1]["within_budget"]
@@ -528,5 +528,5 @@ def test_final_pick_remeasures_near_the_budget_and_scores_on_more_images():
     assert finalists[pick_scored(rows, measured="measured_ratio", predicted="measured_ratio")][0] == 240
     # off by default: nothing is timed or scored again
     plain = [dict(r) for r in rows]
-    _refine_finalists(SimpleNamespace(search=SearchConfig()), Stage(), finalists, plain, 0.8)
+    refine_finalists(SimpleNamespace(search=SearchConfig()), Stage(), finalists, plain, 0.8)
     assert plain == rows

@@ -1,0 +1,138 @@
+"""The build stage: the teacher, the images, the model house created or resumed, its segments.
+
+:func:`bespoke.pipeline.build` runs these in order, then distils every pending alternative.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bespoke import data as images
+from bespoke.counting import count_flops, count_params
+from bespoke.distill import summary_table, teacher_top1
+from bespoke.errors import UsageError
+from bespoke.house import House, TeacherInfo
+from bespoke.models import default_input_size, load_model
+from bespoke.partition import Partition
+
+
+def house_dir(cfg: Any) -> Path:
+    """Where the house of ``cfg`` lives: ``house``, else ``OUT/house``."""
+    return Path(cfg.house or Path(cfg.out) / "house")
+
+
+def load_teacher(cfg: Any) -> tuple[Any, Partition, int, str]:
+    """The teacher, frozen on ``cfg.device``, partitioned at its input size: ``(teacher,
+    partition, size, weights)``."""
+    weights = cfg.teacher_weights or "auto"
+    teacher = load_model(cfg.teacher, weights=weights)
+    size = cfg.input_size or default_input_size(teacher)
+    partition = Partition.from_model(teacher, (1, 3, size, size), name=cfg.teacher)
+    teacher.to(cfg.device).requires_grad_(False)
+    return teacher, partition, size, weights
+
+
+def prepare_images(cfg: Any, teacher: Any, size: int, console: Any, main: bool) -> Any:
+    """Training and held-out images (:func:`bespoke.data.prepare`); rank 0 says what they are."""
+    split = images.prepare(teacher, size, data=cfg.data, val_data=cfg.val_data,
+                           class_list=cfg.class_list, held_out=cfg.build.validation_images,
+                           augment=cfg.build.augment, seed=cfg.seed)
+    if main:
+        console.print(f"images: {split.source}: {len(split.train)} for training, {len(split.val)} held out"
+                      + (", labelled" if split.labelled else ", unlabelled"))
+        if cfg.data is None:
+            console.print("[yellow]note:[/yellow] scikit-image's sample photos are a dozen images: enough "
+                          "to try bespoke, too few for useful distillation; pass --data FOLDER")
+    return split
+
+
+def open_house(cfg: Any, root: Path, existing: House | None, teacher: Any, partition: Partition,
+               split: Any, size: int, weights: str, console: Any) -> House:
+    """The house at ``root``: ``existing`` resumed (a killed torchrun build's shards merged), or a
+    new one created for this teacher and these images."""
+    if existing is not None:
+        house = existing
+        house.check_teacher(cfg.teacher, size)
+        house.merge_shards()  # results of a killed torchrun build
+        console.print(f"resuming the model house {root}")
+        for line in segment_settings_changed(house, cfg):
+            console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
+        return house
+    return House.create(root, TeacherInfo(
+        name=cfg.teacher, weights=weights, input_size=size, params=count_params(teacher),
+        flops=int(count_flops(teacher, (1, 3, size, size)) or 0),
+        num_cut_points=len(partition.cut_points)),
+        build=cfg.build.model_dump(mode="json") | {"seed": cfg.seed},
+        data={"source": split.source, "train_images": len(split.train),
+              "val_images": len(split.val), "labelled": split.labelled})
+
+
+def draw_segments(cfg: Any, partition: Partition, house: House) -> list[Any]:
+    """The house's segments: those it holds, or (a new house) those the build settings draw."""
+    if house.manifest.segments:
+        return list(house.manifest.segments)
+    b = cfg.build
+    if b.enumerate_max_len:
+        segments = partition.enumerate_segments(b.enumerate_max_len)
+    elif b.segments:
+        segments = partition.sample_segments(b.segments, b.max_fraction, seed=cfg.seed)
+    else:
+        segments = []
+    extra = []
+    if b.tiles:  # guarantee a non-overlapping set that covers the network
+        extra += partition.tile_segments(b.tiles)
+    if b.modules:  # the network's own blocks and stages
+        extra += partition.module_segments(b.max_fraction)
+    if extra:
+        segments = sorted({(s.start, s.end): s for s in [*extra, *segments]}.values(),
+                          key=lambda s: (s.start, s.end))
+    if not segments:
+        raise UsageError(f"no segments of {cfg.teacher} to build alternatives for: the "
+                         "build settings found none (build.modules finds only blocks and stages "
+                         "mapping a cut point to a cut point); set build.segments or build.tiles")
+    return segments
+
+
+def note_teacher_top1(house: House, partition: Partition, split: Any, settings: Any) -> None:
+    """The teacher's own top-1 on labelled held-out images, recorded once."""
+    if house.manifest.teacher.val_top1 is None and split.labelled and len(split.val):
+        house.manifest.teacher.val_top1 = teacher_top1(partition, split.val, settings)
+        house.save()
+
+
+def segment_settings_changed(house: House, cfg: Any) -> list[str]:
+    """Why a resumed house does not follow this configuration's segment settings, if it doesn't:
+    its segments were drawn once, when it was created, and are kept."""
+    if not house.manifest.segments:
+        return []
+    stored = house.manifest.build or {}
+    now = {**{k: getattr(cfg.build, k) for k in ("segments", "tiles", "modules", "max_fraction",
+                                                  "enumerate_max_len")},
+           "seed": cfg.seed}
+    changed = [f"{'' if k == 'seed' else 'build.'}{k} {stored[k]!r} -> {v!r}"
+               for k, v in now.items() if k in stored and stored[k] != v]
+    if not changed:
+        return []
+    return [f"the model house {house.root} was built with other segment settings ({', '.join(changed)}); "
+            f"it keeps its {len(house.manifest.segments)} segments and is not resampled. To build with "
+            "the new settings, give another --house (or delete this one)."]
+
+
+def summarise(house: House, root: Path, split: Any, report: Any, console: Any) -> None:
+    """Record the images that failed to decode; print the house's table and counts."""
+    skipped = split.skipped
+    if skipped:
+        house.manifest.data["skipped"] = sorted(set(house.manifest.data.get("skipped", [])) | set(skipped))
+        house.save()
+    console.print(summary_table(house, title=f"model house {root}"))
+    counts = {s: len(house.by_status(s)) for s in ("trained", "failed", "pending")}
+    console.print(f"{counts['trained']} trained, {counts['failed']} failed, {counts['pending']} pending"
+                  + (f"; {report.images_per_second:.1f} images/s" if report.images_per_second else ""))
+    if skipped:
+        console.print(f"[yellow]{len(skipped)} image(s) failed to decode and were skipped:[/yellow] "
+                      + ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+
+
+__all__ = ["draw_segments", "house_dir", "load_teacher", "note_teacher_top1", "open_house",
+           "prepare_images", "segment_settings_changed", "summarise"]

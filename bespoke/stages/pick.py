@@ -1,0 +1,119 @@
+"""The final pick of each budget over input sizes (``search.input_sizes``).
+
+The search runs once per input size; per budget, the pick keeps the re-ranked student that
+agrees best with the teacher among those measured within the budget (:func:`bespoke.search.pick_scored`),
+after sharpening the finalists' scores (:func:`refine_finalists`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+from bespoke import search as S
+
+PICK_CACHE_BYTES = 2 << 30  # decoded pick images kept in memory, over all input sizes
+
+
+def search_sizes(cfg: Any, stage: Any, native: Any, sized_cfgs: dict[int, Any], out: Path, console: Any, *,
+                 search: Callable[..., Any]) -> Any:
+    """Search students at each other input size too (``search``: :func:`bespoke.pipeline.search`),
+    and keep per budget the best re-ranked one over all sizes (:func:`bespoke.search.pick_scored`:
+    the best held-out agreement among those measured within the budget). Writes the merged report
+    to ``OUT/search.json``."""
+    ratios = stage.size_ratios(list(sized_cfgs))
+    console.print("the teacher at other input sizes, measured beside itself at its own size: "
+                  + ", ".join(f"{s} px {r:.3f}" for s, r in ratios.items()), highlight=False)
+    found = {stage.size: native}
+    for size, scfg in sized_cfgs.items():
+        found[size] = search(scfg, out / f"search-{size}px.json", size=size, size_ratio=ratios[size],
+                             evaluate=lambda c, size=size: stage.fidelity(c, size))
+    merged = []
+    for i in range(len(native.results)):
+        options = [(size, rep.results[i]) for size, rep in found.items()]
+        feasible = [o for o in options if o[1].feasible] or options
+        rows = [scored_pick(r, native.teacher_ms) for _, r in feasible]
+        refine_finalists(cfg, stage, feasible, rows, native.results[i].budget)
+        size, pick = feasible[S.pick_scored(rows, measured="measured_ratio", predicted="predicted_ratio")]
+        pick = pick.model_copy(deep=True)
+        pick.meta["input_sizes"] = [{"input_size": s, **row} for (s, _), row in zip(feasible, rows)]
+        merged.append(pick)
+        console.print(f"budget {pick.budget:g}: the student at {size} px agrees best within the budget ("
+                      + ", ".join(f"{s} px {row['fidelity']:.4f}" + ("" if row["within_budget"] else " over")
+                                  + (f" (timed x{len(row['measured_ratios'])}: {row['measured_ratio']:.3f})"
+                                     if "measured_ratios" in row else "")
+                                  for (s, _), row in zip(feasible, rows)) + ")", highlight=False)
+    report = native.model_copy(update={"results": merged})
+    S.write_report(report, out / "search.json")
+    return report
+
+
+def refine_finalists(cfg: Any, stage: Any, finalists: list[tuple[int, Any]], rows: list[dict[str, Any]],
+                     budget: float | None) -> None:
+    """Sharpen the real scores ``rows`` of a budget's finalists (one ``(size, result)`` per input
+    size) in place before the pick: with ``search.pick_remeasure``, time again those measured
+    within ``pick_margin`` of the budget, either side, and judge them by the median of all their
+    measurements; with ``search.pick_train_images``, score those within the budget (or near it)
+    by their agreement on the held-out plus that many training images."""
+    s = cfg.search
+    if not (s.pick_train_images or s.pick_remeasure) or budget is None:
+        return
+    for (size, result), row in zip(finalists, rows):
+        measured = row.get("measured_ratio")
+        near = measured is not None and abs(measured - budget) <= s.pick_margin * budget
+        if s.pick_remeasure and near and result.feasible:
+            times = [measured] + [stage.ratio_of(result.choices, size) for _ in range(s.pick_remeasure)]
+            times = [t for t in times if t is not None]
+            row["measured_ratios"] = times
+            row["measured_ratio"] = measured = float(statistics.median(times))
+            row["within_budget"] = measured <= budget * (1 + 1e-9)
+        if s.pick_train_images and result.feasible and (row["within_budget"] or near):
+            row["proxy_fidelity"] = row["fidelity"]
+            row["fidelity"] = stage.pick_fidelity(result.choices, size)
+
+
+def scored_pick(result: Any, teacher_ms: float) -> dict[str, Any]:
+    """The real scores re-ranking gave the candidate ``result`` kept, as ratios of the teacher at
+    its own size (so students at different input sizes compare)."""
+    table = result.meta.get("reranked") or []
+    row = table[result.meta.get("picked", 0)] if table else {}
+    reference = result.meta.get("reference_ms") or teacher_ms
+    measured = row.get("measured_ratio")
+    if measured is None and row.get("measured_ms") is not None:
+        measured = row["measured_ms"] / reference
+    return {"fidelity": row.get("fidelity", float("-inf")), "measured_ratio": measured,
+            "predicted_ratio": result.latency_ms / reference,
+            "within_budget": bool(row.get("within_budget", result.feasible)) and result.feasible}
+
+
+class DecodedBatches:
+    """Decoded image batches per key (an input size), kept while their total stays under
+    ``limit`` bytes. Past it, a key's batches are decoded again on every pass (the returned
+    iterable calls ``make`` anew each time), so a large ``search.pick_train_images`` costs time,
+    not memory."""
+
+    def __init__(self, limit: int = PICK_CACHE_BYTES):
+        self.limit, self.kept, self.bytes = limit, {}, 0
+
+    def get(self, key, make, nbytes):
+        """``make()`` yields the batches; ``nbytes`` is what keeping them would take."""
+        if key in self.kept:
+            return self.kept[key]
+        if self.bytes + nbytes <= self.limit:
+            batches = list(make())
+            self.kept[key] = batches
+            self.bytes += sum(b.numel() * b.element_size() for b in batches)
+            return batches
+        return _Replay(make)
+
+
+class _Replay:
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
+
+
+__all__ = ["PICK_CACHE_BYTES", "DecodedBatches", "refine_finalists", "scored_pick", "search_sizes"]

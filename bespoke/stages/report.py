@@ -1,0 +1,97 @@
+"""The report stage: ``OUT/report.json``, ``OUT/pareto.png`` and the summary table of a run; and
+the wall-clock time of each stage that goes into it."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import time
+from pathlib import Path
+from typing import Any
+
+from bespoke import __version__
+from bespoke.report import ModelEntry, Report, StudentEntry, pareto_plot, summary_table, write_report
+
+
+class Clock:
+    """Wall time per stage, for the report."""
+
+    def __init__(self):
+        self._time = time.perf_counter
+        self.start = self._time()
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name):
+        @contextlib.contextmanager
+        def timed():
+            t0 = self._time()
+            try:
+                yield
+            finally:
+                self.seconds[name] = round(self.seconds.get(name, 0.0) + self._time() - t0, 3)
+
+        return timed()
+
+    def total(self) -> dict[str, float]:
+        return {**self.seconds, "total": round(self._time() - self.start, 3)}
+
+
+def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured: dict[str, Any],
+                     exports: list[Any], clock: Clock) -> Report:
+    """report.json, pareto.png and the summary table of a run: the teacher, each budget's
+    student (``made``, ``exports``) and the reference models, as :class:`Students` measured them."""
+
+    def entry(m):
+        return ModelEntry(name=m.name, params=m.params, flops=m.flops, latency_ms=m.latency_ms,
+                          top1=m.top1, top5=m.top5, agreement=m.agreement)
+
+    teacher = entry(stage.teacher_metrics)
+    students = []
+    for m, res in zip(made, exports):
+        r, a = m.plan, m.after
+        alts = {rec.id: rec for rec in stage.house.manifest.alternatives}
+        students.append(StudentEntry(
+            budget=r["budget"], budget_ms=r["budget_ms"], name=m.name, params=a.params, flops=a.flops,
+            latency_ms_predicted=r["latency_ms"], latency_ms_measured=a.latency_ms,
+            speedup=(teacher.latency_ms / a.latency_ms) if teacher.latency_ms and a.latency_ms else None,
+            top1=a.top1, top5=a.top5, agreement=a.agreement, top1_before_finetune=m.before.top1,
+            agreement_before_finetune=m.before.agreement, feasible=r["feasible"],
+            replaced=[{"segment": c["segment"], "alternative": c["alternative"],
+                       "source": alts[c["alternative"]].source if c["alternative"] in alts else None,
+                       "label": alts[c["alternative"]].spec.label if c["alternative"] in alts else None}
+                      for c in r["choices"]],
+            onnx=res.onnx, onnx_max_abs_diff=res.onnx_max_abs_diff, onnx_batch=res.onnx_batch,
+            torch_export=res.torch_export,
+            student_dir=res.student_dir, finetune_steps=m.finetune.steps, finetune_kept=m.finetune_kept,
+            input_size=m.size if m.size != stage.size else None))
+    skipped = sorted(set(stage.split.skipped) | set(stage.house.manifest.data.get("skipped", [])))
+    pred = [s.latency_ms_predicted for s in students if s.latency_ms_measured]
+    meas = [s.latency_ms_measured for s in students if s.latency_ms_measured]
+    errors = [abs(p - q) / q for p, q in zip(pred, meas)]
+    report = Report(
+        bespoke_version=__version__, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        teacher=teacher, students=students, references=[entry(r) for r in stage.references],
+        timings_s=clock.total(),
+        data={"source": stage.split.source, "labelled": stage.split.labelled,
+              "train_images": len(stage.split.train), "val_images": len(stage.split.val),
+              "input_size": stage.size, "skipped_images": len(skipped), "skipped": skipped[:100]},
+        latency={"estimator": cfg.plugins.latency, "device": stage.latency_device.model_dump(),
+                 "search_teacher_ms": found.teacher_ms,
+                 "prediction_abs_rel_error": errors, "search_strategy": found.strategy},
+        unmet_budgets=[{"budget": r.budget, "budget_ms": r.budget_ms, "fastest_ms": r.fastest_ms}
+                       for r in found.results if not r.feasible],
+        config=cfg.model_dump(mode="json"))
+    out = Path(cfg.out)
+    path = write_report(report, out)
+    plot = pareto_plot(report, out)
+    report.timings_s = clock.total()
+    write_report(report, out)
+    stage.console.print(summary_table(report))
+    if skipped:
+        stage.console.print(f"[yellow]{len(skipped)} image(s) failed to decode and were skipped[/yellow]")
+    stage.console.print(f"wrote {path}" + (f" and {plot}" if plot else "")
+                        + f" in {report.timings_s['total']:.0f} s", highlight=False)
+    return report
+
+
+__all__ = ["Clock", "write_run_report"]

@@ -1,0 +1,295 @@
+"""The student stage for one model house: assemble a search recipe's student, score candidates
+for re-ranking and the final pick, fine-tune, evaluate, time against the teacher, export.
+
+:class:`Students` holds what every student of a house shares (the teacher, its partition at each
+input size, the images, the block sources, the distillation loss, the latency estimators), made
+once per run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bespoke import data as images
+from bespoke.blocks import Context
+from bespoke.distill import source_for
+from bespoke.errors import UsageError
+from bespoke.evaluate import evaluate, measure_ratios
+from bespoke.export import export_model
+from bespoke.finetune import finetune_student, iter_batches
+from bespoke.models import load_model
+from bespoke.partition import Partition
+from bespoke.search import RealScore
+from bespoke.stages import pct, warner
+from bespoke.stages.pick import DecodedBatches
+from bespoke.student import StudentChoice, StudentRecipe, assemble, save_student
+
+
+def plain(choices: list[Any]) -> list[dict[str, Any]]:
+    """Search choices (objects or dicts) as the dicts :meth:`Students.assemble` takes."""
+    def get(c, k):
+        return c[k] if isinstance(c, dict) else getattr(c, k)
+
+    return [{"alternative": get(c, "alternative"), "start": get(c, "start"), "end": get(c, "end")} for c in choices]
+
+
+def read_search_recipe(path: Path) -> dict[str, Any]:
+    """A per-budget recipe written by ``bespoke search`` (or one result of a search report)."""
+    if not path.is_file():
+        raise UsageError(f"recipe {str(path)!r} does not exist; give one of the "
+                         "search.budget-*.json files `bespoke search` wrote")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"recipe {str(path)!r} is not readable JSON ({exc})") from None
+    if not isinstance(data, dict) or "choices" not in data:
+        raise UsageError(f"{str(path)!r} is not a search recipe (no 'choices'); give one of the "
+                         "search.budget-*.json files `bespoke search` wrote")
+    return data
+
+
+class Made:
+    """One fine-tuned student and what is known about it."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class Students:
+    """The student stage for one house: teacher, data, block sources; assemble, fine-tune,
+    evaluate, measure, export."""
+
+    def __init__(self, cfg, registry, house, console):
+        t = house.manifest.teacher
+        self.cfg, self.registry, self.house, self.console = cfg, registry, house, console
+        self.size = t.input_size
+        self.shape = (1, 3, self.size, self.size)
+        self.teacher = load_model(t.name, weights=t.weights or "auto").eval()
+        self.partition = Partition.from_model(self.teacher, self.shape, name=t.name)
+        self.ctx = Context(self.partition, t.name, (3, self.size, self.size), calibration=None, seed=cfg.seed)
+        self.sources = registry.block_sources(cfg)
+        self.split = images.prepare(self.teacher, self.size, data=cfg.data, val_data=cfg.val_data,
+                                    class_list=cfg.class_list, held_out=cfg.build.validation_images,
+                                    seed=cfg.seed)
+        self.train = images.eval_view(self.split, self.teacher, self.size)  # flips are added per step
+        self.loss = registry.distill_loss(cfg.plugins.distill_loss, cfg.plugin_options.get(cfg.plugins.distill_loss))
+        self.teacher_metrics, self.teacher_pred = evaluate(self.teacher, t.name, self.split.val, self.shape)
+        self._at = {}
+        self._pick_cache, self._pick_teacher, self._last_finalist = DecodedBatches(), None, (None, None)  # the final pick's
+
+    def at(self, size=None):
+        """The teacher's partition, block-source context and held-out images at input ``size``
+        (default: the teacher's own), made once per size."""
+        size = int(size or self.size)
+        if size == self.size:
+            return Made(size=size, shape=self.shape, partition=self.partition, ctx=self.ctx, val=self.split.val)
+        if size not in self._at:
+            partition = self.partition.resized(size)
+            ctx = Context(partition, self.house.manifest.teacher.name, (3, size, size), calibration=None,
+                          seed=self.cfg.seed)
+            val = self.split.val.with_transform(images.transforms_for(self.teacher, size))
+            self._at[size] = Made(size=size, shape=(1, 3, size, size), partition=partition, ctx=ctx, val=val)
+        return self._at[size]
+
+    def assemble(self, choices, size=None):
+        view = self.at(size)
+        picked, recipe_choices = [], []
+        for c in choices:
+            rec = self.house.alternative(c["alternative"])
+            seg = view.partition.segment(int(c["start"]), int(c["end"]))
+            module = self.house.load_alternative(rec.id, view.ctx, source_for(rec.source, self.sources, self.cfg, self.registry))
+            picked.append((seg, module))
+            recipe_choices.append(StudentChoice(segment=seg, spec=rec.spec, alternative_id=rec.id))
+        t = self.house.manifest.teacher
+        recipe = StudentRecipe(teacher=t.name, teacher_weights=t.weights, input_size=(3, view.size, view.size),
+                               choices=recipe_choices)
+        return assemble(view.partition, picked), recipe
+
+    def fidelity(self, candidates, size=None):
+        """How well the student these search candidates assemble into, before fine-tuning, agrees
+        with the teacher on the held-out images: top-1 agreement, ties broken by lower KL. A
+        student at another input ``size`` sees the images at that size; the teacher, at its own.
+        The latency ratio is to the teacher at its own size."""
+        view = self.at(size)
+        student, _ = self.assemble(plain(candidates), view.size)
+        student.to(self.cfg.device).eval()
+        agree, kl, n = 0.0, 0.0, 0
+        with torch.no_grad(), student.taps(False):
+            if getattr(self, "_val_logits", None) is None:  # the teacher's, once
+                self.teacher.to(self.cfg.device)
+                self._val_logits = [self.teacher(x.to(self.cfg.device)) for x, _ in iter_batches(self.split.val, 32)]
+            for (x, _), t in zip(iter_batches(view.val, 32), self._val_logits):
+                x = x.to(self.cfg.device)
+                s = student(x)
+                agree += float((s.argmax(-1) == t.argmax(-1)).sum())
+                kl += float(F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True,
+                                     reduction="sum"))
+                n += x.shape[0]
+        n = max(n, 1)
+        ratio = self._pair_ratio(student, view) if self.cfg.search.rerank_latency else None
+        return RealScore(fidelity=agree / n - (kl / n) / 1000.0, latency_ratio=ratio)
+
+    def _pair_ratio(self, student, view):
+        """The student's latency ratio to the teacher at its own size, timed in one interleaved
+        call beside it (the median of per-round ratios: drift between rounds cancels)."""
+        estimator, fallback = self._estimators()
+        with student.taps(False):
+            _, ratios = measure_ratios({"teacher": self.teacher, "candidate": student},
+                                       {"teacher": self.shape, "candidate": view.shape}, estimator, fallback)
+        return ratios.get("candidate")
+
+    def _finalist(self, choices, size):
+        """The student of ``choices`` at input ``size``, assembled once: the final pick times and
+        scores the same finalist in turn, so the last one assembled is kept."""
+        chosen = plain(choices)
+        key = (self.at(size).size, tuple(tuple(c.values()) for c in chosen))
+        if self._last_finalist[0] != key:
+            student, _ = self.assemble(chosen, key[0])
+            self._last_finalist = (key, student.to(self.cfg.device).eval())
+        return self._last_finalist[1]
+
+    def ratio_of(self, choices, size=None):
+        """Time the student of ``choices`` at input ``size`` beside the teacher (its ratio)."""
+        return self._pair_ratio(self._finalist(choices, size), self.at(size))
+
+    def pick_fidelity(self, choices, size=None):
+        """Top-1 agreement with the teacher of the student of ``choices`` (at input ``size``) on
+        the held-out images plus ``search.pick_train_images`` training images (a fixed subset at
+        the eval transforms), for the final pick of a budget over input sizes. The images are
+        decoded once per size and kept, up to :data:`bespoke.stages.pick.PICK_CACHE_BYTES` over all sizes."""
+        view = self.at(size)
+        student = self._finalist(choices, size)
+        targets = torch.cat([t.argmax(-1) for t in self._teacher_on_pick_images()])
+        agree, n = 0, 0
+        with torch.no_grad(), student.taps(False):
+            for x in self._pick_images(view.size):
+                s = student(x.to(self.cfg.device)).argmax(-1).cpu()
+                agree += int((s == targets[n:n + len(s)]).sum())
+                n += len(s)
+        return agree / max(n, 1)
+
+    def _pick_images(self, size):
+        """Batches of the held-out images and the pick's training subset at input ``size``."""
+        n = min(self.cfg.search.pick_train_images, len(self.split.train))
+
+        def make():
+            order = torch.randperm(len(self.split.train), generator=torch.Generator().manual_seed(self.cfg.seed + 1))
+            transform = images.transforms_for(self.teacher, size)
+            train = self.split.train.subset(sorted(order[:n].tolist())).with_transform(transform)
+            val = self.split.val.with_transform(transform)
+            return (x for part in (val, train) if len(part) for x, _ in iter_batches(part, 32))
+
+        return self._pick_cache.get(size, make, (len(self.split.val) + n) * 3 * size * size * 4)  # float32
+
+    def _teacher_on_pick_images(self):
+        if self._pick_teacher is None:
+            self.teacher.to(self.cfg.device).eval()
+            with torch.no_grad():
+                self._pick_teacher = [self.teacher(x.to(self.cfg.device)).cpu() for x in self._pick_images(self.size)]
+        return self._pick_teacher
+
+    def size_ratios(self, sizes):
+        """How long the teacher takes at each input size in ``sizes`` relative to its own size,
+        each size timed in its own interleaved call beside the teacher at its own size (medians of
+        per-round ratios), the way re-ranking times a candidate."""
+        estimator, fallback = self._estimators()
+        models = {"teacher": self.teacher, **{f"{s}px": self.teacher for s in sizes}}
+        shapes = {"teacher": self.shape, **{f"{s}px": (1, 3, s, s) for s in sizes}}
+        _, ratios = measure_ratios(models, shapes, estimator, fallback, pairwise=True)
+        out = {}
+        for s in sizes:
+            if not ratios.get(f"{s}px"):
+                raise UsageError(f"the latency estimator {self.cfg.plugins.latency!r} cannot measure the teacher at "
+                                 f"{s} px; search.input_sizes needs one that measures whole models")
+            out[s] = ratios[f"{s}px"]
+        return out
+
+    def _estimators(self):
+        """The configured latency estimator, and a measuring one to fall back on when it is a
+        table (a table holds segments, not whole new models). Made once per stage."""
+        if getattr(self, "_made_estimators", None) is not None:
+            return self._made_estimators
+        name = self.cfg.plugins.latency
+        # with the thread count `profile` measured the table with
+        estimator = self.registry.latency_estimator(name, self.cfg.plugin_options.get(name), threads=self.cfg.threads,
+                                                    warn=warner(self.console))
+        fallback = None
+        if getattr(estimator, "table", None) is not None and self.registry.has("measured-latency"):
+            fallback = self.registry.latency_estimator("measured-latency",
+                                                       self.cfg.plugin_options.get("measured-latency"))
+        self._made_estimators = (estimator, fallback)
+        return self._made_estimators
+
+    def make(self, plan, workdir):
+        """Assemble, evaluate, fine-tune (resumable), evaluate again, save ``workdir/student``."""
+        choices = plan.get("choices", [])
+        view = self.at(plan.get("input_size"))
+        student, recipe = self.assemble(choices, view.size)
+        name = f"student-{plan.get('budget', 0):g}"
+        px = f" at {view.size} px" if view.size != self.size else ""
+        self.console.print(f"[bold]{name}[/bold]{px}: {len(choices)} segment(s) replaced: "
+                           + (", ".join(c["alternative"] for c in choices) or "none"), highlight=False)
+        before, _ = evaluate(student, name, view.val, view.shape, teacher=self.teacher_pred)
+        result = finetune_student(
+            student, self.partition, self.train, self.cfg.finetune, workdir, targets=None,
+            distill_loss=self.loss, seed=self.cfg.seed, device=self.cfg.device,
+            fingerprint_extra=[self.house.manifest.teacher.model_dump(), [c["alternative"] for c in choices]],
+            console=self.console, input_size=view.size if view.size != self.size else None)
+        after, _ = evaluate(result.student, name, view.val, view.shape, teacher=self.teacher_pred)
+        kept = not (self.cfg.finetune.keep_best and len(view.val) and after.agreement < before.agreement)
+        if kept:
+            student = result.student
+        else:  # fine-tuning on these images made it agree less with the teacher: the assembled one
+            self.console.print(f"  {name}: fine-tuning lowered the held-out agreement with the teacher "
+                               f"({pct(before.agreement)} -> {pct(after.agreement)}); keeping the assembled "
+                               "student (finetune.keep_best)", highlight=False)
+            student, recipe = self.assemble(choices, view.size)  # afresh: nothing trained touches it
+            after = before
+        student_dir = save_student(student, recipe, workdir / "student")
+        return Made(name=name, plan=plan, student=student, recipe=recipe, before=before, after=after,
+                    finetune=result, student_dir=student_dir, workdir=workdir, size=view.size, shape=view.shape,
+                    finetune_kept=kept)
+
+    def measure(self, made):
+        """End-to-end latency of the teacher, every student and every reference model with the
+        selected estimator (a measuring one when it is a table), each timed in its own interleaved
+        call beside the teacher (``measure_ratios(pairwise=True)``), the way re-ranking timed the
+        candidates: how many models one call holds moves the ratios."""
+        self.references = []
+        models, shapes = {"teacher": self.teacher}, {"teacher": self.shape}
+        for ref in self.cfg.reference_models:
+            model = load_model(ref, weights="auto").eval()
+            metrics, _ = evaluate(model, ref, self.split.val, self.shape, teacher=self.teacher_pred)
+            self.references.append(metrics)
+            models[f"ref:{ref}"], shapes[f"ref:{ref}"] = model, self.shape
+        for m in made:
+            m.student.taps_enabled = False
+            models[m.name], shapes[m.name] = m.student, m.shape
+        estimator, fallback = self._estimators()
+        self.latency_device = (fallback or estimator).device()
+        ms, _ = measure_ratios(models, shapes, estimator, fallback, pairwise=True)
+        for m in made:
+            m.student.taps_enabled = True
+        self.teacher_metrics.latency_ms = ms["teacher"]
+        for r in self.references:
+            r.latency_ms = ms[f"ref:{r.name}"]
+        for m in made:
+            m.after.latency_ms = ms[m.name]
+        return ms
+
+    def export(self, m):
+        with m.student.taps(False):
+            res = export_model(m.student, m.shape, m.workdir, ("onnx", "torch-export"), seed=self.cfg.seed,
+                               dynamic_batch=self.cfg.export.dynamic_batch)
+        res.student_dir = str(m.student_dir)
+        self.console.print(f"{m.name}: exported {res.onnx} (onnxruntime vs PyTorch max |diff| "
+                           f"{res.onnx_max_abs_diff:.1e}), {res.torch_export}, {res.student_dir}")
+        return res
+
+
+__all__ = ["Made", "Students", "plain", "read_search_recipe"]
