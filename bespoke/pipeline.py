@@ -225,8 +225,11 @@ def run(cfg, registry, console=None):
     with clock("finetune"):
         students = [stage.make(r.model_dump(), out / "students" / f"budget-{r.budget:g}") for r in met]
     with clock("evaluate"):
-        measured = stage.measure(students)
-        at_own_size = [m for m in students if m.size == stage.size]  # what the table at that size predicted
+        measured = stage.measure(students)  # as saved: what ships is what is timed
+        students = stage.hold_budgets(students)
+        measured.update({m.name: m.after.latency_ms for m in students})
+        # what the table at the teacher's size predicted (a fallback's prediction is not recorded)
+        at_own_size = [m for m in students if m.size == stage.size and m.plan.get("latency_ms") is not None]
         if at_own_size:
             profile_stage.calibrate_lut(search_cfg, stage, at_own_size, measured, out / "latency.json", console)
     with clock("export"):

@@ -48,6 +48,12 @@ class StudentEntry(BaseModel):
     finetune_steps: int = 0
     input_size: int | None = Field(None, description="the student's square input resolution (px); None: the teacher's")
     finetune_kept: bool = Field(True, description="false: fine-tuning lowered the held-out agreement and the assembled student was kept (finetune.keep_best)")
+    latency_ratio: float | None = Field(None, description="measured latency of the saved student (reloaded from student_dir) over the teacher's at its own size, timed beside it: the median of per-round ratios")
+    latency_ratio_interval: list[float] | None = Field(None, description="95 % interval of latency_ratio (bootstrap of the per-round ratios)")
+    latency_ratio_at_pick: float | None = Field(None, description="the ratio the final pick measured for this student's architecture, before fine-tuning and saving")
+    budget_ratio: float | None = Field(None, description="the budget as a ratio of the teacher at its own size")
+    over_budget: bool = Field(False, description="true: the saved student measures over its budget by more than search.budget_tolerance or the measured noise (listed in unmet_budgets)")
+    fallback: int | None = Field(None, description="n: the budget's pick measured over budget as saved, and this is its n-th other finalist (search.pick_fallbacks)")
 
 
 class Report(BaseModel):
@@ -56,7 +62,7 @@ class Report(BaseModel):
     created: str
     teacher: ModelEntry
     students: list[StudentEntry]
-    unmet_budgets: list[dict[str, Any]] = Field(default_factory=list, description="budgets no student of the house meets (budget, budget_ms, fastest_ms); no student is made for them")
+    unmet_budgets: list[dict[str, Any]] = Field(default_factory=list, description="budgets no student of the house meets (budget, budget_ms, fastest_ms; no student is made for them), and budgets whose saved student measures over them (budget, budget_ms, measured_ratio, reason)")
     references: list[ModelEntry] = Field(default_factory=list)
     timings_s: dict[str, float]
     data: dict[str, Any] = Field(default_factory=dict, description="source, image counts, labelled, skipped images")
@@ -133,7 +139,7 @@ def summary_table(report: Report) -> Any:
     table.add_row(f"teacher {t.name}", "-", _fmt(t.params / 1e6), gf(t.flops), "-", _fmt(t.latency_ms),
                   "1.00x", _fmt(t.top1, True), _fmt(t.agreement, True), "-")
     for s in report.students:
-        budget = f"{s.budget:g}" + ("" if s.feasible else " (infeasible)")
+        budget = f"{s.budget:g}" + ("" if s.feasible else " (infeasible)") + (" (over)" if s.over_budget else "")
         table.add_row(s.name, budget, _fmt(s.params / 1e6), gf(s.flops), _fmt(s.latency_ms_predicted),
                       _fmt(s.latency_ms_measured), f"{s.speedup:.2f}x" if s.speedup else "-",
                       _fmt(s.top1, True), _fmt(s.agreement, True),

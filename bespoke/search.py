@@ -520,12 +520,19 @@ def rerank(problem: SearchProblem, solution: Solution,
             r = r.model_copy(update={"latency_ms": r.latency_ratio * problem.teacher_ms})
         ok = solution.budget_ms is None or r.latency_ms is None or r.latency_ms <= solution.budget_ms + EPS
         ok = ok and (solution.budget_ms is None or problem.feasible(ch, solution.budget_ms))
-        table.append({"chosen": list(ch), "proxy_loss": problem.loss(ch),
+        table.append({"chosen": list(ch), "choices": choice_dicts(problem, ch), "proxy_loss": problem.loss(ch),
                       "predicted_ms": problem.latency(ch), "fidelity": r.fidelity,
                       "measured_ms": r.latency_ms, "measured_ratio": r.latency_ratio, "within_budget": ok})
     pick = table[pick_scored(table)]
     meta = dict(solution.meta, reranked=table, picked=table.index(pick))
     return make_solution(problem, pick["chosen"], solution.budget_ms, meta), table
+
+
+def choice_dicts(problem: SearchProblem, chosen: Iterable[int]) -> list[dict[str, Any]]:
+    """The candidates ``chosen`` as plain dicts (segment, start, end, alternative), the form a
+    student is assembled from."""
+    return [{"segment": c.segment, "start": c.start, "end": c.end, "alternative": c.alternative}
+            for c in (problem.candidates[i] for i in sorted(chosen, key=lambda i: problem.candidates[i].start))]
 
 
 def pick_scored(rows: Sequence[Mapping[str, Any]], *, measured: str = "measured_ms",

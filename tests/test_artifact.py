@@ -158,3 +158,67 @@ def test_onnxruntime_exports_every_model_timed_together_with_one_exporter(tmp_pa
     assert (4, "torchscript") in used  # the one dynamo could export was exported again, like the other
     alone, how_alone = est.exported([make_query(wide, (1, 3, 16, 16))])
     assert how_alone == "dynamo" and "-dynamo-" in alone[0].name
+
+
+def _plan(**kw):
+    plan = {"budget": 0.8, "budget_ms": 8.0, "input_size": None, "latency_ms": 7.9, "feasible": True,
+            "choices": [{"segment": "1-3", "start": 1, "end": 3, "alternative": "a1"}],
+            "meta": {"reranked": [
+                {"chosen": [0], "choices": [{"segment": "1-3", "start": 1, "end": 3, "alternative": "a1"}],
+                 "fidelity": 0.9, "measured_ratio": 0.79, "within_budget": True},
+                {"chosen": [1], "choices": [{"segment": "4-6", "start": 4, "end": 6, "alternative": "b1"}],
+                 "fidelity": 0.85, "measured_ratio": 0.75, "within_budget": True},
+                {"chosen": [2], "choices": [{"segment": "4-6", "start": 4, "end": 6, "alternative": "b2"}],
+                 "fidelity": 0.95, "measured_ratio": 0.86, "within_budget": False},
+                {"chosen": [3], "choices": [{"segment": "7-9", "start": 7, "end": 9, "alternative": "c1"}],
+                 "fidelity": 0.88, "measured_ratio": 0.78, "within_budget": True}],
+                "picked": 0}}
+    plan.update(kw)
+    return plan
+
+
+def test_finalists_are_the_pick_then_the_others_within_budget_best_first():
+    from bespoke.stages.pick import finalists, ratio_at_pick
+
+    got = finalists(_plan())
+    assert [f["choices"][0]["alternative"] for f in got] == ["a1", "c1", "b1"]  # b2 was over its budget
+    assert ratio_at_pick(_plan()) == 0.79
+
+
+def test_a_student_over_budget_as_saved_falls_back_to_the_next_finalist_that_fits():
+    import types
+
+    from bespoke.config import RunConfig
+    from bespoke.stages.students import Made, Students
+
+    stage = Students.__new__(Students)
+    stage.cfg = RunConfig.model_validate({"search": {"pick_fallbacks": 2}})
+    stage.console = types.SimpleNamespace(print=lambda *a, **k: None)
+    measured = {"a1": 0.86, "c1": 0.84, "b1": 0.76}  # as saved; the budget is 0.8
+    made = []
+
+    def make(plan, workdir):
+        m = Made(name="student-0.8", plan=plan, workdir=workdir, after=types.SimpleNamespace(latency_ms=None))
+        made.append(plan["choices"][0]["alternative"])
+        return m
+
+    def time_students(ms):
+        for m in ms:
+            m.latency_ratio = measured[m.plan["choices"][0]["alternative"]]
+            m.latency_interval = (m.latency_ratio - 0.01, m.latency_ratio + 0.01)
+            m.budget_ratio = 0.8
+            m.over_budget = over_budget(m.latency_ratio, m.latency_interval, 0.8, 0.02)
+
+    stage.make, stage.time_students = make, time_students
+    first = make(_plan(), tmp := __import__("pathlib").Path("/nonexistent"))
+    time_students([first])
+    (kept,) = stage.hold_budgets([first])
+    assert made == ["a1", "c1", "b1"] and not kept.over_budget
+    assert kept.plan["fallback"] == 2 and kept.plan["ratio_at_pick"] == 0.75
+
+    stage.cfg = RunConfig.model_validate({"search": {"pick_fallbacks": 1}})  # c1 is over too: flagged
+    made.clear()
+    first = make(_plan(), tmp)
+    time_students([first])
+    (kept,) = stage.hold_budgets([first])
+    assert made == ["a1", "c1"] and kept.over_budget and kept.plan["choices"][0]["alternative"] == "a1"

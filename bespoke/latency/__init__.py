@@ -9,7 +9,7 @@ then corrected by a per-device :class:`Calibration`.
 
 Everything public is imported from here; the modules each hold one concern:
 
-- ``signature``: :func:`module_signature`, :func:`make_query`, :func:`count_flops`
+- ``signature``: :func:`module_signature`, :func:`make_query` (FLOPs: :mod:`bespoke.counting`)
 - ``table``: the LUT's pydantic models, :func:`read_lut` / :func:`write_lut` / :func:`parse_lut`
 - ``lut_estimator``: :class:`LutLatency`, the estimator a device plugin builds on
 - ``stats``: error summaries, per-round means, weighted least squares
@@ -40,7 +40,8 @@ from bespoke.latency.house import (
 )
 from bespoke.latency.lut_estimator import LutLatency, LutLatencyOptions, flops_model
 from bespoke.latency.measure import ProfileItem, measure_replace_one, profile_modules
-from bespoke.latency.signature import count_flops, make_query, module_signature
+from bespoke.counting import count_flops
+from bespoke.latency.signature import make_query, module_signature
 from bespoke.latency.stats import (
     ErrorSummary,
     error_summary,

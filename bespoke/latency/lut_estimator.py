@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import Field
 
 from bespoke.errors import UsageError
-from bespoke.latency.signature import count_flops
+from bespoke.counting import count_flops
 from bespoke.latency.table import LatencyTable, read_lut
 from bespoke.types import DeviceInfo, LatencyQuery, PluginOptions
 

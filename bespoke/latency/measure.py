@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from pydantic import BaseModel
 
 from bespoke.errors import UsageError
-from bespoke.latency.signature import count_flops, make_query, module_signature
+from bespoke.counting import count_flops
+from bespoke.latency.signature import make_query, module_signature
 from bespoke.latency.stats import per_round_means
 from bespoke.latency.table import LatencyTable, LutEntry, Role, SavingEntry, TeacherLatency, saving_key
 from bespoke.types import LatencyEstimator, LatencyQuery

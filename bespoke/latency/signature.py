@@ -125,20 +125,3 @@ def make_query(module: "nn.Module", input_shape: Sequence[int]) -> LatencyQuery:
     """A :class:`LatencyQuery` for ``module``, keyed by :func:`module_signature`."""
     shape = tuple(int(s) for s in input_shape)
     return LatencyQuery(key=module_signature(module, shape), input_shape=shape, module=module)
-
-
-def count_flops(module: "nn.Module", input_shape: Sequence[int]) -> float | None:
-    """Multiply-accumulate FLOPs of one forward pass (torch's FLOP counter), or None."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    try:
-        param = next(module.parameters(), None)
-        device = param.device if param is not None else "cpu"
-        x = torch.zeros(tuple(input_shape), device=device)
-        counter = FlopCounterMode(display=False)
-        with torch.inference_mode(), counter:
-            module(x)
-        return float(counter.get_total_flops())
-    except Exception:
-        return None

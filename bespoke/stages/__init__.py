@@ -25,3 +25,13 @@ def warner(console: Any) -> Callable[[str], None]:
 
 def pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def plain(choices: list[Any]) -> list[dict[str, Any]]:
+    """Search choices (objects or dicts) as the dicts a student is assembled from: ``segment``
+    (its id, ``"start-end"``), ``start``, ``end``, ``alternative``."""
+    def get(c, k):
+        return c[k] if isinstance(c, dict) else getattr(c, k)
+
+    return [{"segment": f"{get(c, 'start')}-{get(c, 'end')}", "start": int(get(c, "start")),
+             "end": int(get(c, "end")), "alternative": get(c, "alternative")} for c in choices]

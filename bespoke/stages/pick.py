@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bespoke import search as S
+from bespoke.stages import plain
 
 PICK_CACHE_BYTES = 2 << 30  # decoded pick images kept in memory, over all input sizes
 
@@ -37,7 +38,8 @@ def search_sizes(cfg: Any, stage: Any, native: Any, sized_cfgs: dict[int, Any], 
         refine_finalists(cfg, stage, feasible, rows, native.results[i].budget)
         size, pick = feasible[S.pick_scored(rows, measured="measured_ratio", predicted="predicted_ratio")]
         pick = pick.model_copy(deep=True)
-        pick.meta["input_sizes"] = [{"input_size": s, **row} for (s, _), row in zip(feasible, rows)]
+        pick.meta["input_sizes"] = [{"input_size": s, **row, "choices": plain(r.choices)}
+                                    for (s, r), row in zip(feasible, rows)]
         merged.append(pick)
         console.print(f"budget {pick.budget:g}: the student at {size} px agrees best within the budget ("
                       + ", ".join(f"{s} px {row['fidelity']:.4f}" + ("" if row["within_budget"] else " over")
@@ -117,3 +119,44 @@ class _Replay:
 
 
 __all__ = ["PICK_CACHE_BYTES", "DecodedBatches", "refine_finalists", "scored_pick", "search_sizes"]
+
+
+def finalists(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """A budget's finalists (``input_size``, ``choices``, ``fidelity``, ``measured_ratio``), the
+    pick first, then the others the pick measured within the budget, best fidelity first: where
+    the pick falls back to when the student it made measures over the budget once saved."""
+    meta = result.get("meta") or {}
+    rows = meta.get("input_sizes")
+    if rows is None:
+        rows = [{**row, "input_size": result.get("input_size")} for row in meta.get("reranked") or []]
+    first = {"input_size": result.get("input_size"), "choices": plain(result.get("choices", []))}
+    key = lambda r: (r.get("input_size"), tuple(tuple(sorted(c.items())) for c in plain(r.get("choices", []))))  # noqa: E731
+    others = sorted((r for r in rows if r.get("within_budget") and r.get("choices") is not None and key(r) != key(first)),
+                    key=lambda r: -float(r.get("fidelity", float("-inf"))))
+    seen, out = set(), []
+    for r in [first, *others]:
+        if key(r) not in seen:
+            seen.add(key(r))
+            out.append({"input_size": r.get("input_size"), "choices": plain(r["choices"]),
+                        "fidelity": r.get("fidelity"), "measured_ratio": r.get("measured_ratio")})
+    return out
+
+
+def ratio_at_pick(result: dict[str, Any]) -> float | None:
+    """The latency ratio (to the teacher at its own size) the pick measured for the student it
+    kept, or None when it measured none."""
+    meta = result.get("meta") or {}
+    for row in meta.get("input_sizes") or []:
+        if row.get("input_size") == (result.get("input_size") or row.get("input_size")) and \
+                [c.get("alternative") for c in plain(row.get("choices", []))] == \
+                [c.get("alternative") for c in plain(result.get("choices", []))]:
+            return row.get("measured_ratio")
+    table = meta.get("reranked") or []
+    if table:
+        row = table[meta.get("picked", 0)]
+        if row.get("measured_ratio") is not None:
+            return row["measured_ratio"]
+        reference = meta.get("reference_ms") or None
+        if row.get("measured_ms") is not None and reference:
+            return row["measured_ms"] / reference
+    return None

@@ -63,7 +63,10 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
             onnx=res.onnx, onnx_max_abs_diff=res.onnx_max_abs_diff, onnx_batch=res.onnx_batch,
             torch_export=res.torch_export,
             student_dir=res.student_dir, finetune_steps=m.finetune.steps, finetune_kept=m.finetune_kept,
-            input_size=m.size if m.size != stage.size else None))
+            input_size=m.size if m.size != stage.size else None,
+            latency_ratio=m.latency_ratio, latency_ratio_interval=list(m.latency_interval) if m.latency_interval else None,
+            latency_ratio_at_pick=m.ratio_at_pick, budget_ratio=m.budget_ratio, over_budget=m.over_budget,
+            fallback=r.get("fallback")))
     skipped = sorted(set(stage.split.skipped) | set(stage.house.manifest.data.get("skipped", [])))
     pred = [s.latency_ms_predicted for s in students if s.latency_ms_measured]
     meas = [s.latency_ms_measured for s in students if s.latency_ms_measured]
@@ -78,8 +81,12 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
         latency={"estimator": cfg.plugins.latency, "device": stage.latency_device.model_dump(),
                  "search_teacher_ms": found.teacher_ms,
                  "prediction_abs_rel_error": errors, "search_strategy": found.strategy},
-        unmet_budgets=[{"budget": r.budget, "budget_ms": r.budget_ms, "fastest_ms": r.fastest_ms}
-                       for r in found.results if not r.feasible],
+        unmet_budgets=[{"budget": r.budget, "budget_ms": r.budget_ms, "fastest_ms": r.fastest_ms,
+                        "reason": "no student of the house meets it"}
+                       for r in found.results if not r.feasible]
+                      + [{"budget": s.budget, "budget_ms": s.budget_ms, "measured_ratio": s.latency_ratio,
+                          "budget_ratio": s.budget_ratio, "reason": "the saved student measures over it"}
+                         for s in students if s.over_budget],
         config=cfg.model_dump(mode="json"))
     out = Path(cfg.out)
     path = write_report(report, out)

@@ -19,23 +19,15 @@ from bespoke import data as images
 from bespoke.blocks import Context
 from bespoke.distill import source_for
 from bespoke.errors import UsageError
-from bespoke.evaluate import evaluate, measure_ratios
+from bespoke.evaluate import evaluate, measure_ratios, over_budget
 from bespoke.export import export_model
 from bespoke.finetune import finetune_student, iter_batches
 from bespoke.models import load_model
 from bespoke.partition import Partition
 from bespoke.search import RealScore
-from bespoke.stages import pct, warner
-from bespoke.stages.pick import DecodedBatches
-from bespoke.student import StudentChoice, StudentRecipe, assemble, save_student
-
-
-def plain(choices: list[Any]) -> list[dict[str, Any]]:
-    """Search choices (objects or dicts) as the dicts :meth:`Students.assemble` takes."""
-    def get(c, k):
-        return c[k] if isinstance(c, dict) else getattr(c, k)
-
-    return [{"alternative": get(c, "alternative"), "start": get(c, "start"), "end": get(c, "end")} for c in choices]
+from bespoke.stages import pct, plain, warner
+from bespoke.stages.pick import DecodedBatches, finalists, ratio_at_pick
+from bespoke.student import StudentChoice, StudentRecipe, assemble, load_student, save_student
 
 
 def read_search_recipe(path: Path) -> dict[str, Any]:
@@ -57,7 +49,20 @@ class Made:
     """One fine-tuned student and what is known about it."""
 
     def __init__(self, **kw):
-        self.__dict__.update(kw)
+        # what time_students finds out, once it has timed the saved student
+        self.__dict__.update({"latency_ratio": None, "latency_interval": None, "ratio_at_pick": None,
+                              "budget_ratio": None, "over_budget": False}, **kw)
+
+
+def budget_ratio(plan: dict[str, Any], teacher_ms: float | None) -> float | None:
+    """A plan's budget as a ratio of the teacher at its own size: the budget itself when given as
+    a ratio (<= 1), else its milliseconds over the teacher's as just measured."""
+    budget = plan.get("budget")
+    if budget is None:
+        return None
+    if budget <= 1:
+        return float(budget)
+    return float(plan["budget_ms"]) / teacher_ms if teacher_ms else None
 
 
 class Students:
@@ -256,10 +261,9 @@ class Students:
                     finetune_kept=kept)
 
     def measure(self, made):
-        """End-to-end latency of the teacher, every student and every reference model with the
+        """End-to-end latency of the teacher, every reference model and every student with the
         selected estimator (a measuring one when it is a table), each timed in its own interleaved
-        call beside the teacher (``measure_ratios(pairwise=True)``), the way re-ranking timed the
-        candidates: how many models one call holds moves the ratios."""
+        call beside the teacher (:meth:`time_students`). Returns ms by name."""
         self.references = []
         models, shapes = {"teacher": self.teacher}, {"teacher": self.shape}
         for ref in self.cfg.reference_models:
@@ -267,20 +271,63 @@ class Students:
             metrics, _ = evaluate(model, ref, self.split.val, self.shape, teacher=self.teacher_pred)
             self.references.append(metrics)
             models[f"ref:{ref}"], shapes[f"ref:{ref}"] = model, self.shape
-        for m in made:
-            m.student.taps_enabled = False
-            models[m.name], shapes[m.name] = m.student, m.shape
         estimator, fallback = self._estimators()
         self.latency_device = (fallback or estimator).device()
         ms, _ = measure_ratios(models, shapes, estimator, fallback, pairwise=True)
-        for m in made:
-            m.student.taps_enabled = True
         self.teacher_metrics.latency_ms = ms["teacher"]
         for r in self.references:
             r.latency_ms = ms[f"ref:{r.name}"]
+        return {**ms, **self.time_students(made)}
+
+    def time_students(self, made):
+        """Time each student as it ships -- reloaded from its directory with
+        :func:`bespoke.load_student`, the module a user deploys -- in its own interleaved call
+        beside the teacher (``measure_ratios(pairwise=True)``), the way re-ranking and the pick
+        timed the candidates; record on each its ms, its ratio to the teacher at the teacher's own
+        size with that ratio's 95 % interval, the ratio the pick measured, and whether it is over
+        its budget (``search.budget_tolerance``). Returns ms by name."""
+        estimator, fallback = self._estimators()
+        models, shapes = {"teacher": self.teacher}, {"teacher": self.shape}
+        for m in made:
+            models[m.name], shapes[m.name] = load_student(m.student_dir).to(self.cfg.device), m.shape
+        intervals = {}
+        ms, ratios = measure_ratios(models, shapes, estimator, fallback, pairwise=True, intervals=intervals)
         for m in made:
             m.after.latency_ms = ms[m.name]
-        return ms
+            m.latency_ratio, m.latency_interval = ratios.get(m.name), intervals.get(m.name)
+            m.ratio_at_pick = m.plan.get("ratio_at_pick", ratio_at_pick(m.plan))
+            m.budget_ratio = budget_ratio(m.plan, ms.get("teacher"))
+            m.over_budget = m.budget_ratio is not None and over_budget(
+                m.latency_ratio, m.latency_interval, m.budget_ratio, self.cfg.search.budget_tolerance)
+        return {m.name: ms[m.name] for m in made}
+
+    def hold_budgets(self, made):
+        """Each saved student within its budget as timed by :meth:`time_students`, or the next of
+        its budget's finalists (:func:`bespoke.stages.pick.finalists`) that is, made in turn (up
+        to ``search.pick_fallbacks``); when none is, the first student, flagged over budget."""
+        kept = []
+        for m in made:
+            if m.over_budget and self.cfg.search.pick_fallbacks:
+                for k, alt in enumerate(finalists(m.plan)[1:1 + self.cfg.search.pick_fallbacks], start=1):
+                    self.console.print(f"{m.name}: measures {m.latency_ratio:.3f} of the teacher as saved, over "
+                                       f"its budget {m.budget_ratio:.3f}; trying the next finalist "
+                                       f"({len(alt['choices'])} replaced"
+                                       + (f" at {alt['input_size']} px" if alt["input_size"] else "") + ")",
+                                       highlight=False)
+                    plan = {**m.plan, "choices": alt["choices"], "input_size": alt["input_size"], "latency_ms": None,
+                            "ratio_at_pick": alt.get("measured_ratio"), "fallback": k}
+                    other = self.make(plan, m.workdir / f"fallback-{k}")
+                    self.time_students([other])
+                    if not other.over_budget:
+                        m = other
+                        break
+            if m.over_budget:
+                self.console.print(f"[yellow]warning:[/yellow] {m.name} measures {m.latency_ratio:.3f} of the "
+                                   f"teacher as saved, over its budget {m.budget_ratio:.3f} (listed in "
+                                   "unmet_budgets); give a larger budget, or build cheaper alternatives",
+                                   highlight=False)
+            kept.append(m)
+        return kept
 
     def export(self, m):
         with m.student.taps(False):
@@ -292,4 +339,4 @@ class Students:
         return res
 
 
-__all__ = ["Made", "Students", "plain", "read_search_recipe"]
+__all__ = ["Made", "Students", "read_search_recipe"]
