@@ -11,6 +11,7 @@ from bespoke.errors import UsageError
 from bespoke.latency.measure import ProfileItem, measure_replace_one, profile_modules
 from bespoke.latency.signature import make_query, module_signature
 from bespoke.latency.table import Calibration, LatencyTable, SavingEntry, saving_key
+from bespoke.student import deployed
 from bespoke.types import DeviceInfo, LatencyEstimator, LatencyQuery
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -82,7 +83,7 @@ def house_modules(house: Any, registry: Any, cfg: Any = None, *, batch: int = 1,
             continue
         alternatives[rec.id] = ProfileItem(rec.id, module, segments[info.id].input_shape, "alternative")
         alt_segment[rec.id] = info.id
-    teacher = ProfileItem(t.name, model, (batch, 3, size, size), "teacher")
+    teacher = ProfileItem(t.name, deployed(partition), (batch, 3, size, size), "teacher")  # as students ship
     return HouseModules(teacher, segments, alternatives, alt_segment, skipped, partition, infos)
 
 
@@ -95,8 +96,7 @@ def house_replace_one(mods: HouseModules, estimator: LatencyEstimator, *, chunk:
     if part is None or not mods.segment_infos:
         raise UsageError("replace-one savings need the house's partition (build the modules with house_modules)")
     shape = mods.teacher.input_shape
-    reference = assemble(part, [])
-    reference.taps_enabled = False
+    reference = deployed(part)
     todo = []
     for alt_id, item in mods.alternatives.items():
         seg_id = mods.alt_segment[alt_id]
@@ -187,7 +187,8 @@ def house_latencies(house: Any, partition: Any, estimator: LatencyEstimator,
         seg = at_this_size(rec.segment)
         alt_key[rec.id] = ask(load_alternative(rec), (batch, *tuple(seg.in_shape)[1:]))
         alt_segment[rec.id] = seg.id
-    teacher_key = ask(partition.model, (batch, *tuple(partition.input_shape)[1:]))
+    # the teacher as students ship (flat graph, in place), so that savings are the replacements'
+    teacher_key = ask(deployed(partition), (batch, *tuple(partition.input_shape)[1:]))
     ms = estimator.latencies(list(queries.values()))
     teacher_ms = ms[teacher_key]
     segment_ms = {k: ms[v] for k, v in seg_key.items()}

@@ -27,7 +27,7 @@ from bespoke.partition import Partition
 from bespoke.search import RealScore
 from bespoke.stages import pct, plain, warner
 from bespoke.stages.pick import DecodedBatches, finalists, ratio_at_pick
-from bespoke.student import StudentChoice, StudentRecipe, assemble, load_student, save_student
+from bespoke.student import StudentChoice, StudentRecipe, assemble, deployed, load_student, save_student
 
 
 def read_search_recipe(path: Path) -> dict[str, Any]:
@@ -76,6 +76,9 @@ class Students:
         self.shape = (1, 3, self.size, self.size)
         self.teacher = load_model(t.name, weights=t.weights or "auto").eval()
         self.partition = Partition.from_model(self.teacher, self.shape, name=t.name)
+        # what every latency ratio is of: the teacher as a student with nothing replaced (flat graph,
+        # in place), so that a ratio counts what the replacements save, not how the graph is run
+        self._deployed = {self.size: deployed(self.partition)}
         self.ctx = Context(self.partition, t.name, (3, self.size, self.size), calibration=None, seed=cfg.seed)
         self.sources = registry.block_sources(cfg)
         self.split = images.prepare(self.teacher, self.size, data=cfg.data, val_data=cfg.val_data,
@@ -100,6 +103,14 @@ class Students:
             val = self.split.val.with_transform(images.transforms_for(self.teacher, size))
             self._at[size] = Made(size=size, shape=(1, 3, size, size), partition=partition, ctx=ctx, val=val)
         return self._at[size]
+
+    def deployed(self, size=None):
+        """The teacher at input ``size`` as students ship (:func:`bespoke.student.deployed`), the
+        reference every latency ratio is timed against; made once per size."""
+        view = self.at(size)
+        if view.size not in self._deployed:
+            self._deployed[view.size] = deployed(view.partition)
+        return self._deployed[view.size].to(self.cfg.device)
 
     def assemble(self, choices, size=None):
         view = self.at(size)
@@ -144,7 +155,7 @@ class Students:
         call beside it (the median of per-round ratios: drift between rounds cancels)."""
         estimator, fallback = self._estimators()
         with student.taps(False):
-            _, ratios = measure_ratios({"teacher": self.teacher, "candidate": student},
+            _, ratios = measure_ratios({"teacher": self.deployed(), "candidate": student},
                                        {"teacher": self.shape, "candidate": view.shape}, estimator, fallback)
         return ratios.get("candidate")
 
@@ -203,7 +214,7 @@ class Students:
         each size timed in its own interleaved call beside the teacher at its own size (medians of
         per-round ratios), the way re-ranking times a candidate."""
         estimator, fallback = self._estimators()
-        models = {"teacher": self.teacher, **{f"{s}px": self.teacher for s in sizes}}
+        models = {"teacher": self.deployed(), **{f"{s}px": self.deployed(s) for s in sizes}}
         shapes = {"teacher": self.shape, **{f"{s}px": (1, 3, s, s) for s in sizes}}
         _, ratios = measure_ratios(models, shapes, estimator, fallback, pairwise=True)
         out = {}
@@ -265,12 +276,16 @@ class Students:
         selected estimator (a measuring one when it is a table), each timed in its own interleaved
         call beside the teacher (:meth:`time_students`). Returns ms by name."""
         self.references = []
-        models, shapes = {"teacher": self.teacher}, {"teacher": self.shape}
+        models, shapes = {"teacher": self.deployed()}, {"teacher": self.shape}
         for ref in self.cfg.reference_models:
             model = load_model(ref, weights="auto").eval()
             metrics, _ = evaluate(model, ref, self.split.val, self.shape, teacher=self.teacher_pred)
             self.references.append(metrics)
-            models[f"ref:{ref}"], shapes[f"ref:{ref}"] = model, self.shape
+            try:  # timed as the teacher and the students are, when fx can trace it
+                timed = deployed(model, self.shape)
+            except UsageError:
+                timed = model
+            models[f"ref:{ref}"], shapes[f"ref:{ref}"] = timed, self.shape
         estimator, fallback = self._estimators()
         self.latency_device = (fallback or estimator).device()
         ms, _ = measure_ratios(models, shapes, estimator, fallback, pairwise=True)
@@ -287,7 +302,7 @@ class Students:
         size with that ratio's 95 % interval, the ratio the pick measured, and whether it is over
         its budget (``search.budget_tolerance``). Returns ms by name."""
         estimator, fallback = self._estimators()
-        models, shapes = {"teacher": self.teacher}, {"teacher": self.shape}
+        models, shapes = {"teacher": self.deployed()}, {"teacher": self.shape}
         for m in made:
             models[m.name], shapes[m.name] = load_student(m.student_dir).to(self.cfg.device), m.shape
         intervals = {}
