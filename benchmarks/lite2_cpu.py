@@ -146,10 +146,23 @@ def main(argv=None) -> int:
         """Medians (ms) and ratios to ``reference`` (medians of per-round ratios), each model timed
         in its own interleaved call beside the reference: the budgets, the pipeline's re-ranking
         and the final table then all time a model the same way (a call of 20 models put the same
-        student 0.02 higher than a pair did)."""
-        return measure_ratios({n: m for n, (m, _) in models.items()},
+        student 0.02 higher than a pair did). Every model is timed as bespoke ships a network
+        (``bespoke.student.deployed``: flat graph, in place), the teacher and donors included,
+        so the ratios compare like with like."""
+        return measure_ratios({n: as_shipped(m, s) for n, (m, s) in models.items()},
                               {n: (1, 3, s, s) for n, (_, s) in models.items()}, estimator,
                               reference=reference, pairwise=True)
+
+    shipped: dict[tuple[int, int], torch.nn.Module] = {}
+
+    def as_shipped(model: torch.nn.Module, size: int) -> torch.nn.Module:
+        from bespoke.student import Student, deployed
+
+        if isinstance(model, Student):
+            return model
+        if (id(model), size) not in shipped:
+            shipped[(id(model), size)] = deployed(model, (1, 3, size, size))
+        return shipped[(id(model), size)]
 
     # the budgets come from this call: three times the runs, as they decide every search
     precise = registry.latency_estimator("measured-latency", {"threads": args.threads, "runs": 3 * args.runs,
@@ -240,7 +253,16 @@ def main(argv=None) -> int:
     for s in report.students:
         name = f"bespoke@{budget_names.get(s.budget, s.budget)}"
         students[name] = (load_student(s.student_dir).eval(), s)
+    # the check that what ships runs as the teacher: the teacher saved as a student, nothing replaced
+    from bespoke.partition import Partition
+    from bespoke.student import StudentRecipe, assemble, save_student
+
+    identity_dir = save_student(assemble(Partition.from_model(t_model, (1, 3, t_size, t_size), name=TEACHER), []),
+                                StudentRecipe(teacher=TEACHER, teacher_weights="packaged", input_size=(3, t_size, t_size)),
+                                out / "students" / "teacher-as-student")
+    identity = load_student(identity_dir).eval()
     every = {n: (r["model"], r["size"]) for n, r in refs.items()}
+    every["teacher-as-student"] = (identity, t_size)
     every.update({n: (m, s.input_size or t_size) for n, (m, s) in students.items()})
     every.update({n: (m, size) for n, (m, _, _, size) in baseline_models.items()})
     torch_ms, torch_ratio = measure(every, precise)
@@ -257,7 +279,7 @@ def main(argv=None) -> int:
 
     donor_at = {at_donors[0]: DONORS[0], at_donors[1]: DONORS[1]}  # the budgets set by a donor's latency
 
-    def row(name, kind, budget, m, note=""):
+    def row(name, kind, budget, m, note="", at_pick=None, in_run=None):
         versus = None
         if budget in donor_at and name in preds:  # top-1 minus the donor's, on the same images
             versus = {"donor": donor_at[budget], **paired_difference(preds[name], preds[donor_at[budget]],
@@ -265,7 +287,8 @@ def main(argv=None) -> int:
         rows.append({"name": name, "kind": kind, "budget": budget, "top1": m.top1, "agreement": m.agreement,
                      "latency_ms": torch_ms[name], "latency_ratio": torch_ratio[name],
                      "latency_ms_onnxruntime": ort_ms.get(name), "latency_ratio_onnxruntime": ort_ratio.get(name),
-                     "params": m.params, "vs_donor": versus, "note": note})
+                     "params": m.params, "vs_donor": versus, "note": note,
+                     "latency_ratio_at_pick": at_pick, "latency_ratio_in_run": in_run})
 
     row(TEACHER, "teacher", None, ref_metrics[TEACHER], f"{t_size} px")
     for d in DONORS:
@@ -273,8 +296,13 @@ def main(argv=None) -> int:
     for name, (model, s) in students.items():  # all val images, like every other row
         size = s.input_size or t_size
         m, preds[name] = evaluate(model, name, val_set(t_model, size), (1, 3, size, size), teacher=teacher_pred)
-        row(name, "student", s.budget, m, f"{size} px, {len(s.replaced)} segment(s) replaced; "
-            f"predicted {s.latency_ms_predicted:.2f} ms")
+        predicted = "" if s.latency_ms_predicted is None else f"; predicted {s.latency_ms_predicted:.2f} ms"
+        row(name, "student", s.budget, m, f"{size} px, {len(s.replaced)} segment(s) replaced{predicted}"
+            + (" (over budget as saved)" if s.over_budget else "") + (f" (finalist {s.fallback + 1})" if s.fallback else ""),
+            at_pick=s.latency_ratio_at_pick, in_run=s.latency_ratio)
+    m, preds["teacher-as-student"] = evaluate(identity, "teacher-as-student", val_set(t_model, t_size),
+                                              (1, 3, t_size, t_size), teacher=teacher_pred)
+    row("teacher-as-student", "check", None, m, "the teacher saved and loaded as a student, nothing replaced")
     for name, (_, budget, note, _) in baseline_models.items():
         row(name, "baseline", budget, baseline_metrics[name], note)
 
@@ -351,7 +379,7 @@ def print_table(rows, result, console):
     t = Table(title=f"EfficientNet-Lite2 on this CPU ({result['machine']['threads']} threads, batch 1), "
                     f"{result['date']}")
     for col in ("name", "kind", "budget", "top-1", "vs donor [95% CI]", "agreement", "ms (torch)", "ratio",
-                "ms (ORT)", "ratio (ORT)", "params (M)"):
+                "at pick", "ms (ORT)", "ratio (ORT)", "params (M)"):
         t.add_column(col)
 
     def pct(v):
@@ -365,6 +393,7 @@ def print_table(rows, result, console):
     for r in rows:
         t.add_row(r["name"], r["kind"], "-" if r["budget"] is None else f"{r['budget']:.3g}", pct(r["top1"]),
                   versus(r.get("vs_donor")), pct(r["agreement"]), f"{r['latency_ms']:.2f}", f"{r['latency_ratio']:.3f}",
+                  "-" if r.get("latency_ratio_at_pick") is None else f"{r['latency_ratio_at_pick']:.3f}",
                   "-" if r["latency_ms_onnxruntime"] is None else f"{r['latency_ms_onnxruntime']:.2f}",
                   "-" if r["latency_ratio_onnxruntime"] is None else f"{r['latency_ratio_onnxruntime']:.3f}",
                   f"{r['params'] / 1e6:.2f}")
@@ -382,7 +411,7 @@ def plot(rows, path):
 
     fig, ax = plt.subplots(figsize=(7, 5))
     styles = {"teacher": ("k", "*"), "donor": ("tab:blue", "s"), "student": ("tab:red", "o"),
-              "baseline": ("tab:gray", "x")}
+              "baseline": ("tab:gray", "x"), "check": ("tab:green", "+")}
     for r in rows:
         if r["top1"] is None:
             continue
