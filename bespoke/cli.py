@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from rich.console import Console
+from bespoke.console import make_console
 from rich.table import Table
 
 from bespoke.errors import BespokeError, UsageError
@@ -24,8 +24,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 TEACHER_HELP = "timm model name, package.module:attribute, or a checkpoint path (the config key teacher)"
 CONFIG_HELP = "YAML/TOML run configuration"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from rich.console import Console
+from bespoke.console import make_console
 
 from bespoke import data as images
 from bespoke import search as S
@@ -36,7 +36,7 @@ def build(cfg, registry, console=None):
     Rerunning on an existing house resumes (trained alternatives are kept, pending ones trained).
     Under ``torchrun`` rank 0 creates the alternatives and every rank trains its share.
     """
-    console = console or Console()
+    console = console or make_console()
     warn = warner(console)
     dist = DistEnv.from_env(cfg.device)
     try:
@@ -99,7 +99,7 @@ def profile(cfg, registry, output, console=None, size=None):
 
     This is how a vendor builds the table their device plugin ships. Returns the table.
     """
-    return profile_stage.measure(cfg, registry, Path(output), console or Console(), size=size)
+    return profile_stage.measure(cfg, registry, Path(output), console or make_console(), size=size)
 
 
 def search(cfg, registry, output, storage=None, study=None, console=None, evaluate=None, size=None,
@@ -117,7 +117,7 @@ def search(cfg, registry, output, storage=None, study=None, console=None, evalua
     ratios of the teacher at its own size, which runs ``1 / size_ratio`` times as long as at
     ``size`` (measured side by side), and ``evaluate``'s latency ratios are to it.
     """
-    console = console or Console()
+    console = console or make_console()
     output = Path(output)
     if not cfg.house:
         raise UsageError("give the model house directory (bespoke search HOUSE) or set `house` in the config")
@@ -142,7 +142,7 @@ def finetune(cfg, registry, recipe, out, console=None):
     Resumable: rerunning the same command after a kill continues from the last checkpoint in
     ``OUT/checkpoint``. Returns the saved student's directory.
     """
-    console = console or Console()
+    console = console or make_console()
     cfg = apply_preset(cfg, registry)
     plan = read_search_recipe(Path(recipe))
     root = Path(cfg.house or plan.get("house") or "")
@@ -165,7 +165,7 @@ def export(student, out, formats, console=None, dynamic_batch=False):
     safetensors form is reloaded and compared. ``dynamic_batch``: a symbolic batch axis in the
     ONNX file and the program (:mod:`bespoke.export`). Returns the
     :class:`bespoke.export.ExportResult`."""
-    console = console or Console()
+    console = console or make_console()
     formats = check_formats(formats)
     model = load_student(Path(student))
     shape = (1, *model.recipe.input_size)
@@ -194,7 +194,7 @@ def run(cfg, registry, console=None):
     Every stage resumes: the house, the latency table, the search study and each student's
     fine-tuning checkpoint are kept in ``OUT``, so rerunning after a kill picks up where it was.
     """
-    console = console or Console()
+    console = console or make_console()
     cfg = apply_preset(cfg, registry)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -187,13 +187,19 @@ def house_latencies(house: Any, partition: Any, estimator: LatencyEstimator,
         seg = at_this_size(rec.segment)
         alt_key[rec.id] = ask(load_alternative(rec), (batch, *tuple(seg.in_shape)[1:]))
         alt_segment[rec.id] = seg.id
-    # the teacher as students ship (flat graph, in place), so that savings are the replacements'
-    teacher_key = ask(deployed(partition), (batch, *tuple(partition.input_shape)[1:]))
+    # the teacher as students ship (flat graph, in place), so that savings are the replacements';
+    # a table profiled before 2026-12-03 holds the teacher's eager module instead, and answers for it
+    shape = (batch, *tuple(partition.input_shape)[1:])
+    table = getattr(estimator, "table", None)
+    teacher = deployed(partition)
+    if isinstance(table, LatencyTable) and table.get_ms(make_query(teacher, shape).key) is None \
+            and table.get_ms(make_query(partition.model, shape).key) is not None:
+        teacher = partition.model
+    teacher_key = ask(teacher, shape)
     ms = estimator.latencies(list(queries.values()))
     teacher_ms = ms[teacher_key]
     segment_ms = {k: ms[v] for k, v in seg_key.items()}
     alt_ms = {k: ms[v] for k, v in alt_key.items()}
-    table = getattr(estimator, "table", None)
     calibration = None
     if isinstance(table, LatencyTable):
         teacher_ms, alt_ms = table_latencies(table, teacher_ms, segment_ms, alt_ms, segment_key=seg_key,

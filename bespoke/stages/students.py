@@ -304,7 +304,7 @@ class Students:
         estimator, fallback = self._estimators()
         models, shapes = {"teacher": self.deployed()}, {"teacher": self.shape}
         for m in made:
-            models[m.name], shapes[m.name] = load_student(m.student_dir).to(self.cfg.device), m.shape
+            models[m.name], shapes[m.name] = load_student(m.student_dir, self.registry).to(self.cfg.device), m.shape
         intervals = {}
         ms, ratios = measure_ratios(models, shapes, estimator, fallback, pairwise=True, intervals=intervals)
         for m in made:
