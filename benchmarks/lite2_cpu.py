@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     from bespoke.files import atomic_write_text
     from bespoke.plugins import get_registry
 
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)  # a log file: whole rows
     registry = get_registry()
     t_start = time.perf_counter()
     class_list = args.data / "classes.txt"

@@ -87,6 +87,7 @@ def _queries(models: dict[str, nn.Module],
              input_shape: Sequence[int] | Mapping[str, Sequence[int]]) -> dict[str, Any]:
     """One latency query per model (in eval mode): ``input_shape`` is one shape, or one per name."""
     from bespoke.latency import make_query
+    from bespoke.types import LatencyQuery
 
     def shape_of(name):
         shape = input_shape[name] if isinstance(input_shape, Mapping) else input_shape
@@ -94,7 +95,16 @@ def _queries(models: dict[str, nn.Module],
 
     for m in models.values():
         m.eval()
-    return {name: make_query(m, shape_of(name)) for name, m in models.items()}
+    queries: dict[str, Any] = {}
+    owner: dict[str, int] = {}  # query key -> the module object that has it
+    for name, m in models.items():
+        q = make_query(m, shape_of(name))
+        if owner.setdefault(q.key, id(m)) != id(m):
+            # the same architecture as another model here, but another module (a saved student
+            # beside the network it came from): timed in its own right, not answered for the other
+            q = LatencyQuery(key=f"{q.key}@{name}", input_shape=q.input_shape, module=q.module)
+        queries[name] = q
+    return queries
 
 
 def measure_latencies(models: dict[str, nn.Module], input_shape: Sequence[int] | Mapping[str, Sequence[int]],

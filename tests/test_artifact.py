@@ -222,3 +222,12 @@ def test_a_student_over_budget_as_saved_falls_back_to_the_next_finalist_that_fit
     time_students([first])
     (kept,) = stage.hold_budgets([first])
     assert made == ["a1", "c1"] and kept.over_budget and kept.plan["choices"][0]["alternative"] == "a1"
+
+
+def test_two_modules_with_one_architecture_are_both_timed():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    twin = copy.deepcopy(net)
+    est = _Recording()
+    measure_ratios({"teacher": net, "twin": twin}, (1, 3, 16, 16), est)
+    (timed,) = est.modules
+    assert len(timed) == 2 and timed[0] is net and timed[1] is twin
