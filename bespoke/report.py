@@ -128,24 +128,42 @@ def _fmt(v: float | None, pct: bool = False, digits: int = 2) -> str:
 
 
 def summary_table(report: Report) -> Any:
+    """The run's table, narrow enough for an 80-column terminal or log file: short headers with
+    their units, no vertical rules, and a legend (:func:`summary_legend`) below it."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"bespoke run: {report.teacher.name}")
-    for col in ("model", "budget", "params (M)", "GFLOPs", "latency pred (ms)", "latency meas (ms)",
-                "speed-up", "top-1", "agreement", "replaced"):
-        table.add_column(col, justify="left" if col in ("model", "replaced") else "right")
+    table = Table(title=f"bespoke run: {report.teacher.name}", box=box.SIMPLE_HEAD, pad_edge=False,
+                  padding=(0, 1, 0, 0), show_edge=False, title_justify="left")
+    for col in ("model", "budget", "params", "pred", "ms", "ratio", "top-1", "agree", "repl"):
+        # a long model name folds onto a second line rather than being cut to "..."
+        table.add_column(col, justify="left" if col in ("model", "repl") else "right", no_wrap=col != "model",
+                         overflow="fold" if col == "model" else "ellipsis")
     t = report.teacher
-    gf = lambda f: _fmt(f / 1e9 if f else None)  # noqa: E731
-    table.add_row(f"teacher {t.name}", "-", _fmt(t.params / 1e6), gf(t.flops), "-", _fmt(t.latency_ms),
-                  "1.00x", _fmt(t.top1, True), _fmt(t.agreement, True), "-")
+    pc = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    ms = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    ratio = lambda v: f"{v / t.latency_ms:.3f}" if v and t.latency_ms else "-"  # noqa: E731
+    table.add_row("teacher", "-", f"{t.params / 1e6:.2f}", "-", ms(t.latency_ms), "1.000", pc(t.top1),
+                  pc(t.agreement), "-")
     for s in report.students:
-        budget = f"{s.budget:g}" + ("" if s.feasible else " (infeasible)") + (" (over)" if s.over_budget else "")
-        table.add_row(s.name, budget, _fmt(s.params / 1e6), gf(s.flops), _fmt(s.latency_ms_predicted),
-                      _fmt(s.latency_ms_measured), f"{s.speedup:.2f}x" if s.speedup else "-",
-                      _fmt(s.top1, True), _fmt(s.agreement, True),
-                      str(len(s.replaced)) + (f" @ {s.input_size} px" if s.input_size else ""))
+        budget = f"{s.budget:g}" + ("" if s.feasible else "!") + ("*" if s.over_budget else "")
+        measured = f"{s.latency_ratio:.3f}" if s.latency_ratio is not None else ratio(s.latency_ms_measured)
+        table.add_row(s.name, budget, f"{s.params / 1e6:.2f}", ms(s.latency_ms_predicted), ms(s.latency_ms_measured),
+                      measured, pc(s.top1), pc(s.agreement),
+                      str(len(s.replaced)) + (f"@{s.input_size}px" if s.input_size else ""))
     for r in report.references:
-        speed = f"{t.latency_ms / r.latency_ms:.2f}x" if r.latency_ms and t.latency_ms else "-"
-        table.add_row(f"reference {r.name}", "-", _fmt(r.params / 1e6), gf(r.flops), "-", _fmt(r.latency_ms),
-                      speed, _fmt(r.top1, True), _fmt(r.agreement, True), "-")
+        table.add_row(r.name, "-", f"{r.params / 1e6:.2f}", "-", ms(r.latency_ms), ratio(r.latency_ms), pc(r.top1),
+                      pc(r.agreement), "-")
     return table
+
+
+def summary_legend(report: Report) -> str:
+    """One line under :func:`summary_table` that says what its columns mean."""
+    marks = []
+    if any(not s.feasible for s in report.students):
+        marks.append("! no student of the house meets the budget")
+    if any(s.over_budget for s in report.students):
+        marks.append("* measured over its budget as saved (report.json: unmet_budgets)")
+    return ("params: millions; budget and ratio: latency over the teacher's; pred: the search's "
+            "predicted ms; ms: measured, batch 1; top-1 and agree (with the teacher's top-1): % of "
+            "held-out images; repl: segments replaced (@ input size)" + "".join(f"; {m}" for m in marks))

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from bespoke import __version__
-from bespoke.report import ModelEntry, Report, StudentEntry, pareto_plot, summary_table, write_report
+from bespoke.report import (ModelEntry, Report, StudentEntry, pareto_plot, summary_legend, summary_table,
+                            write_report)
 
 
 class Clock:
@@ -94,6 +95,7 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
     report.timings_s = clock.total()
     write_report(report, out)
     stage.console.print(summary_table(report))
+    stage.console.print(summary_legend(report), highlight=False)
     if skipped:
         stage.console.print(f"[yellow]{len(skipped)} image(s) failed to decode and were skipped[/yellow]")
     stage.console.print(f"wrote {path}" + (f" and {plot}" if plot else "")
