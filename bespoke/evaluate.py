@@ -248,14 +248,12 @@ def median_interval(values: Sequence[float], confidence: float = 0.95, resamples
 
 def over_budget(ratio: float | None, interval: tuple[float, float] | None, budget: float,
                 tolerance: float = 0.0) -> bool:
-    """Whether a model measured at ``ratio`` (95 % ``interval``) is over ``budget`` by more than
-    the measured noise: its whole interval lies above the budget, and so does ``ratio`` by more
-    than ``tolerance`` (a relative margin). Without an interval, ``ratio`` alone decides."""
-    if ratio is None:
+    """Whether a model measured at ``ratio`` (95 % ``interval``) is over ``budget``: by more than
+    ``tolerance`` (a relative margin), or above it by more than the measured noise (its whole
+    interval above the budget)."""
+    if ratio is None or ratio <= budget:
         return False
-    if ratio <= budget * (1.0 + tolerance):
-        return False
-    return interval is None or interval[0] > budget
+    return ratio > budget * (1.0 + tolerance) or (interval is not None and interval[0] > budget)
 
 
 @dataclass
