@@ -56,3 +56,25 @@ def test_bespoke_run_preset_tiny_runs_every_stage(tmp_path):
         assert stage in report["timings_s"], stage
     for product in ("house", "latency.json", "search.json", "pareto.png"):
         assert (out / product).exists(), product
+
+
+def test_a_student_over_budget_as_saved_is_replaced_by_the_next_finalist_in_the_report(tmp_path, monkeypatch):
+    """The whole run on the tiny preset, with the first saved student judged over its budget:
+    the next finalist is made, timed and reported (no prediction of its own)."""
+    from bespoke import pipeline
+    from bespoke.config import load_config
+    from bespoke.plugins import get_registry
+    from bespoke.stages import students as stage
+
+    verdicts = iter([True])
+    monkeypatch.setattr(stage, "over_budget", lambda *a, **k: next(verdicts, False))
+    cfg = load_config(None, {"preset": "tiny", "out": str(tmp_path / "out"), "budgets": [0.95],
+                             "search": {"rerank_top_k": 3}})
+    report = pipeline.run(cfg, get_registry())
+    (s,) = report.students
+    if s.fallback is None:  # the pick had no other finalist within the budget: flagged instead
+        assert s.over_budget and report.unmet_budgets[-1]["reason"] == "the saved student measures over it"
+    else:
+        assert s.fallback == 1 and not s.over_budget and s.latency_ms_predicted is None
+        assert "fallback-1" in s.student_dir and not report.unmet_budgets
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["students"][0]["fallback"] == s.fallback

@@ -69,9 +69,9 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
             latency_ratio_at_pick=m.ratio_at_pick, budget_ratio=m.budget_ratio, over_budget=m.over_budget,
             fallback=r.get("fallback")))
     skipped = sorted(set(stage.split.skipped) | set(stage.house.manifest.data.get("skipped", [])))
-    pred = [s.latency_ms_predicted for s in students if s.latency_ms_measured]
-    meas = [s.latency_ms_measured for s in students if s.latency_ms_measured]
-    errors = [abs(p - q) / q for p, q in zip(pred, meas)]
+    # a fallback student (search.pick_fallbacks) has no prediction of its own
+    errors = [abs(s.latency_ms_predicted - s.latency_ms_measured) / s.latency_ms_measured for s in students
+              if s.latency_ms_measured and s.latency_ms_predicted is not None]
     report = Report(
         bespoke_version=__version__, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         teacher=teacher, students=students, references=[entry(r) for r in stage.references],
