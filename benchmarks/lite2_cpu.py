@@ -85,6 +85,10 @@ def parse_args(argv=None):
     p.add_argument("--rerank-top-k", type=int, default=4, help="proxy candidates per budget assembled and scored for real")
     p.add_argument("--trials", type=int, default=200, help="Optuna trials per search / random samples")
     p.add_argument("--runs", type=int, default=30, help="timed runs per model in latency measurements")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="the budgets and the final table time each model beside the teacher in this many separate "
+                        "calls of --runs runs and take the median, as the run's budget check does "
+                        "(search.check_repeats) and the pick does (1 + --pick-remeasure calls)")
     p.add_argument("--proxy-images", type=int, default=100,
                    help="val images the search's replace-one proxy uses (all 300 are used for the table)")
     p.add_argument("--input-sizes", type=int, nargs="*", default=[240, 224, 208, 192],
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
         so the ratios compare like with like."""
         return measure_ratios({n: as_shipped(m, s) for n, (m, s) in models.items()},
                               {n: (1, 3, s, s) for n, (_, s) in models.items()}, estimator,
-                              reference=reference, pairwise=True)
+                              reference=reference, pairwise=True, repeats=args.repeats)
 
     shipped: dict[tuple[int, int], torch.nn.Module] = {}
 
@@ -164,10 +168,9 @@ def main(argv=None) -> int:
             shipped[(id(model), size)] = deployed(model, (1, 3, size, size))
         return shipped[(id(model), size)]
 
-    # the budgets come from this call: three times the runs, as they decide every search
-    precise = registry.latency_estimator("measured-latency", {"threads": args.threads, "runs": 3 * args.runs,
-                                                              "warmup": 5})
-    ref_ms, ratios = measure({n: (r["model"], r["size"]) for n, r in refs.items()}, precise)
+    # the budgets, the pick, the run's budget check and the final table all time a model the same
+    # way: --repeats separate pairwise calls of --runs runs beside the teacher, the median ratio
+    ref_ms, ratios = measure({n: (r["model"], r["size"]) for n, r in refs.items()})
     console.print(f"reference latencies (ms): {ref_ms}; ratios {ratios}")
 
     def val_set(model, size):
@@ -205,7 +208,8 @@ def main(argv=None) -> int:
                   "calibration_images": args.calibration_images,
                   "validation_images": args.proxy_images, "augment": True},
         "search": {"proxy": args.proxy, "rerank_top_k": args.rerank_top_k, "input_sizes": args.input_sizes,
-                   "pick_train_images": args.pick_train_images, "pick_remeasure": args.pick_remeasure},
+                   "pick_train_images": args.pick_train_images, "pick_remeasure": args.pick_remeasure,
+                   "check_repeats": args.repeats},
         "finetune": finetune_settings(args),
     }
     cfg = RunConfig.model_validate(base)
@@ -265,8 +269,8 @@ def main(argv=None) -> int:
     every["teacher-as-student"] = (identity, t_size)
     every.update({n: (m, s.input_size or t_size) for n, (m, s) in students.items()})
     every.update({n: (m, size) for n, (m, _, _, size) in baseline_models.items()})
-    torch_ms, torch_ratio = measure(every, precise)
-    ort = registry.latency_estimator("onnxruntime-latency", {"threads": args.threads, "runs": 3 * args.runs,
+    torch_ms, torch_ratio = measure(every)
+    ort = registry.latency_estimator("onnxruntime-latency", {"threads": args.threads, "runs": args.runs,
                                                              "warmup": 5})
     try:
         ort_ms, ort_ratio = measure(every, ort)

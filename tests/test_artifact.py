@@ -232,3 +232,27 @@ def test_two_modules_with_one_architecture_are_both_timed():
     measure_ratios({"teacher": net, "twin": twin}, (1, 3, 16, 16), est)
     (timed,) = est.modules
     assert len(timed) == 2 and timed[0] is net and timed[1] is twin
+
+
+class _Drifting:
+    """Each call answers with the student at a different ratio (0.7, 0.9, 0.8, ...): the state
+    of one call that does not average out within it."""
+
+    def __init__(self, ratios):
+        self.ratios, self.calls = list(ratios), 0
+
+    def latency_samples(self, queries):
+        r = self.ratios[self.calls % len(self.ratios)]
+        self.calls += 1
+        return {q.key: [10.0 * (1 if i == 0 else r)] * 6 for i, q in enumerate(queries)}
+
+
+def test_repeated_calls_give_the_median_and_span_the_calls():
+    nets = {"teacher": torch.nn.Conv2d(3, 4, 3), "student": torch.nn.Conv2d(3, 2, 3)}
+    est, intervals = _Drifting([0.7, 0.9, 0.8]), {}
+    ms, ratios = measure_ratios(nets, (1, 3, 16, 16), est, pairwise=True, intervals=intervals, repeats=3)
+    assert est.calls == 3
+    assert ratios["student"] == pytest.approx(0.8) and ms["student"] == pytest.approx(8.0)
+    assert intervals["student"] == (pytest.approx(0.7), pytest.approx(0.9))
+    with pytest.raises(ValueError, match="repeats"):
+        measure_ratios(nets, (1, 3, 16, 16), est, repeats=0)

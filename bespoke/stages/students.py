@@ -297,8 +297,8 @@ class Students:
     def time_students(self, made):
         """Time each student as it ships -- reloaded from its directory with
         :func:`bespoke.load_student`, the module a user deploys -- in its own interleaved call
-        beside the teacher (``measure_ratios(pairwise=True)``), the way re-ranking and the pick
-        timed the candidates; record on each its ms, its ratio to the teacher at the teacher's own
+        beside the teacher (``measure_ratios(pairwise=True)``) in ``search.check_repeats`` separate
+        calls (the median), the way the pick timed its finalists; record on each its ms, its ratio to the teacher at the teacher's own
         size with that ratio's 95 % interval, the ratio the pick measured, and whether it is over
         its budget (``search.budget_tolerance``). Returns ms by name."""
         estimator, fallback = self._estimators()
@@ -306,7 +306,8 @@ class Students:
         for m in made:
             models[m.name], shapes[m.name] = load_student(m.student_dir, self.registry).to(self.cfg.device), m.shape
         intervals = {}
-        ms, ratios = measure_ratios(models, shapes, estimator, fallback, pairwise=True, intervals=intervals)
+        ms, ratios = measure_ratios(models, shapes, estimator, fallback, pairwise=True, intervals=intervals,
+                                    repeats=self.cfg.search.check_repeats)
         for m in made:
             m.after.latency_ms = ms[m.name]
             m.latency_ratio, m.latency_interval = ratios.get(m.name), intervals.get(m.name)
