@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from bespoke.console import make_console
-from rich.table import Table
 
+from bespoke.console import make_console
+from bespoke.console import table as make_table
 from bespoke.errors import BespokeError, UsageError
 
 app = typer.Typer(
@@ -94,9 +94,8 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print a JSON lis
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table(title="bespoke plugins")
-    for col in ("name", "category", "distribution", "version", "description"):
-        table.add_column(col)
+    table = make_table("bespoke plugins", *((col, "left") for col in ("name", "category", "distribution",
+                                                                       "version", "description")))
     for r in rows:
         table.add_row(*(r[c] for c in ("name", "category", "distribution", "version", "description")))
     console.print(table)
@@ -115,9 +114,8 @@ def inspect(
     if as_json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
         return
-    table = Table(title=f"{info['model']}  input {tuple(info['input_shape'])}: {len(info['cut_points'])} cut points")
-    for col in ("index", "node", "output shape", "stride"):
-        table.add_column(col)
+    table = make_table(f"{info['model']}  input {tuple(info['input_shape'])}: {len(info['cut_points'])} cut points",
+                       "index", ("node", "left"), ("output shape", "left"), "stride")
     for cp in info["cut_points"]:
         table.add_row(str(cp["index"]), cp["name"], str(tuple(cp["shape"])), str(cp["stride"]))
     console.print(table)

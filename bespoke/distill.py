@@ -422,7 +422,9 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
     written after every bunch: to the manifest in a single process, to this rank's shard file
     under ``torchrun`` (rank 0 merges the shards at the end; see :meth:`House.merge_shards`).
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from bespoke.console import progress as make_progress
 
     dist = dist or DistEnv()
     report = DistillReport()
@@ -441,9 +443,11 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
     train_seconds = 0.0
     t_start = time.perf_counter()
     show = console is not None and dist.main
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]:.4g}"), TextColumn("{task.fields[ips]:.1f} img/s"),
-                        TimeElapsedColumn(), console=console, disable=not show, transient=False)
+    progress = make_progress(console if show else None, TextColumn("[bold]{task.description}"), BarColumn(),
+                             MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4g}"),
+                             TextColumn("{task.fields[ips]:.1f} img/s"), TimeElapsedColumn(),
+                             line="{description}: step {completed}/{total}, loss {loss:.4g}, {ips:.1f} img/s, "
+                                  "{elapsed:.0f} s")
     bunch_no = 0
     with progress:
         while queue:
@@ -530,23 +534,27 @@ def _commit(house: House, done: list[AlternativeRecord], finished: list[Alternat
             house.remove_initial(rec.id)
 
 
-def summary_table(house: House, title: str = "model house") -> Any:
-    """A rich table of every alternative: cost, status, training loss and profile."""
-    from rich.table import Table
+HOUSE_LEGEND = ("params: millions; MFLOPs: per image; loss: mean distillation loss of the last epoch; err: "
+                "held-out MSE over the variance of the teacher's activation; agree, top-1: the teacher with only "
+                "this block swapped in, % of held-out images on which it agrees with the teacher / is right")
 
-    table = Table(title=title)
-    table.add_column("alternative", overflow="fold", min_width=12)
-    for col in ("source", "params", "MFLOPs", "status", "loss", "distill err", "agree", "top-1"):
-        table.add_column(col, justify="left" if col in ("source", "status") else "right")
+
+def summary_table(house: House, title: str = "model house") -> Any:
+    """A table of every alternative: cost, status, training loss and profile (the legend,
+    :data:`HOUSE_LEGEND`, goes under it)."""
+    from bespoke.console import table as make_table
+
+    table = make_table(title, ("alternative", "left"), "params", "MFLOPs", ("status", "left"), "loss", "err",
+                       "agree", "top-1")  # an alternative's id names its segment and its source
 
     def num(v: float | None, fmt: str = "{:.3g}") -> str:
         return "-" if v is None else fmt.format(v)
 
     for a in house.manifest.alternatives:
         status = a.status if a.status != "failed" else f"failed: {(a.reason or '')[:60]}"
-        table.add_row(a.id, a.source, f"{a.params:,}", f"{a.flops / 1e6:.2f}", status,
-                      num(a.train_loss), num(a.distill_error), num(a.agreement, "{:.1%}"),
-                      num(a.top1, "{:.1%}"))
+        table.add_row(a.id, f"{a.params / 1e6:.3f}", f"{a.flops / 1e6:.1f}", status,
+                      num(a.train_loss), num(a.distill_error), num(a.agreement and 100 * a.agreement, "{:.1f}"),
+                      num(a.top1 and 100 * a.top1, "{:.1f}"))
     return table
 
 

@@ -269,6 +269,36 @@ def _own_weights(models: dict[str, nn.Module], reference: str) -> dict[str, nn.M
     return {name: out[name] for name in models}
 
 
+def proportion_interval(fraction: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (95 % by default) of a proportion ``fraction`` seen on ``n`` items:
+    what an agreement on a handful of images can and cannot say (1 of 7 images: 2.6-51 %)."""
+    import math
+
+    if n <= 0:
+        return (0.0, 1.0)
+    centre = (fraction + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(fraction * (1 - fraction) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def usability(agreement: float | None, images: int, threshold: float) -> tuple[bool | None, str | None]:
+    """Whether a student that agrees with the teacher on ``agreement`` of ``images`` held-out
+    images is worth keeping at ``threshold``: ``(False, why)`` when its whole 95 % interval is
+    below the threshold, ``(None, why)`` when the images are too few to tell either way,
+    ``(True, None)`` otherwise."""
+    if agreement is None or images <= 0:
+        return None, "no held-out images: its agreement with the teacher is unknown; give val_data"
+    lo, hi = proportion_interval(agreement, images)
+    said = f"agrees with the teacher on {100 * agreement:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] of {images} held-out images"
+    if hi < threshold:
+        return False, (f"{said}, surely below {100 * threshold:.0f} %: not worth keeping. Distil on more images "
+                       "(--data DIR, a few thousand photos) or give a larger budget")
+    if lo < threshold:
+        return None, (f"{said}: too few images to tell whether it reaches {100 * threshold:.0f} %; "
+                      "judge it on more held-out images (val_data)")
+    return True, None
+
+
 def median_interval(values: Sequence[float], confidence: float = 0.95, resamples: int = 2000,
                     seed: int = 0) -> tuple[float, float]:
     """Bootstrap interval of the median of ``values`` (fixed seed: the same runs give the same

@@ -511,24 +511,13 @@ class _Prefix:
         return self.dataset[i]
 
 
-class _NullProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-    def __bool__(self):
-        return False
-
-
 def _progress(console: Any) -> Any:
-    if console is None:
-        return _NullProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), console=console, transient=False)
+    from bespoke.console import progress
+
+    return progress(console, TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), line="  {description}: step {completed}/{total}, {elapsed:.0f} s")
 
 
 def untie(student: nn.Module, teacher: nn.Module) -> nn.Module:

@@ -38,6 +38,7 @@ def build(cfg, registry, console=None):
     """
     console = console or make_console()
     warn = warner(console)
+    registry.preflight(cfg, ("block-source", "distill-loss"))  # a bad option fails here, in seconds
     dist = DistEnv.from_env(cfg.device)
     try:
         if cfg.threads:
@@ -196,6 +197,7 @@ def run(cfg, registry, console=None):
     """
     console = console or make_console()
     cfg = apply_preset(cfg, registry)
+    registry.preflight(cfg)  # every plugin option and file it names, before anything is built or written
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"house": cfg.house or str(out / "house")})

@@ -210,6 +210,23 @@ class Registry:
                                    f"(it has no `{key}` option)")
         return CheckedStrategy(self.instantiate(name, options, category="search"), name)
 
+    def preflight(self, cfg: Any, kinds: Sequence[str] = ("block-source", "distill-loss", "latency", "search"),
+                  ) -> None:
+        """Make every plugin of ``kinds`` that ``cfg`` selects once, before any work (the
+        stages make them again; the warnings are theirs). Their options are validated and every
+        file an option names is read (a latency table's path), so a wrong one is a
+        :class:`UsageError` within seconds, not after a build of minutes."""
+        quiet = lambda _message: None  # noqa: E731
+        if "block-source" in kinds:
+            self.block_sources(cfg, warn=quiet)
+        if "distill-loss" in kinds:
+            self.distill_loss(cfg.plugins.distill_loss, cfg.plugin_options.get(cfg.plugins.distill_loss))
+        if "latency" in kinds:
+            self.latency_estimator(cfg.plugins.latency, cfg.plugin_options.get(cfg.plugins.latency),
+                                   threads=cfg.threads, warn=quiet)
+        if "search" in kinds:
+            self.search_strategy(cfg.plugins.search, cfg.plugin_options.get(cfg.plugins.search))
+
     def has(self, name: str, category: str | None = None) -> bool:
         """Whether plugin ``name`` (of ``category``) is installed (a contested name too: using it
         is the error that names both claimants)."""

@@ -54,6 +54,10 @@ class StudentEntry(BaseModel):
     budget_ratio: float | None = Field(None, description="the budget as a ratio of the teacher at its own size")
     over_budget: bool = Field(False, description="true: the saved student measures over its budget by more than search.budget_tolerance or the measured noise (listed in unmet_budgets)")
     fallback: int | None = Field(None, description="n: the budget's pick measured over budget as saved, and this is its n-th other finalist (search.pick_fallbacks)")
+    images: int = Field(0, description="held-out images top1 and agreement were measured on")
+    agreement_interval: list[float] | None = Field(None, description="95 % (Wilson) interval of agreement over those images")
+    usable: bool | None = Field(None, description="true: its agreement with the teacher is not surely below search.usable_agreement; false: it is (not worth keeping, see usable_note); null: too few held-out images to tell")
+    usable_note: str | None = Field(None, description="why a student is unusable or unproven, and what to do")
 
 
 class Report(BaseModel):
@@ -130,15 +134,10 @@ def _fmt(v: float | None, pct: bool = False, digits: int = 2) -> str:
 def summary_table(report: Report) -> Any:
     """The run's table, narrow enough for an 80-column terminal or log file: short headers with
     their units, no vertical rules, and a legend (:func:`summary_legend`) below it."""
-    from rich import box
-    from rich.table import Table
+    from bespoke.console import table as make_table
 
-    table = Table(title=f"bespoke run: {report.teacher.name}", box=box.SIMPLE_HEAD, pad_edge=False,
-                  padding=(0, 1, 0, 0), show_edge=False, title_justify="left")
-    for col in ("model", "budget", "params", "pred", "ms", "ratio", "top-1", "agree", "repl"):
-        # a long model name folds onto a second line rather than being cut to "..."
-        table.add_column(col, justify="left" if col in ("model", "repl") else "right", no_wrap=col != "model",
-                         overflow="fold" if col == "model" else "ellipsis")
+    table = make_table(f"bespoke run: {report.teacher.name}", ("model", "left"), "budget", "params", "pred", "ms",
+                       "ratio", "top-1", "agree", ("repl", "left"))
     t = report.teacher
     pc = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
     ms = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
@@ -148,7 +147,8 @@ def summary_table(report: Report) -> Any:
     for s in report.students:
         budget = f"{s.budget:g}" + ("" if s.feasible else "!") + ("*" if s.over_budget else "")
         measured = f"{s.latency_ratio:.3f}" if s.latency_ratio is not None else ratio(s.latency_ms_measured)
-        table.add_row(s.name, budget, f"{s.params / 1e6:.2f}", ms(s.latency_ms_predicted), ms(s.latency_ms_measured),
+        name = s.name + {False: " (unusable)", None: " (unproven)"}.get(s.usable, "")
+        table.add_row(name, budget, f"{s.params / 1e6:.2f}", ms(s.latency_ms_predicted), ms(s.latency_ms_measured),
                       measured, pc(s.top1), pc(s.agreement),
                       str(len(s.replaced)) + (f"@{s.input_size}px" if s.input_size else ""))
     for r in report.references:

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from bespoke.errors import UsageError
 from bespoke.search_report import (SEARCH_SCHEMA_VERSION, BudgetResult, ChoiceRecord,  # noqa: F401 (re-exported)
-                                   FrontPoint, SearchReport, make_report, read_report, report_table,
+                                   FrontPoint, SearchReport, make_report, read_report, report_table, SEARCH_LEGEND,
                                    write_report)
 from bespoke.types import Candidate, SearchProblem, Solution
 

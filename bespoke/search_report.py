@@ -122,12 +122,11 @@ def read_report(path: str | Path) -> SearchReport:
 
 
 def report_table(report: SearchReport):
-    """A rich table of the picks, one row per budget."""
-    from rich.table import Table
+    """A table of the picks, one row per budget; :data:`SEARCH_LEGEND` says what its columns mean."""
+    from bespoke.console import table as make_table
 
-    t = Table(title=f"search: {report.strategy} (teacher {report.teacher_ms:.2f} ms, proxy {report.proxy})")
-    for col in ("budget", "budget ms", "latency ms", "speedup", "proxy loss", "pairs", "feasible"):
-        t.add_column(col, justify="right")
+    t = make_table(f"search: {report.strategy} (teacher {report.teacher_ms:.2f} ms, proxy {report.proxy})",
+                   "budget", "budget ms", "ms", "speedup", "loss", "repl", ("fits", "left"))
     for r in report.results:
         feas = "yes" if r.feasible else f"[red]no[/red] (fastest {r.fastest_ms:.2f} ms)"
         t.add_row(f"{r.budget:g}", f"{r.budget_ms:.2f}", f"{r.latency_ms:.2f}", f"{r.speedup:.2f}x",
@@ -135,5 +134,9 @@ def report_table(report: SearchReport):
     return t
 
 
+SEARCH_LEGEND = ("ms: the pick's predicted latency; speedup: the teacher's ms over it; loss: the proxy loss "
+                 "of the pick; repl: segments replaced; fits: within the budget")
+
+
 __all__ = ["BudgetResult", "ChoiceRecord", "FrontPoint", "SEARCH_SCHEMA_VERSION", "SearchReport", "make_report",
-           "read_report", "report_table", "write_report"]
+           "read_report", "report_table", "SEARCH_LEGEND", "write_report"]

@@ -111,3 +111,31 @@ def test_cli_input_sizes_flag_is_parsed_and_checked(cli, tmp_path):
     assert res.returncode == 2 and "whole pixel sizes" in res.stderr and "Traceback" not in res.stderr
     res = cli("run", "--input-sizes", "8", "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "search.input_sizes" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_corrupt_latency_table_fails_before_anything_is_built(tmp_path, cli):
+    lut = tmp_path / "board.lut.json"
+    lut.write_text('{"device": {"name": "board"}, "entries": [')  # cut short
+    y = tmp_path / "run.yaml"
+    y.write_text(f"out: {tmp_path / 'out'}\nplugins:\n  latency: lut-latency\n"
+                 f"plugin_options:\n  lut-latency:\n    path: {lut}\n")
+    res = cli("run", str(y))
+    assert res.returncode == 2, res.stderr
+    assert str(lut) in res.stderr.replace("\n", "") and "Traceback" not in res.stderr
+    assert not (tmp_path / "out" / "house").exists()  # it failed before the build began
+
+
+def test_preflight_makes_each_selected_plugin_once(tmp_path):
+    from bespoke.config import RunConfig
+    from bespoke.errors import UsageError
+    from bespoke.plugins import get_registry
+
+    registry = get_registry()
+    cfg = RunConfig.model_validate({"plugins": {"latency": "lut-latency"},
+                                    "plugin_options": {"lut-latency": {"path": str(tmp_path / "missing.json")}}})
+    with pytest.raises(UsageError, match="missing.json"):
+        registry.preflight(cfg)
+    registry.preflight(cfg, ("block-source", "distill-loss"))  # a build needs no table
+    bad = RunConfig.model_validate({"plugin_options": {"optuna": {"n_trials": -1}}})
+    with pytest.raises(UsageError, match="n_trials"):
+        registry.preflight(bad)

@@ -10,7 +10,7 @@ from typing import Any
 
 from bespoke import data as images
 from bespoke.counting import count_flops, count_params
-from bespoke.distill import summary_table, teacher_top1
+from bespoke.distill import HOUSE_LEGEND, summary_table, teacher_top1
 from bespoke.errors import UsageError
 from bespoke.house import House, TeacherInfo
 from bespoke.models import default_input_size, load_model
@@ -126,6 +126,7 @@ def summarise(house: House, root: Path, split: Any, report: Any, console: Any) -
         house.manifest.data["skipped"] = sorted(set(house.manifest.data.get("skipped", [])) | set(skipped))
         house.save()
     console.print(summary_table(house, title=f"model house {root}"))
+    console.print(HOUSE_LEGEND, highlight=False)
     counts = {s: len(house.by_status(s)) for s in ("trained", "failed", "pending")}
     console.print(f"{counts['trained']} trained, {counts['failed']} failed, {counts['pending']} pending"
                   + (f"; {report.images_per_second:.1f} images/s" if report.images_per_second else ""))

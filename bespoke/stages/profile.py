@@ -12,8 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from rich.table import Table
-
+from bespoke.console import table as make_table
 from bespoke.errors import UsageError
 from bespoke.house import House
 from bespoke.latency import module_signature, profile_house, read_lut, recalibrate_lut, write_lut
@@ -54,15 +53,14 @@ def measure(cfg: Any, registry: Any, output: Path, console: Any, size: int | Non
     return table
 
 
-def summary_table(table: Any, mods: Any, device: Any) -> Table:
+def summary_table(table: Any, mods: Any, device: Any) -> Any:
     """Per segment: the teacher's latency, how many alternatives, the fastest of them."""
 
     def ms(item):
         return table.get_ms(module_signature(item.module, item.input_shape))
 
-    summary = Table(title=f"latency on {device.name} ({device.runtime})")
-    for col in ("segment", "teacher ms", "alternatives", "fastest alternative", "ms"):
-        summary.add_column(col)
+    summary = make_table(f"latency on {device.name} ({device.runtime})", ("segment", "left"), "teacher ms",
+                         "alts", ("fastest alternative", "left"), "ms")
     for seg_id, item in mods.segments.items():
         alts = [(ms(mods.alternatives[a]), a) for a, s in mods.alt_segment.items() if s == seg_id]
         best = min(alts) if alts else (None, "-")

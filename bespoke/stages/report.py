@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bespoke import __version__
+from bespoke.evaluate import proportion_interval, usability
 from bespoke.report import (ModelEntry, Report, StudentEntry, pareto_plot, summary_legend, summary_table,
                             write_report)
 
@@ -50,6 +51,7 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
     students = []
     for m, res in zip(made, exports):
         r, a = m.plan, m.after
+        usable, note = usability(a.agreement, a.images, cfg.search.usable_agreement)
         alts = {rec.id: rec for rec in stage.house.manifest.alternatives}
         students.append(StudentEntry(
             budget=r["budget"], budget_ms=r["budget_ms"], name=m.name, params=a.params, flops=a.flops,
@@ -67,7 +69,9 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
             input_size=m.size if m.size != stage.size else None,
             latency_ratio=m.latency_ratio, latency_ratio_interval=list(m.latency_interval) if m.latency_interval else None,
             latency_ratio_at_pick=m.ratio_at_pick, budget_ratio=m.budget_ratio, over_budget=m.over_budget,
-            fallback=r.get("fallback")))
+            fallback=r.get("fallback"), images=a.images, usable=usable, usable_note=note,
+            agreement_interval=list(proportion_interval(a.agreement, a.images))
+            if a.agreement is not None and a.images else None))
     skipped = sorted(set(stage.split.skipped) | set(stage.house.manifest.data.get("skipped", [])))
     # a fallback student (search.pick_fallbacks) has no prediction of its own
     errors = [abs(s.latency_ms_predicted - s.latency_ms_measured) / s.latency_ms_measured for s in students
@@ -98,9 +102,28 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
     stage.console.print(summary_legend(report), highlight=False)
     if skipped:
         stage.console.print(f"[yellow]{len(skipped)} image(s) failed to decode and were skipped[/yellow]")
+    for s in students:
+        if s.usable_note:
+            stage.console.print(("[yellow]warning:[/yellow] " if s.usable is False else "note: ")
+                                + f"{s.name} {s.usable_note}", highlight=False)
+    stage.console.print(data_line(len(stage.split.train), len(stage.split.val)), highlight=False)
     stage.console.print(f"wrote {path}" + (f" and {plot}" if plot else "")
                         + f" in {report.timings_s['total']:.0f} s", highlight=False)
     return report
 
 
-__all__ = ["Clock", "write_run_report"]
+FEW_IMAGES = 300  # below this many training images, block distillation and fine-tuning overfit
+
+
+def data_line(train: int, held_out: int) -> str:
+    """What the run's images allow, in one line under its table."""
+    lo, hi = proportion_interval(0.5, held_out) if held_out else (0.0, 1.0)
+    line = (f"images: {train} to distil and fine-tune on, {held_out} held out to judge by"
+            + (f" (an agreement on them is +-{50 * (hi - lo):.0f} points at 95 %)" if held_out else ""))
+    if train < FEW_IMAGES:
+        line += (f"; fewer than {FEW_IMAGES} training images: the students are a demonstration of the pipeline, "
+                 "not ones to deploy; give --data DIR with a few thousand photos of your task")
+    return line
+
+
+__all__ = ["Clock", "FEW_IMAGES", "data_line", "write_run_report"]

@@ -101,6 +101,7 @@ def write_report(cfg: Any, problem: Any, solutions: list[Any], output: Path, con
             r.speedup = reference_ms / r.latency_ms if r.latency_ms > 0 else r.speedup
     written = S.write_report(report, output)
     console.print(S.report_table(report))
+    console.print(S.SEARCH_LEGEND, highlight=False)
     for r in report.results:
         if not r.feasible:
             console.print(f"[red]budget {r.budget:g} ({r.budget_ms:.2f} ms) cannot be met:[/red] the fastest "
