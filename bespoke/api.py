@@ -30,7 +30,7 @@ stable; the stage modules behind it (``bespoke.search``, ``bespoke.blocks``, ...
 from __future__ import annotations
 
 from bespoke.blocks import (count_parameters, fit_linear_adapter, identity_adapter, linear_adapter,
-                            observe_inputs, run_batched)
+                            observe_inputs, refit_pointwise, run_batched)
 from bespoke.config import RunConfig
 from bespoke.errors import BespokeError, UsageError
 from bespoke.hookspecs import hookimpl
@@ -48,6 +48,7 @@ __all__ = [
     # block sources
     "BlockSource", "BlockContext", "SegmentInfo", "AlternativeSpec",
     "count_parameters", "fit_linear_adapter", "identity_adapter", "linear_adapter", "observe_inputs",
+    "refit_pointwise",
     "run_batched",
     # distillation losses
     "DistillLoss",

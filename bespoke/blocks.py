@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from bespoke.counting import count_flops
 from bespoke.counting import count_params as count_parameters
@@ -181,6 +182,115 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 2:
         return t
     raise ValueError(f"cannot fit a channel adapter on a tensor of shape {tuple(t.shape)}")
+
+
+def _pointwise(layer: nn.Module) -> bool:
+    """A layer :func:`refit_pointwise` can solve for: linear, or a dense (ungrouped) conv with zero
+    padding whose unfolded inputs stay few enough to solve for (at most 4,608 per output)."""
+    if isinstance(layer, nn.Linear):
+        return True
+    return (isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.padding_mode == "zeros"
+            and isinstance(layer.padding, tuple)
+            and layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1] <= 4608)
+
+
+def _input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as rows of what each output position sees: unfolded patches for a conv."""
+    if isinstance(layer, nn.Conv2d) and (layer.kernel_size != (1, 1) or layer.stride != (1, 1)):
+        cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return _as_rows(x)
+
+
+def refit_pointwise(module: nn.Module, reference: nn.Module, x: torch.Tensor, *, ridge: float = 1e-3,
+                    batch_size: int = 16) -> list[str]:
+    """Least-squares reconstruction of a narrowed copy of ``reference`` (ThiNet, Luo et al. 2017;
+    few-sample compression as in Li et al., CVPR 2020): every linear layer or dense convolution of
+    ``module`` (any kernel, on unfolded patches) that takes fewer input channels than the layer of the same name in ``reference``
+    and gives as many outputs gets the weights (and bias, when it has one) that best reproduce
+    the reference layer's output on inputs ``x`` -- its own input computed by ``module``, the
+    target by ``reference``. Layers are refitted in the order they run, each on the inputs the
+    layers refitted before it produce, so later ones absorb earlier errors. Normal equations in
+    float64, ``ridge`` relative to the inputs' mean energy. Returns the names refitted (in place).
+    """
+    ref_layers = dict(reference.named_modules())
+    names = [n for n, m in module.named_modules()
+             if _pointwise(m) and _pointwise(ref_layers.get(n, nn.Identity()))
+             and _in_out(m)[1] == _in_out(ref_layers[n])[1] and _in_out(m)[0] < _in_out(ref_layers[n])[0]]
+    if not names:
+        return []
+    order: list[str] = []
+    layers = dict(module.named_modules())
+    handles = [layers[n].register_forward_pre_hook(lambda m, a, n=n: order.append(n) if n not in order else None)
+               for n in names]
+    try:
+        with torch.no_grad():
+            module(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    targets: dict[str, list[torch.Tensor]] = {n: [] for n in order}
+
+    def keep_output(name):
+        return lambda _m, _a, out: targets[name].append(out.detach())
+
+    handles = [ref_layers[n].register_forward_hook(keep_output(n)) for n in order]
+    try:
+        with torch.no_grad():
+            for i in range(0, x.shape[0], batch_size):
+                reference(x[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    skipped: list[str] = []
+    for name in order:
+        layer = layers[name]
+        c_out = _in_out(layer)[1]
+        c_in = layer.weight[0].numel()  # what one output sees: channels x kernel positions
+        bias = layer.bias is not None
+        k = c_in + int(bias)
+        xtx = torch.zeros(k, k, dtype=torch.float64)
+        xty = torch.zeros(k, c_out, dtype=torch.float64)
+        chunk = iter(targets[name])
+        mismatch: list[str] = []
+
+        def accumulate(_m, inputs, _out):
+            nonlocal xtx, xty
+            xr = _input_rows(layer, inputs[0].detach()).to(torch.float64)
+            yr = _as_rows(next(chunk, torch.empty(0, c_out))).to(torch.float64)
+            if xr.shape[0] != yr.shape[0]:  # padding done outside the conv (TF "same"), or a shared layer
+                mismatch.append(name)
+                return
+            if bias:
+                xr = torch.cat([xr, torch.ones(xr.shape[0], 1, dtype=torch.float64)], dim=1)
+            xtx += xr.T @ xr
+            xty += xr.T @ yr
+
+        handle = layer.register_forward_hook(accumulate)
+        try:
+            with torch.no_grad():
+                for i in range(0, x.shape[0], batch_size):
+                    module(x[i:i + batch_size])
+        finally:
+            handle.remove()
+        if mismatch:
+            skipped.append(name)
+            continue
+        reg = torch.zeros(k, dtype=torch.float64)
+        reg[:c_in] = ridge * torch.diagonal(xtx)[:c_in].mean().clamp_min(1e-12)
+        sol = torch.linalg.solve(xtx + torch.diag(reg), xty)
+        with torch.no_grad():
+            layer.weight.copy_(sol[:c_in].T.reshape(layer.weight.shape).to(layer.weight.dtype))
+            if bias:
+                layer.bias.copy_(sol[c_in].to(layer.bias.dtype))
+        targets[name] = []  # free the reference's outputs as soon as they are used
+    return [n for n in order if n not in skipped]
+
+
+def _in_out(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    return layer.in_channels, layer.out_channels
 
 
 def fit_linear_adapter(x: torch.Tensor, y: torch.Tensor, *, ridge: float = 1e-4) -> nn.Module:

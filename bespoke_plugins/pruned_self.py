@@ -41,7 +41,7 @@ from pydantic import Field
 from torch import nn
 
 from bespoke.api import (AlternativeSpec, PluginOptions, PluginRecord, SegmentInfo, UsageError,
-                        count_parameters, hookimpl, observe_inputs)
+                        count_parameters, hookimpl, observe_inputs, refit_pointwise)
 
 NAME = "pruned-self"
 
@@ -56,7 +56,11 @@ class PrunedSelfOptions(PluginOptions):
         "round kept channel counts to a multiple of this (groups narrower than twice it, and grouped convs, are not rounded). "
         "CPU and GPU kernels work on blocks of channels, so a count off the block can run slower than the "
         "unpruned layer (docs/plugins.md has a measurement); 8 suits AVX2 CPUs; 1: no rounding"))
-    calibration_images: int = Field(32, ge=1, description="calibration images used by importance 'error'")
+    calibration_images: int = Field(32, ge=1, description="calibration images used by importance 'error' and by refit")
+    refit: bool = Field(True, description=(
+        "after pruning, refit by least squares each 1x1 conv or linear layer that lost input channels, so that it "
+        "reproduces the teacher layer's output on the calibration activations (ThiNet-style reconstruction; "
+        "closed form, no training): a far better start for distillation, and the whole fit when images are few"))
 
 
 # Dummy node types whose channel mapping Torch-Pruning can get wrong without model knowledge.
@@ -334,14 +338,17 @@ class PrunedSelf:
         importance = spec.options.get("importance", self.options.importance)
         module = self._segment_module(ctx, segment)
         example = self._example(segment)
-        x = ctx.teacher_activation(segment.start)[: self.options.calibration_images] if importance == "error" else None
+        refit = bool(spec.options.get("refit", self.options.refit))
+        wants = importance == "error" or refit
+        x = ctx.teacher_activation(segment.start)[: self.options.calibration_images] if wants else None
         try:
             plan = self.prune(module, example, ratio, importance, x, bool(spec.options.get("allow_reshape", True)))
         except UsageError:
             raise UsageError(f"pruned-self: segment {segment.id} has no prunable channel group") from None
         _check(module, segment, example)
+        refitted = refit_pointwise(module, self._segment_module(ctx, segment), x) if refit and x is not None else []
         done = spec.model_copy(update={"options": {**spec.options, "importance": importance, "pruned": plan,
-                                                   "params": count_parameters(module)}})
+                                                   "refit": refitted, "params": count_parameters(module)}})
         return module, done
 
     def rebuild(self, ctx: Any, segment: SegmentInfo, spec: AlternativeSpec) -> nn.Module:

@@ -12,7 +12,9 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGENET_SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
+IMAGENET_SAMPLE = Path(os.environ.get("BESPOKE_IMAGENET_SAMPLE") or ROOT.parent / "shared" / "data" / "imagenet-sample")
+SAMPLE_MISSING = (f"ImageNet sample not found at {IMAGENET_SAMPLE}: put its train/, val/ and classes.txt there, "
+                  "or set BESPOKE_IMAGENET_SAMPLE (CONTRIBUTING.md, 'Tests that skip')")
 
 
 def pytest_configure(config):
@@ -28,7 +30,7 @@ def pytest_configure(config):
 def imagenet_sample() -> Path:
     """The 800-image ImageNet sample beside the project; tests skip cleanly without it."""
     if not (IMAGENET_SAMPLE / "val").is_dir():
-        pytest.skip(f"ImageNet sample not found at {IMAGENET_SAMPLE}")
+        pytest.skip(SAMPLE_MISSING)
     return IMAGENET_SAMPLE
 
 

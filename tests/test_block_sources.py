@@ -442,3 +442,38 @@ def test_lite0_stage_in_lite2_keeps_accuracy(imagenet_sample):
           f"({time.time() - t0:.0f}s)")
     assert spec.options["name_matches"] == 2
     assert student_top1 >= teacher_top1 - 0.10
+
+
+def test_refit_pointwise_reconstructs_a_narrowed_layer_by_least_squares():
+    from bespoke.api import refit_pointwise
+
+    torch.manual_seed(0)
+    wide = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 1), torch.nn.ReLU(), torch.nn.Conv2d(32, 8, 1, bias=False))
+    narrow = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 1, bias=False))
+    with torch.no_grad():  # keep the first 16 hidden channels, as pruning would
+        narrow[0].weight.copy_(wide[0].weight[:16]), narrow[0].bias.copy_(wide[0].bias[:16])
+        narrow[2].weight.copy_(wide[2].weight[:, :16])
+    x, held_out = torch.randn(16, 8, 6, 6), torch.randn(16, 8, 6, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = torch.nn.functional.mse_loss(narrow(held_out), wide(held_out)).item()
+    assert refit_pointwise(narrow, wide, x) == ["2"]  # only the layer that lost inputs
+    with torch.no_grad():
+        after = torch.nn.functional.mse_loss(narrow(held_out), wide(held_out)).item()
+    assert after < 0.8 * before
+    assert refit_pointwise(wide, wide, x) == []  # nothing narrowed, nothing refitted
+
+
+@pytest.mark.parametrize("family", ["tf_efficientnet_lite0", "resnet18"])
+def test_pruned_self_refit_lowers_the_error_on_other_images(family):
+    ctx = _ctx(family, images=8)
+    seg = _middle_segment(ctx.teacher)
+    other = Context(ctx.teacher, family, ctx.teacher.input_shape[1:], calibration=example(8, seed=7), donor_weights=None)
+    x, ref = other.teacher_activation(seg.start), other.teacher_activation(seg.end)
+    errors = {}
+    for refit in (False, True):
+        src = PrunedSelf(PrunedSelfOptions(ratios=[0.5], refit=refit))
+        module, done = src.create(ctx, seg, src.propose(ctx, seg)[0])
+        assert bool(done.options["refit"]) == refit
+        with torch.no_grad():
+            errors[refit] = torch.nn.functional.mse_loss(module(x), ref).item()
+    assert errors[True] < errors[False]

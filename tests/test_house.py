@@ -13,7 +13,7 @@ from bespoke import AlternativeSpec, SegmentInfo, UsageError
 from bespoke.house import (AlternativeRecord, House, SegmentRecord, TeacherInfo, alternative_id,
                            read_manifest)
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+from conftest import IMAGENET_SAMPLE as SAMPLE, SAMPLE_MISSING  # noqa: E402
 
 
 def _house(tmp_path: Path) -> House:
@@ -205,7 +205,7 @@ def test_dataset_attribute_and_sample_photos(tmp_path, monkeypatch, tiny_model):
     assert 1 <= len(photos) <= len(data.SKIMAGE_SAMPLES) and not photos.labelled
 
 
-@pytest.mark.skipif(not SAMPLE.is_dir(), reason="ImageNet sample images not present")
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason=SAMPLE_MISSING)
 def test_imagenet_sample_labels_from_classes_txt():
     from bespoke import data
 
