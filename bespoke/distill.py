@@ -210,6 +210,10 @@ def train_bunch(partition: Any, jobs: list[Job], data: ImageSet, loss_fn: Callab
     device = torch.device(settings.device)
     needed = sorted({j.segment.start for j in jobs} | {j.segment.end for j in jobs})
     active = [j for j in jobs if j.failed is None]
+    if settings.epochs == 0:  # the block sources' own (closed-form) fits, profiled as they are
+        for j in active:
+            j.module.to(device).eval()
+        return 0
     for j in active:
         # every parameter of an alternative trains (copies of teacher pieces come frozen)
         j.module.to(device).train().requires_grad_(True)
@@ -571,8 +575,13 @@ def source_for(name: str, sources: dict[str, Any], cfg: Any, registry: Any) -> A
     return sources[name]
 
 
-def calibration_batch(data: ImageSet, count: int) -> torch.Tensor | None:
-    """The first ``count`` decodable images, preprocessed, as one tensor (or None if none)."""
+def calibration_batch(data: ImageSet, count: int, views: ImageSet | None = None, seed: int = 0) -> torch.Tensor | None:
+    """The first ``count`` decodable images, preprocessed, as one tensor (or None if none).
+    With ``views`` (the same images under a random, train-time transform) and fewer images than
+    ``count``, the rest are augmented views of them, drawn in turn with a fixed seed: the
+    closed-form fits of the few-image recipe then see many crops of each image."""
+    import random
+
     xs: list[torch.Tensor] = []
     for i in range(len(data)):
         item = data[i]
@@ -580,6 +589,20 @@ def calibration_batch(data: ImageSet, count: int) -> torch.Tensor | None:
             xs.append(item[0])
         if len(xs) >= count:
             break
+    if views is not None and xs and len(xs) < count and len(views):
+        with torch.random.fork_rng(devices=[]):
+            state = random.getstate()
+            try:
+                torch.manual_seed(seed)
+                random.seed(seed)
+                i = 0
+                while len(xs) < count and i < 4 * count:
+                    item = views[i % len(views)]
+                    if item is not None:
+                        xs.append(item[0])
+                    i += 1
+            finally:
+                random.setstate(state)
     return torch.stack(xs) if xs else None
 
 

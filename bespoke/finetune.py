@@ -176,6 +176,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], dev
         return 0
     batches = [x[0] if isinstance(x, (tuple, list)) else x for x in batches]
     seen = sum(int(x.shape[0]) for x in batches)
+    if not seen:  # nothing to estimate from (bn_recalibration_batches 0): keep what they have
+        return 0
     was_training = model.training
     try:
         if mode == "train":

@@ -50,9 +50,11 @@ def build(cfg, registry, console=None):
         # 1. The teacher, frozen, partitioned at its input size.
         teacher, partition, size, weights = build_stage.load_teacher(cfg)
 
-        # 2. Images: training, held-out, and a calibration batch for the block sources.
+        # 2. Images: training, held-out, and a calibration batch for the block sources (with few
+        # images, topped up with augmented views of them).
         split = build_stage.prepare_images(cfg, teacher, size, console, dist.main)
-        calibration = calibration_batch(images.eval_view(split, teacher, size), cfg.build.calibration_images)
+        calibration = calibration_batch(images.eval_view(split, teacher, size), cfg.build.calibration_images,
+                                        views=split.train, seed=cfg.seed)
         ctx = Context(partition, cfg.teacher, (3, size, size), calibration=calibration,
                       seed=cfg.seed, device=cfg.device)
         sources = registry.block_sources(cfg, warn=warn)
@@ -196,7 +198,7 @@ def run(cfg, registry, console=None):
     fine-tuning checkpoint are kept in ``OUT``, so rerunning after a kill picks up where it was.
     """
     console = console or make_console()
-    cfg = apply_preset(cfg, registry)
+    cfg = build_stage.few_image_recipe(apply_preset(cfg, registry), cfg, console)
     registry.preflight(cfg)  # every plugin option and file it names, before anything is built or written
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,43 @@ def prepare_images(cfg: Any, teacher: Any, size: int, console: Any, main: bool) 
     return split
 
 
+def training_images(cfg: Any) -> int:
+    """How many training images ``cfg``'s data holds (listed, not decoded; the held-out split taken
+    off as :func:`bespoke.data.prepare` takes it)."""
+    found = len(images.open_images(cfg.data, cfg.class_list))
+    if cfg.val_data:
+        return found
+    return len(images.split_indices(found, cfg.build.validation_images, cfg.seed)[0])
+
+
+FEW_IMAGE_RECIPE = {"build": {"epochs": 0}, "finetune": {"epochs": 0, "steps": 0, "bn_recalibration_batches": 0}}
+
+
+def few_image_recipe(cfg: Any, given: Any = None, console: Any = None) -> Any:
+    """``cfg`` (presets applied) with the few-image recipe (:data:`FEW_IMAGE_RECIPE`) wherever
+    ``given`` (the configuration as the user gave it, before presets) leaves the keys unset, when
+    the training images are fewer than ``build.few_images``; ``cfg`` itself otherwise, and for
+    the tiny preset (whose generated images exercise every stage). Says so in one line."""
+    limit = cfg.build.few_images
+    if not limit or cfg.preset == "tiny":
+        return cfg
+    n = training_images(cfg)
+    if n >= limit:
+        return cfg
+    given = given or cfg
+    update = {}
+    for section, values in FEW_IMAGE_RECIPE.items():
+        user_set = getattr(given, section).model_fields_set
+        update[section] = getattr(cfg, section).model_copy(
+            update={k: v for k, v in values.items() if k not in user_set})
+    b = cfg.build
+    if console is not None:
+        console.print(f"few images ({n} for training, fewer than build.few_images {limit}): alternatives are fitted in "
+                      f"closed form on {b.calibration_images} augmented views, with no distillation by SGD and no "
+                      "fine-tuning, which would overfit them", highlight=False)
+    return cfg.model_copy(update=update)
+
+
 def open_house(cfg: Any, root: Path, existing: House | None, teacher: Any, partition: Partition,
                split: Any, size: int, weights: str, console: Any) -> House:
     """The house at ``root``: ``existing`` resumed (a killed torchrun build's shards merged), or a
@@ -135,5 +172,5 @@ def summarise(house: House, root: Path, split: Any, report: Any, console: Any) -
                       + ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
 
 
-__all__ = ["draw_segments", "house_dir", "load_teacher", "note_teacher_top1", "open_house",
+__all__ = ["FEW_IMAGE_RECIPE", "draw_segments", "few_image_recipe", "house_dir", "training_images", "load_teacher", "note_teacher_top1", "open_house",
            "prepare_images", "segment_settings_changed", "summarise"]
