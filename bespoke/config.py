@@ -39,6 +39,7 @@ class BuildConfig(Strict):
     cache_activations: bool = Field(True, description="cache teacher activations at cut points after the first epoch (later epochs then replay the first epoch's augmented views)")
     calibration_images: int = Field(64, ge=1, description="images used to initialise adapters and choose channels")
     validation_images: int = Field(64, ge=0, description="held-out images for the distillation error and replace-one scores")
+    validation_views: int = Field(1, ge=1, description="count each held-out image this many times: itself and fixed crops and flips of it, the same at every input size (the few-image recipe sets 8): more inputs for the proxy scores, re-ranking and agreement when the held-out images are a handful; intervals still count distinct images")
     augment: bool = Field(False, description="timm's train-time augmentation on the training images (useful with few images)")
 
     @model_validator(mode="after")

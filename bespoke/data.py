@@ -86,6 +86,19 @@ class ImageSet(Dataset):
         return ImageSet([self.items[i] for i in indices], labelled=self.labelled,
                         source=self.source, transform=self.transform, skips=self._skips)
 
+    def views(self, k: int, seed: int = 0) -> "ImageSet":
+        """Each image ``k`` times: itself, then ``k - 1`` fixed crops (35-100 % of its area,
+        aspect 3:4 to 4:3) and flips of it, the same on every call (seeded per image and view)
+        and before this set's transform, so every input size sees the same views. Counts an
+        agreement over a handful of held-out images on more than a handful of inputs."""
+        if k <= 1:
+            return self
+        items = [item if j == 0 else _Item(f"{item.name}#view{j}", item.label,
+                                           (lambda item=item, j=j: _view(item.load(), seed * 7919 + n * 101 + j)))
+                 for n, item in enumerate(self.items) for j in range(k)]
+        return ImageSet(items, labelled=self.labelled, source=self.source, transform=self.transform,
+                        skips=self._skips)
+
     def __getitem__(self, i: int):
         item = self.items[i]
         label = item.label
@@ -110,6 +123,33 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
     if not batch:
         return None
     return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch], dtype=torch.long)
+
+
+def _view(raw: Any, seed: int) -> Any:
+    """One fixed random-resized crop (no resize: the transform does that) and flip of an image."""
+    import math
+    import random
+
+    if isinstance(raw, (tuple, list)):  # a dataset's (image, label) pair
+        return (_view(raw[0], seed), *raw[1:])
+    img = _to_pil_or_tensor(raw)
+    if isinstance(img, torch.Tensor):
+        return img
+    rng = random.Random(seed)
+    w, h = img.size
+    for _ in range(10):
+        area = w * h * rng.uniform(0.35, 1.0)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            img = img.crop((x, y, x + cw, y + ch))
+            break
+    if rng.random() < 0.5:
+        from PIL import Image
+
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
 
 
 def _to_pil_or_tensor(img: Any) -> Any:
@@ -308,6 +348,12 @@ class DataSplit:
     val: ImageSet
     labelled: bool
     source: str
+    val_views: int = 1  # each held-out image counted this many times, as fixed views of it
+
+    @property
+    def val_images(self) -> int:
+        """Distinct held-out images (``len(val)`` counts views)."""
+        return len(self.val) // self.val_views
 
     @property
     def skipped(self) -> list[str]:
@@ -316,10 +362,11 @@ class DataSplit:
 
 def prepare(model: torch.nn.Module, input_size: int, *, data: str | None, val_data: str | None = None,
             class_list: str | None = None, held_out: int = 64, augment: bool = False,
-            seed: int = 0) -> DataSplit:
+            seed: int = 0, val_views: int = 1) -> DataSplit:
     """Open the training (and held-out) images and attach the teacher's transforms.
 
     Without ``val_data`` the held-out images are split off ``data`` deterministically.
+    ``val_views``: each held-out image that many times, as fixed views (:meth:`ImageSet.views`).
     """
     train_t = transforms_for(model, input_size, augment=augment)
     eval_t = transforms_for(model, input_size, augment=False)
@@ -333,8 +380,8 @@ def prepare(model: torch.nn.Module, input_size: int, *, data: str | None, val_da
     else:
         tr, va = split_indices(len(images), held_out, seed)
         train, val = images.subset(tr), images.subset(va)
-    return DataSplit(train=train.with_transform(train_t), val=val.with_transform(eval_t),
-                     labelled=images.labelled and val.labelled, source=images.source)
+    return DataSplit(train=train.with_transform(train_t), val=val.views(val_views, seed).with_transform(eval_t),
+                     labelled=images.labelled and val.labelled, source=images.source, val_views=max(1, val_views))
 
 
 def eval_view(split: DataSplit, model: torch.nn.Module, input_size: int) -> ImageSet:

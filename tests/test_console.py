@@ -136,4 +136,5 @@ def test_usability_says_what_few_images_allow():
     assert usability(4 / 7, 7, 0.6)[0] is None  # 7 images cannot tell
     assert usability(0.9, 200, 0.6) == (True, None)
     assert usability(0.5, 1000, 0.6)[0] is False
-    assert "not ones to deploy" in data_line(7, 7) and "not ones to deploy" not in data_line(5000, 100)
+    assert "--data DIR" in data_line(7, 7, 8) and "x8 views" in data_line(7, 7, 8)
+    assert "--data" not in data_line(5000, 100)

@@ -74,3 +74,19 @@ def test_batchnorm_recalibration_on_no_batches_keeps_the_statistics():
     for mode in ("train", "eval"):
         assert recalibrate_batchnorm(torch.nn.Sequential(bn), [], mode=mode) == 0
         assert torch.all(bn.running_mean == 0.5)
+
+
+def test_held_out_views_are_fixed_crops_the_same_at_every_size(tmp_path):
+    from bespoke.data import folder_images, prepare
+
+    data = _photos(tmp_path / "views", 6)
+    net = torch.nn.Conv2d(3, 3, 1)
+    split = prepare(net, 32, data=str(data), held_out=2, val_views=4, seed=0)
+    assert len(split.val) == 8 and split.val_images == 2 and split.val_views == 4
+    a = [split.val[i][0] for i in range(8)]
+    again = prepare(net, 32, data=str(data), held_out=2, val_views=4, seed=0)
+    assert all(torch.equal(x, again.val[i][0]) for i, x in enumerate(a))  # fixed
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[1], a[2])  # views differ
+    plain = prepare(net, 32, data=str(data), held_out=2, seed=0)
+    assert torch.equal(plain.val[0][0], a[0]) and torch.equal(plain.val[1][0], a[4])  # view 0: the image
+    assert len(folder_images(data).views(1)) == 6

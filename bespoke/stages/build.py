@@ -37,9 +37,10 @@ def prepare_images(cfg: Any, teacher: Any, size: int, console: Any, main: bool) 
     """Training and held-out images (:func:`bespoke.data.prepare`); rank 0 says what they are."""
     split = images.prepare(teacher, size, data=cfg.data, val_data=cfg.val_data,
                            class_list=cfg.class_list, held_out=cfg.build.validation_images,
-                           augment=cfg.build.augment, seed=cfg.seed)
+                           augment=cfg.build.augment, seed=cfg.seed, val_views=cfg.build.validation_views)
     if main:
-        console.print(f"images: {split.source}: {len(split.train)} for training, {len(split.val)} held out"
+        console.print(f"images: {split.source}: {len(split.train)} for training, {split.val_images} held out"
+                      + (f" (x{split.val_views} views)" if split.val_views > 1 else "")
                       + (", labelled" if split.labelled else ", unlabelled"))
         if cfg.data is None:
             console.print("[yellow]note:[/yellow] scikit-image's sample photos are a dozen images: enough "
@@ -56,7 +57,7 @@ def training_images(cfg: Any) -> int:
     return len(images.split_indices(found, cfg.build.validation_images, cfg.seed)[0])
 
 
-FEW_IMAGE_RECIPE = {"build": {"epochs": 0}, "finetune": {"epochs": 0, "steps": 0, "bn_recalibration_batches": 0}}
+FEW_IMAGE_RECIPE = {"build": {"epochs": 0, "validation_views": 8}, "finetune": {"epochs": 0, "steps": 0, "bn_recalibration_batches": 0}}
 
 
 def few_image_recipe(cfg: Any, given: Any = None, console: Any = None) -> Any:
@@ -102,7 +103,7 @@ def open_house(cfg: Any, root: Path, existing: House | None, teacher: Any, parti
         num_cut_points=len(partition.cut_points)),
         build=cfg.build.model_dump(mode="json") | {"seed": cfg.seed},
         data={"source": split.source, "train_images": len(split.train),
-              "val_images": len(split.val), "labelled": split.labelled})
+              "val_images": split.val_images, "val_views": split.val_views, "labelled": split.labelled})
 
 
 def draw_segments(cfg: Any, partition: Partition, house: House) -> list[Any]:

@@ -51,7 +51,8 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
     students = []
     for m, res in zip(made, exports):
         r, a = m.plan, m.after
-        usable, note = usability(a.agreement, a.images, cfg.search.usable_agreement)
+        distinct = a.images // stage.split.val_views  # intervals count images, not views of them
+        usable, note = usability(a.agreement, distinct, cfg.search.usable_agreement)
         alts = {rec.id: rec for rec in stage.house.manifest.alternatives}
         students.append(StudentEntry(
             budget=r["budget"], budget_ms=r["budget_ms"], name=m.name, params=a.params, flops=a.flops,
@@ -70,8 +71,8 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
             latency_ratio=m.latency_ratio, latency_ratio_interval=list(m.latency_interval) if m.latency_interval else None,
             latency_ratio_at_pick=m.ratio_at_pick, budget_ratio=m.budget_ratio, over_budget=m.over_budget,
             fallback=r.get("fallback"), images=a.images, usable=usable, usable_note=note,
-            agreement_interval=list(proportion_interval(a.agreement, a.images))
-            if a.agreement is not None and a.images else None))
+            agreement_interval=list(proportion_interval(a.agreement, distinct))
+            if a.agreement is not None and distinct else None))
     skipped = sorted(set(stage.split.skipped) | set(stage.house.manifest.data.get("skipped", [])))
     # a fallback student (search.pick_fallbacks) has no prediction of its own
     errors = [abs(s.latency_ms_predicted - s.latency_ms_measured) / s.latency_ms_measured for s in students
@@ -81,7 +82,8 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
         teacher=teacher, students=students, references=[entry(r) for r in stage.references],
         timings_s=clock.total(),
         data={"source": stage.split.source, "labelled": stage.split.labelled,
-              "train_images": len(stage.split.train), "val_images": len(stage.split.val),
+              "train_images": len(stage.split.train), "val_images": stage.split.val_images,
+              "val_views": stage.split.val_views,
               "input_size": stage.size, "skipped_images": len(skipped), "skipped": skipped[:100]},
         latency={"estimator": cfg.plugins.latency, "device": stage.latency_device.model_dump(),
                  "search_teacher_ms": found.teacher_ms,
@@ -106,24 +108,23 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
         if s.usable_note:
             stage.console.print(("[yellow]warning:[/yellow] " if s.usable is False else "note: ")
                                 + f"{s.name} {s.usable_note}", highlight=False)
-    stage.console.print(data_line(len(stage.split.train), len(stage.split.val)), highlight=False)
+    stage.console.print(data_line(len(stage.split.train), stage.split.val_images, stage.split.val_views,
+                                  cfg.build.few_images), highlight=False)
     stage.console.print(f"wrote {path}" + (f" and {plot}" if plot else "")
                         + f" in {report.timings_s['total']:.0f} s", highlight=False)
     return report
 
 
-FEW_IMAGES = 300  # below this many training images, block distillation and fine-tuning overfit
-
-
-def data_line(train: int, held_out: int) -> str:
+def data_line(train: int, held_out: int, views: int = 1, few: int = 300) -> str:
     """What the run's images allow, in one line under its table."""
     lo, hi = proportion_interval(0.5, held_out) if held_out else (0.0, 1.0)
     line = (f"images: {train} to distil and fine-tune on, {held_out} held out to judge by"
-            + (f" (an agreement on them is +-{50 * (hi - lo):.0f} points at 95 %)" if held_out else ""))
-    if train < FEW_IMAGES:
-        line += (f"; fewer than {FEW_IMAGES} training images: the students are a demonstration of the pipeline, "
-                 "not ones to deploy; give --data DIR with a few thousand photos of your task")
+            + (f" (x{views} views)" if views > 1 else "")
+            + (f"; an agreement on them is +-{50 * (hi - lo):.0f} points at 95 %" if held_out else ""))
+    if train < few:
+        line += (f"; fewer than {few} training images (build.few_images): the students show what the pipeline "
+                 "does; for ones to deploy, give --data DIR with a few thousand photos of your task")
     return line
 
 
-__all__ = ["Clock", "FEW_IMAGES", "data_line", "write_run_report"]
+__all__ = ["Clock", "data_line", "write_run_report"]

@@ -83,7 +83,7 @@ class Students:
         self.sources = registry.block_sources(cfg)
         self.split = images.prepare(self.teacher, self.size, data=cfg.data, val_data=cfg.val_data,
                                     class_list=cfg.class_list, held_out=cfg.build.validation_images,
-                                    seed=cfg.seed)
+                                    seed=cfg.seed, val_views=cfg.build.validation_views)
         self.train = images.eval_view(self.split, self.teacher, self.size)  # flips are added per step
         self.loss = registry.distill_loss(cfg.plugins.distill_loss, cfg.plugin_options.get(cfg.plugins.distill_loss))
         self.teacher_metrics, self.teacher_pred = evaluate(self.teacher, t.name, self.split.val, self.shape)
