@@ -124,7 +124,7 @@ class RunConfig(Strict):
     data: str | None = Field(None, description="image folder (flat or class subfolders) or package.module:attribute; default: sample photos shipped by scikit-image")
     val_data: str | None = Field(None, description="held-out image folder; default: split off the training data")
     class_list: str | None = Field(None, description="classes.txt mapping WordNet ids to indices, for files named by WordNet id")
-    budgets: list[float] = Field(default_factory=lambda: [0.6, 0.8], description="latency budgets: ratios of the teacher (<= 1) or milliseconds (> 1)")
+    budgets: list[float] = Field(default_factory=lambda: [0.7, 0.85], description="latency budgets: ratios of the teacher (<= 1) or milliseconds (> 1)")
     out: str = Field("bespoke-out", description="output directory")
     house: str | None = Field(None, description="model house directory; default: OUT/house")
     seed: int = Field(0, description="random seed of every stage")

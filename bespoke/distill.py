@@ -447,7 +447,8 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
     train_seconds = 0.0
     t_start = time.perf_counter()
     show = console is not None and dist.main
-    progress = make_progress(console if show else None, TextColumn("[bold]{task.description}"), BarColumn(),
+    # no distillation epochs (the few-image recipe): nothing to show progress of but profiling
+    progress = make_progress(console if show and settings.epochs else None, TextColumn("[bold]{task.description}"), BarColumn(),
                              MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4g}"),
                              TextColumn("{task.fields[ips]:.1f} img/s"), TimeElapsedColumn(),
                              line="{description}: step {completed}/{total}, loss {loss:.4g}, {ips:.1f} img/s, "

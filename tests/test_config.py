@@ -12,7 +12,7 @@ def test_defaults_are_the_offline_demo():
     cfg = RunConfig()
     assert cfg.teacher == "tf_efficientnet_lite2"
     assert cfg.donors == ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
-    assert cfg.budgets == [0.6, 0.8]
+    assert cfg.budgets == [0.7, 0.85]
     assert cfg.plugins.search == "optuna" and cfg.plugins.latency == "measured-latency"
 
 

@@ -52,7 +52,8 @@ def _tiny_config(root: Path, **over) -> Path:
         "plugin_options": {"measured-latency": {"warmup": 2, "runs": 7},
                            "pruned-self": {"ratios": [0.75]}},
         "build": {"enumerate_max_len": 2, "epochs": 1, "steps_per_epoch": 1, "batch_size": 4,
-                  "calibration_images": 4, "validation_images": 4},
+                  "calibration_images": 4, "validation_images": 4,
+                  "few_images": 0},  # the schedule above, not the few-image recipe (tests/test_few_images.py)
         "finetune": {"epochs": 5, "steps": 2, "batch_size": 4, "bn_recalibration_batches": 1},
     }
     cfg.update(over)

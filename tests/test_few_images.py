@@ -26,6 +26,11 @@ def test_few_images_switch_to_the_recipe_where_the_user_left_keys_unset(tmp_path
     assert training_images(given) == 6  # half held out (build.validation_images 64 > 12 // 2)
     assert cfg.build.epochs == 0 and cfg.finetune.epochs == 0 and cfg.finetune.bn_recalibration_batches == 0
     assert cfg.finetune.steps == 5  # the user's own value stays
+    assert cfg.build.modules and cfg.build.segments == 0 and cfg.build.validation_views == 8
+    assert cfg.search.input_sizes == [144, 128]  # 0.9 and 0.8 of the quick preset's 160 px
+    mine = RunConfig.model_validate({"data": str(data), "build": {"segments": 3}, "search": {"input_sizes": [96]}})
+    kept = few_image_recipe(apply_preset(mine), mine)
+    assert kept.build.segments == 3 and kept.search.input_sizes == [96]
     assert set(FEW_IMAGE_RECIPE) == {"build", "finetune"}
     off = given.model_copy(update={"build": given.build.model_copy(update={"few_images": 0})})
     assert few_image_recipe(apply_preset(off), off).build.epochs == apply_preset(off).build.epochs

@@ -57,7 +57,12 @@ def training_images(cfg: Any) -> int:
     return len(images.split_indices(found, cfg.build.validation_images, cfg.seed)[0])
 
 
-FEW_IMAGE_RECIPE = {"build": {"epochs": 0, "validation_views": 8}, "finetune": {"epochs": 0, "steps": 0, "bn_recalibration_batches": 0}}
+# Measured on the default run (docs/benchmarks.md, "The default run"): with closed-form fits on
+# 7 photos, a whole stage replaced agrees with the teacher on 0-68 % of the held-out views, and
+# students of several such stages agree on 0-2 %; single blocks (pruned, skipped, a donor's)
+# and a lower input resolution keep 92-94 % of the teacher's top-1 at the same size.
+FEW_IMAGE_RECIPE = {"build": {"epochs": 0, "validation_views": 8, "modules": True, "segments": 0, "tiles": 0,
+                              "max_fraction": 0.12}, "finetune": {"epochs": 0, "steps": 0, "bn_recalibration_batches": 0}}
 
 
 def few_image_recipe(cfg: Any, given: Any = None, console: Any = None) -> Any:
@@ -72,16 +77,23 @@ def few_image_recipe(cfg: Any, given: Any = None, console: Any = None) -> Any:
     if n >= limit:
         return cfg
     given = given or cfg
+    recipe = {k: dict(v) for k, v in FEW_IMAGE_RECIPE.items()}
+    if cfg.input_size and not cfg.search.input_sizes:  # students may also run at 0.9 and 0.8 of the size
+        sizes = sorted({max(32, int(round(cfg.input_size * f / 16)) * 16) for f in (0.9, 0.8)} - {cfg.input_size},
+                       reverse=True)
+        if sizes:
+            recipe["search"] = {"input_sizes": sizes}
     update = {}
-    for section, values in FEW_IMAGE_RECIPE.items():
+    for section, values in recipe.items():
         user_set = getattr(given, section).model_fields_set
         update[section] = getattr(cfg, section).model_copy(
             update={k: v for k, v in values.items() if k not in user_set})
     b = cfg.build
     if console is not None:
-        console.print(f"few images ({n} for training, fewer than build.few_images {limit}): alternatives are fitted in "
-                      f"closed form on {b.calibration_images} augmented views, with no distillation by SGD and no "
-                      "fine-tuning, which would overfit them", highlight=False)
+        console.print(f"few images ({n} for training, fewer than build.few_images {limit}): the few-image recipe -- "
+                      f"single blocks replaced, fitted in closed form on {b.calibration_images} augmented views, no "
+                      "distillation by SGD and no fine-tuning (they would overfit), lower input sizes searched too "
+                      "(docs/house.md)", highlight=False)
     return cfg.model_copy(update=update)
 
 
