@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import run_cli  # noqa: E402
 
@@ -42,11 +44,20 @@ def test_tiny_models_and_images_are_what_the_preset_promises():
     assert images[0].tobytes() == tiny.images()[0].tobytes()  # seeded
 
 
-def test_bespoke_run_preset_tiny_runs_every_stage(tmp_path):
-    out = tmp_path / "out"
-    proc = run_cli("run", "--preset", "tiny", "--out", str(out), cwd=tmp_path, timeout=600,
-                   env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+
+
+@pytest.fixture(scope="module")
+def tiny_out(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    out = root / "out"
+    proc = run_cli("run", "--preset", "tiny", "--out", str(out), cwd=root, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_bespoke_run_preset_tiny_runs_every_stage(tiny_out):
+    out = tiny_out
     report = json.loads((out / "report.json").read_text())
     assert report["teacher"]["name"] == "bespoke.tiny:teacher"
     assert report["students"]
@@ -78,3 +89,47 @@ def test_a_student_over_budget_as_saved_is_replaced_by_the_next_finalist_in_the_
         assert s.fallback == 1 and not s.over_budget and s.latency_ms_predicted is None
         assert "fallback-1" in s.student_dir and not report.unmet_budgets
     assert json.loads((tmp_path / "out" / "report.json").read_text())["students"][0]["fallback"] == s.fallback
+
+
+def _board_table(measured: dict, name: str, cheap: str) -> dict:
+    """A vendor's table for board ``name``, derived from a measured one by a cost model of another
+    kind: on it, only the alternatives of block source ``cheap`` save time (0.3 of their
+    segment); every other alternative costs what its segment does."""
+    table = json.loads(json.dumps(measured))
+    table["device"]["name"] = name
+    table.pop("savings", None)
+    table.pop("calibration", None)
+    segment = {e["label"].split()[1]: e["ms"] for e in table["entries"].values() if e["role"] == "segment"}
+    for e in table["entries"].values():
+        if e["role"] == "alternative":
+            ms = segment[e["label"].split(".")[0]]
+            e["ms"] = 0.3 * ms if f".{cheap}." in e["label"] else ms
+    return table
+
+
+def test_one_house_two_table_devices_give_students_that_differ_where_the_tables_do(tiny_out, tmp_path):
+    """The vendor's workflow (docs/latency.md, "One house, several devices"): the house is built
+    once; each device's table drives a search, a fine-tune and an export of its own."""
+    measured = json.loads((tiny_out / "latency.json").read_text())
+    picked = {}
+    for board, cheap in (("npu-a", "timm-donors"), ("npu-b", "pruned-self")):
+        lut = tmp_path / f"{board}.lut.json"
+        lut.write_text(json.dumps(_board_table(measured, board, cheap)))
+        cfg = tmp_path / f"{board}.yaml"
+        cfg.write_text(f"preset: tiny\nplugin_options:\n  lut-latency:\n    path: {lut}\n"
+                       "    expect_device: " + board + "\n")
+        search = run_cli("search", str(tiny_out / "house"), "--plugin", "lut-latency", "--config", str(cfg),
+                         "-b", "0.8", "-o", str(tmp_path / board / "search.json"), env=ENV)
+        assert search.returncode == 0, search.stdout[-2000:] + search.stderr[-2000:]
+        (result,) = json.loads((tmp_path / board / "search.json").read_text())["results"]
+        assert result["feasible"] and result["choices"]
+        picked[board] = [c["alternative"] for c in result["choices"]]
+        assert all(f".{cheap}." in a for a in picked[board]), picked  # what its table makes cheap
+        recipe = tmp_path / board / "search.budget-0.8.json"
+        ft = run_cli("finetune", str(recipe), "--out", str(tmp_path / board / "ft"), "--config", str(cfg), env=ENV)
+        assert ft.returncode == 0, ft.stdout[-2000:] + ft.stderr[-2000:]
+        ex = run_cli("export", str(tmp_path / board / "ft" / "student"), "--out", str(tmp_path / board / "export"),
+                     env=ENV)
+        assert ex.returncode == 0, ex.stdout[-2000:] + ex.stderr[-2000:]
+        assert list((tmp_path / board / "export").glob("*.onnx"))
+    assert set(picked["npu-a"]).isdisjoint(picked["npu-b"])
