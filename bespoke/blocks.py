@@ -160,10 +160,15 @@ def observe_inputs(module: nn.Module, layers: dict[nn.Module, Callable[[nn.Modul
     """Run ``module`` on ``x`` in chunks, without gradients, calling ``layers[layer](layer, input)``
     with each listed sub-layer's (detached) input as it runs: how data-aware block sources collect
     statistics of the activations inside a segment."""
-    def hook(observe):
-        return lambda layer, inputs, _out: observe(layer, inputs[0].detach())
+    _run_hooked(module, x, {layer: (lambda layer, inputs, _out, observe=observe: observe(layer, inputs[0].detach()))
+                            for layer, observe in layers.items()}, batch_size)
 
-    handles = [layer.register_forward_hook(hook(observe)) for layer, observe in layers.items()]
+
+def _run_hooked(module: nn.Module, x: torch.Tensor, hooks: dict[nn.Module, Callable[..., None]],
+                batch_size: int = 16) -> None:
+    """Run ``module`` on ``x`` in chunks of ``batch_size``, without gradients, with each
+    ``hooks[layer](layer, inputs, output)`` registered as a forward hook of ``layer``."""
+    handles = [layer.register_forward_hook(hook) for layer, hook in hooks.items()]
     try:
         with torch.no_grad():
             for i in range(0, x.shape[0], batch_size):
@@ -171,6 +176,31 @@ def observe_inputs(module: nn.Module, layers: dict[nn.Module, Callable[[nn.Modul
     finally:
         for h in handles:
             h.remove()
+
+
+class _NormalEquations:
+    """Least squares ``y ~ x W (+ b)`` accumulated over chunks of rows in float64 and solved with
+    a ridge relative to the inputs' mean energy (the intercept is not regularised)."""
+
+    def __init__(self, c_in: int, c_out: int, intercept: bool):
+        k = c_in + int(intercept)
+        self.c_in, self.intercept = c_in, intercept
+        self.xtx = torch.zeros(k, k, dtype=torch.float64)
+        self.xty = torch.zeros(k, c_out, dtype=torch.float64)
+
+    def add(self, xr: torch.Tensor, yr: torch.Tensor) -> None:
+        xr, yr = xr.to(torch.float64), yr.to(torch.float64)
+        if self.intercept:
+            xr = torch.cat([xr, torch.ones(xr.shape[0], 1, dtype=torch.float64)], dim=1)
+        self.xtx += xr.T @ xr
+        self.xty += xr.T @ yr
+
+    def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W (c_in, c_out), b (c_out) or None)``."""
+        reg = torch.zeros(self.xtx.shape[0], dtype=torch.float64)
+        reg[:self.c_in] = ridge * torch.diagonal(self.xtx)[:self.c_in].mean().clamp_min(1e-12)
+        sol = torch.linalg.solve(self.xtx + torch.diag(reg), self.xty)
+        return sol[:self.c_in], (sol[self.c_in] if self.intercept else None)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -214,77 +244,45 @@ def refit_pointwise(module: nn.Module, reference: nn.Module, x: torch.Tensor, *,
     float64, ``ridge`` relative to the inputs' mean energy. Returns the names refitted (in place).
     """
     ref_layers = dict(reference.named_modules())
-    names = [n for n, m in module.named_modules()
+    layers = dict(module.named_modules())
+    names = [n for n, m in layers.items()
              if _pointwise(m) and _pointwise(ref_layers.get(n, nn.Identity()))
              and _in_out(m)[1] == _in_out(ref_layers[n])[1] and _in_out(m)[0] < _in_out(ref_layers[n])[0]]
     if not names:
         return []
-    order: list[str] = []
-    layers = dict(module.named_modules())
-    handles = [layers[n].register_forward_pre_hook(lambda m, a, n=n: order.append(n) if n not in order else None)
-               for n in names]
-    try:
-        with torch.no_grad():
-            module(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    targets: dict[str, list[torch.Tensor]] = {n: [] for n in order}
+    # the reference's outputs at those layers (the targets), and the order the layers run in
+    targets: dict[str, list[torch.Tensor]] = {}
 
     def keep_output(name):
-        return lambda _m, _a, out: targets[name].append(out.detach())
+        return lambda _m, _a, out: targets.setdefault(name, []).append(out.detach())
 
-    handles = [ref_layers[n].register_forward_hook(keep_output(n)) for n in order]
-    try:
-        with torch.no_grad():
-            for i in range(0, x.shape[0], batch_size):
-                reference(x[i:i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-    skipped: list[str] = []
-    for name in order:
+    _run_hooked(reference, x, {ref_layers[n]: keep_output(n) for n in names}, batch_size)
+    refitted = []
+    for name in list(targets):
         layer = layers[name]
         c_out = _in_out(layer)[1]
         c_in = layer.weight[0].numel()  # what one output sees: channels x kernel positions
-        bias = layer.bias is not None
-        k = c_in + int(bias)
-        xtx = torch.zeros(k, k, dtype=torch.float64)
-        xty = torch.zeros(k, c_out, dtype=torch.float64)
-        chunk = iter(targets[name])
-        mismatch: list[str] = []
+        eq = _NormalEquations(c_in, c_out, intercept=layer.bias is not None)
+        chunks, mismatch = iter(targets.pop(name)), []  # the reference's outputs go once used
 
-        def accumulate(_m, inputs, _out):
-            nonlocal xtx, xty
-            xr = _input_rows(layer, inputs[0].detach()).to(torch.float64)
-            yr = _as_rows(next(chunk, torch.empty(0, c_out))).to(torch.float64)
+        def accumulate(_m, inputs, _out, layer=layer, chunks=chunks, mismatch=mismatch, c_out=c_out, eq=eq):
+            xr = _input_rows(layer, inputs[0].detach())
+            yr = _as_rows(next(chunks, torch.empty(0, c_out)))
             if xr.shape[0] != yr.shape[0]:  # padding done outside the conv (TF "same"), or a shared layer
-                mismatch.append(name)
-                return
-            if bias:
-                xr = torch.cat([xr, torch.ones(xr.shape[0], 1, dtype=torch.float64)], dim=1)
-            xtx += xr.T @ xr
-            xty += xr.T @ yr
+                mismatch.append(True)
+            elif not mismatch:
+                eq.add(xr, yr)
 
-        handle = layer.register_forward_hook(accumulate)
-        try:
-            with torch.no_grad():
-                for i in range(0, x.shape[0], batch_size):
-                    module(x[i:i + batch_size])
-        finally:
-            handle.remove()
+        _run_hooked(module, x, {layer: accumulate}, batch_size)
         if mismatch:
-            skipped.append(name)
             continue
-        reg = torch.zeros(k, dtype=torch.float64)
-        reg[:c_in] = ridge * torch.diagonal(xtx)[:c_in].mean().clamp_min(1e-12)
-        sol = torch.linalg.solve(xtx + torch.diag(reg), xty)
+        weight, bias = eq.solve(ridge)
         with torch.no_grad():
-            layer.weight.copy_(sol[:c_in].T.reshape(layer.weight.shape).to(layer.weight.dtype))
-            if bias:
-                layer.bias.copy_(sol[c_in].to(layer.bias.dtype))
-        targets[name] = []  # free the reference's outputs as soon as they are used
-    return [n for n in order if n not in skipped]
+            layer.weight.copy_(weight.T.reshape(layer.weight.shape).to(layer.weight.dtype))
+            if bias is not None:
+                layer.bias.copy_(bias.to(layer.bias.dtype))
+        refitted.append(name)
+    return refitted
 
 
 def _in_out(layer: nn.Module) -> tuple[int, int]:
@@ -313,20 +311,12 @@ def fit_linear_adapter(x: torch.Tensor, y: torch.Tensor, *, ridge: float = 1e-4)
     c_in, c_out = (x.shape[1], y.shape[1]) if x.dim() == 4 else (x.shape[-1], y.shape[-1])
     xr, yr = _as_rows(x), _as_rows(y)
     # Accumulate the normal equations in chunks: rows can be millions (pixels x images).
-    xtx = torch.zeros(c_in + 1, c_in + 1, dtype=torch.float64)
-    xty = torch.zeros(c_in + 1, c_out, dtype=torch.float64)
+    eq = _NormalEquations(c_in, c_out, intercept=True)
     step = 65536
     for i in range(0, xr.shape[0], step):
-        xb = xr[i:i + step].to(torch.float64)
-        xb = torch.cat([xb, torch.ones(xb.shape[0], 1, dtype=torch.float64)], dim=1)
-        yb = yr[i:i + step].to(torch.float64)
-        xtx += xb.T @ xb
-        xty += xb.T @ yb
-    scale = torch.diagonal(xtx)[:c_in].mean().clamp_min(1e-12)
-    reg = torch.zeros(c_in + 1, dtype=torch.float64)
-    reg[:c_in] = ridge * scale
-    sol = torch.linalg.solve(xtx + torch.diag(reg), xty)  # (c_in + 1, c_out)
-    weight, bias = sol[:c_in].T.to(torch.float32), sol[c_in].to(torch.float32)
+        eq.add(xr[i:i + step], yr[i:i + step])
+    sol, b = eq.solve(ridge)
+    weight, bias = sol.T.to(torch.float32), b.to(torch.float32)
     if x.dim() == 4:
         layer: nn.Module = nn.Conv2d(c_in, c_out, 1, bias=True)
         with torch.no_grad():
