@@ -13,6 +13,7 @@ and what the run itself said about it (``usable``). Writes ``OUT/default_run.jso
 
     python benchmarks/default_run.py --out /tmp/default-run            # run, then score
     python benchmarks/default_run.py --run bespoke-out --out /tmp/x    # score an existing run
+    python benchmarks/default_run.py --run bespoke-out --out /tmp/y --scoring ../shared/data/imagenet-extra
 """
 
 from __future__ import annotations
@@ -34,15 +35,20 @@ def parse_args(argv=None):
     p.add_argument("--run", type=Path, default=None, help="score this existing `bespoke run` output instead of running")
     p.add_argument("--scoring", type=Path, default=DEFAULT_VAL,
                    help="folder with val/ and classes.txt: labelled photos the run never saw")
+    p.add_argument("--class-list", type=Path, default=None,
+                   help="classes.txt for the scoring images (default: SCORING/classes.txt, else imagenet-sample's); "
+                        "imagenet-extra/val has none of its own")
     p.add_argument("run_args", nargs="*", help="extra arguments for `bespoke run` (after --)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    val_dir, classes = args.scoring / "val", args.scoring / "classes.txt"
+    val_dir = args.scoring / "val"
+    classes = args.class_list or next((c for c in (args.scoring / "classes.txt", DEFAULT_VAL / "classes.txt")
+                                       if c.is_file()), args.scoring / "classes.txt")
     if not val_dir.is_dir() or not classes.is_file():
-        print(f"error: {args.scoring} must hold val/ and classes.txt (the ImageNet sample)", file=sys.stderr)
+        print(f"error: {args.scoring} must hold val/, and a classes.txt must be found (--class-list)", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     run_dir, wall = args.run, None
@@ -79,7 +85,10 @@ def main(argv=None) -> int:
         if size not in teacher_at:
             teacher_at[size] = evaluate(teacher, f"teacher@{size}", images(size), (1, 3, size, size))
         t_metrics, t_pred = teacher_at[size]
-        student = load_student(s["student_dir"]).eval()
+        where = Path(s["student_dir"])
+        if not where.is_absolute() and not where.is_dir():  # relative to where `bespoke run` ran
+            where = run_dir.resolve().parent / where
+        student = load_student(where).eval()
         m, pred = evaluate(student, s["name"], images(size), (1, 3, size, size), teacher=t_pred)
         diff = paired_difference(pred, t_pred)
         scored.append({"name": s["name"], "budget": s["budget"], "latency_ratio": s.get("latency_ratio"),
