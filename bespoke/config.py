@@ -36,11 +36,17 @@ class BuildConfig(Strict):
     batch_size: int = Field(16, ge=1, description="images per distillation step")
     bunch_size: int = Field(64, ge=1, description="alternatives trained together per teacher forward")
     lr: float = Field(1e-3, gt=0, description="learning rate of block-level distillation (Adam)")
-    cache_activations: bool = Field(True, description="cache teacher activations at cut points after the first epoch (later epochs then replay the first epoch's augmented views)")
+    cache_activations: bool = Field(True, description="cache teacher activations at cut points after the first epoch (later epochs then replay the first epoch's augmented views); only when they fit in BESPOKE_CACHE_LIMIT_MB, without successive halving, and not after a resume inside the stream")
     calibration_images: int = Field(64, ge=1, description="images used to initialise adapters and choose channels")
     validation_images: int = Field(64, ge=0, description="held-out images for the distillation error and replace-one scores")
     validation_views: int = Field(1, ge=1, description="count each held-out image this many times: itself and fixed crops and flips of it, the same at every input size (the few-image recipe sets 8): more inputs for the proxy scores, re-ranking and agreement when the held-out images are a handful; intervals still count distinct images")
     augment: bool = Field(False, description="timm's train-time augmentation on the training images (useful with few images)")
+    workers: int = Field(1, ge=0, description="DataLoader worker processes that decode and augment the training images while the alternatives train (0: in the training process)")
+    checkpoint_minutes: float = Field(5.0, gt=0, description="while distilling, write each bunch's training state (weights, optimiser state, position in the image stream) at most this many minutes apart, atomically, so a killed build resumes inside the epoch and loses at most this much work")
+    halving: int = Field(0, ge=0, description="successive halving: train every alternative on this many images first, profile them on the held-out images, stop those no cheaper than the teacher's own segment, those clearly dominated in their segment (another alternative with no more FLOPs and parameters and a clearly lower replace-one KL) and those that stalled, and train the rest on halving_eta times as many images, and so on until the epochs are done. Stopped alternatives stay in the house, trained as far as they got. 0: off (every alternative sees every image)")
+    halving_eta: float = Field(3.0, gt=1, description="growth of the image slices between rounds of successive halving")
+    halving_stall: float = Field(0.05, ge=0, lt=1, description="successive halving also stops an alternative whose replace-one KL improved by less than this fraction over the last round")
+    halving_margin: float = Field(0.2, ge=0, lt=1, description="an alternative is clearly dominated when a no-costlier one of its segment has a replace-one KL lower by more than this fraction of its own")
 
     @model_validator(mode="after")
     def _some_segments(self) -> "BuildConfig":

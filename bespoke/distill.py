@@ -30,6 +30,7 @@ of the selected distill-loss plugin. One optimiser steps all alternatives of a b
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import math
 import os
@@ -41,7 +42,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from bespoke.data import ImageSet, collate
 from bespoke.house import AlternativeRecord, House, segment_info
@@ -119,7 +120,8 @@ class DistEnv:
 
 @dataclass
 class Job:
-    """One alternative being trained: its record, segment and module (initial weights loaded)."""
+    """One alternative being trained: its record, segment and module, and where it is in the
+    image stream (restored from its saved training state after a kill or between rounds)."""
 
     record: AlternativeRecord
     segment: SegmentInfo
@@ -130,10 +132,33 @@ class Job:
     last_epoch_loss: float | None = None
     steps: int = 0
     seconds: float = 0.0
+    position: int = 0  # steps of the image stream trained on (Stream)
+    images: int = 0  # training images seen
+    kl_history: list[float] = field(default_factory=list)  # held-out KL at each round's end
+    optim_state: list[dict[str, Any]] | None = None  # Adam's state per trainable parameter
 
     @property
     def trainable(self) -> list[nn.Parameter]:
         return list(self.module.parameters())
+
+    @property
+    def train_loss(self) -> float | None:
+        """Mean loss of the last whole epoch; of the epoch so far when it stopped inside one."""
+        return float(self.loss_sum) / self.loss_count if self.loss_count else self.last_epoch_loss
+
+    def info(self) -> dict[str, Any]:
+        """What a saved training state records besides tensors (JSON)."""
+        return {"position": self.position, "images": self.images, "steps": self.steps,
+                "loss_sum": float(self.loss_sum), "loss_count": self.loss_count,
+                "last_epoch_loss": self.last_epoch_loss, "kl_history": self.kl_history}
+
+    def restore(self, tensors: dict[str, Any], info: dict[str, Any]) -> None:
+        self.module.load_state_dict(tensors["module"])
+        self.optim_state = tensors.get("optim")
+        self.position, self.images, self.steps = int(info["position"]), int(info["images"]), int(info["steps"])
+        self.loss_sum, self.loss_count = float(info["loss_sum"]), int(info["loss_count"])
+        self.last_epoch_loss = info.get("last_epoch_loss")
+        self.kl_history = [float(v) for v in info.get("kl_history", [])]
 
 
 @dataclass
@@ -146,36 +171,121 @@ class Settings:
     seed: int = 0
     device: str = "cpu"
     cache_limit_bytes: int = CACHE_LIMIT_BYTES
+    workers: int = 0
+    checkpoint_minutes: float = 5.0
+    halving: int = 0
+    halving_eta: float = 3.0
+    halving_margin: float = 0.2
+    halving_stall: float = 0.05
 
     @classmethod
     def from_build(cls, build: Any, seed: int, device: str) -> "Settings":
         return cls(epochs=build.epochs, steps_per_epoch=build.steps_per_epoch,
                    batch_size=build.batch_size, lr=build.lr,
-                   cache_activations=build.cache_activations, seed=seed, device=device)
+                   cache_activations=build.cache_activations, seed=seed, device=device,
+                   workers=build.workers, checkpoint_minutes=build.checkpoint_minutes,
+                   halving=build.halving, halving_eta=build.halving_eta, halving_margin=build.halving_margin,
+                   halving_stall=build.halving_stall)
 
 
-def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
-    """Seed the global RNGs (timm's augmentations use them) and return a loader generator."""
-    s = seed * 1009 + epoch
-    random.seed(s)
-    torch.manual_seed(s)
-    return torch.Generator().manual_seed(s)
+# --------------------------------------------------------------------------------------------
+# The image stream
+# --------------------------------------------------------------------------------------------
 
 
-def _batches(data: ImageSet, settings: Settings, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    gen = _seed_epoch(settings.seed, epoch)
-    loader = DataLoader(data, batch_size=settings.batch_size, shuffle=True, generator=gen,
-                        collate_fn=collate, num_workers=0)
-    n = 0
-    for batch in loader:
-        if batch is None:
-            continue
-        if batch[0].shape[0] < 2 and len(data) > 1:  # BatchNorm cannot train on one image
-            continue
-        yield batch
-        n += 1
-        if settings.steps_per_epoch is not None and n >= settings.steps_per_epoch:
-            return
+@dataclass(frozen=True)
+class Stream:
+    """The training images as one seeded stream of steps, the same for every alternative, bunch,
+    rank and restart: epoch ``e`` visits the images in its own seeded order, ``batch_size`` at a
+    time, and step ``s`` is batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``. Each
+    image's augmentation is seeded by (seed, epoch, image), so a step's batch does not depend on
+    which process decodes it or on where training resumed."""
+
+    images: int
+    batch_size: int
+    steps_per_epoch: int
+    epochs: int
+    seed: int
+
+    @classmethod
+    def of(cls, images: int, settings: Settings) -> "Stream":
+        per_epoch = max(1, math.ceil(images / settings.batch_size))
+        if settings.steps_per_epoch is not None:
+            per_epoch = min(per_epoch, settings.steps_per_epoch)
+        return cls(images, settings.batch_size, per_epoch, settings.epochs, settings.seed)
+
+    @property
+    def total(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def keys(self, step: int) -> list[tuple[int, int]]:
+        """``(image index, augmentation seed)`` of each image of step ``step``."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = _order(self.images, self.seed, epoch)
+        return [(i, (self.seed * 1_000_003 + epoch) * 1_000_033 + i)
+                for i in order[k * self.batch_size:(k + 1) * self.batch_size]]
+
+    def rounds(self, first_images: int, eta: float) -> list[int]:
+        """The steps at which successive halving decides: slices of ``first_images``,
+        ``eta`` times as many, ... until the stream ends (its last step ends the last round)."""
+        if not first_images:
+            return [self.total]
+        bounds, pos, size = [], 0, max(1, math.ceil(first_images / self.batch_size))
+        while pos + size < self.total:
+            pos += size
+            bounds.append(pos)
+            size = math.ceil(size * eta)
+        return [*bounds, self.total]
+
+
+@functools.lru_cache(maxsize=4)
+def _order(images: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(images, generator=torch.Generator().manual_seed(seed * 1009 + epoch)).tolist()
+
+
+class _Seeded(Dataset):
+    """``data[i]`` under a fixed seed per ``(i, seed)`` key: the augmentation of an image is the
+    same in the main process and in any worker, before and after a restart."""
+
+    def __init__(self, data: ImageSet):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            torch.manual_seed(seed % 2**63)
+            try:
+                return self.data[index]
+            finally:
+                random.setstate(state)
+
+
+def _steps(data: ImageSet, stream: Stream, start: int, stop: int, workers: int,
+           cache: dict[int, Any] | None = None) -> Iterable[tuple[int, Any]]:
+    """``(step, batch)`` for the steps ``start .. stop - 1``; a batch is ``(images, labels)``, or
+    None when every image of it failed to decode, or (from ``cache``, epochs after the first)
+    the teacher activations of a first-epoch batch in a seeded order of batches."""
+    per = stream.steps_per_epoch
+    step = start
+    while step < stop:
+        epoch, end = step // per, min(stop, (step // per + 1) * per)
+        if cache is not None and epoch > 0 and len(cache) == per:
+            order = torch.randperm(per, generator=torch.Generator().manual_seed(stream.seed * 1009 + epoch)).tolist()
+            for s in range(step, end):
+                yield s, cache[order[s % per]]
+        else:
+            keys = [stream.keys(s) for s in range(step, end)]
+            loader = DataLoader(_Seeded(data), batch_sampler=keys, collate_fn=collate,
+                                num_workers=workers if len(keys) > 1 else 0,
+                                generator=torch.Generator().manual_seed(stream.seed))
+            for s, batch in zip(range(step, end), loader):
+                yield s, batch
+        step = end
 
 
 def _optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer | None:
@@ -189,6 +299,26 @@ def _optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer |
     return torch.optim.Adam(params, lr=lr)
 
 
+def _restore_optimizer(opt: torch.optim.Optimizer, job: Job) -> None:
+    """Put a job's saved per-parameter Adam state back (Adam is per parameter: whoever else is in
+    the bunch does not matter)."""
+    if not job.optim_state:
+        return
+    fused = bool(opt.defaults.get("fused"))
+    for p, state in zip(job.trainable, job.optim_state):
+        if state:
+            opt.state[p] = {k: (v.to(p.device) if isinstance(v, torch.Tensor) and (k != "step" or fused) else v)
+                            for k, v in state.items()}
+    job.optim_state = None
+
+
+def optimizer_state(opt: torch.optim.Optimizer | None, job: Job) -> list[dict[str, Any]]:
+    """Adam's state of each of ``job``'s parameters (empty dicts before its first step)."""
+    if opt is None:
+        return []
+    return [dict(opt.state.get(p, {})) for p in job.trainable]
+
+
 def _cache_bytes(partition: Any, indices: Iterable[int], images: int) -> int:
     total = 0
     for i in indices:
@@ -198,45 +328,57 @@ def _cache_bytes(partition: Any, indices: Iterable[int], images: int) -> int:
 
 
 def train_bunch(partition: Any, jobs: list[Job], data: ImageSet, loss_fn: Callable,
-                settings: Settings, on_step: Callable[[int, int, float, float], None] | None = None
-                ) -> int:
-    """Train ``jobs`` together; each step shares one teacher forward. Updates the jobs in place.
+                settings: Settings, on_step: Callable[[int, int, float, float], None] | None = None,
+                *, stop: int | None = None,
+                checkpoint: Callable[[list[Job], torch.optim.Optimizer | None], None] | None = None) -> int:
+    """Train ``jobs`` together from their (common) position in the image stream up to step
+    ``stop`` (default: its end); each step shares one teacher forward. Updates the jobs in place.
 
     Raises :class:`BunchOutOfMemory` when the bunch runs out of memory; any other failure of one
     alternative marks that job failed and training of the others continues.
-    ``on_step(step, total_steps, mean_loss, images_per_second)`` reports progress. Returns the
-    number of images the bunch trained on.
+    ``on_step(step, total_steps, mean_loss, images_per_second)`` reports progress;
+    ``checkpoint(jobs, optimiser)`` is called at most every ``settings.checkpoint_minutes`` to
+    save the jobs' training states. Returns the number of images the bunch trained on.
     """
     device = torch.device(settings.device)
-    needed = sorted({j.segment.start for j in jobs} | {j.segment.end for j in jobs})
+    stream = Stream.of(len(data), settings)
+    stop = stream.total if stop is None else stop
     active = [j for j in jobs if j.failed is None]
     if settings.epochs == 0:  # the block sources' own (closed-form) fits, profiled as they are
         for j in active:
             j.module.to(device).eval()
         return 0
+    start = min((j.position for j in active), default=stop)
+    if any(j.position != start for j in active):
+        raise ValueError("a bunch's alternatives must be at the same step of the image stream")
     for j in active:
         # every parameter of an alternative trains (copies of teacher pieces come frozen)
         j.module.to(device).train().requires_grad_(True)
+        if not isinstance(j.loss_sum, torch.Tensor):
+            j.loss_sum = torch.tensor(float(j.loss_sum), device=device)
     trainable = [p for j in active for p in j.trainable]
     opt = _optimizer(trainable, settings.lr)
-    per_epoch = math.ceil(len(data) / settings.batch_size)
-    if settings.steps_per_epoch is not None:
-        per_epoch = min(per_epoch, settings.steps_per_epoch)
-    total = max(1, per_epoch * settings.epochs)
-    use_cache = settings.cache_activations and settings.epochs > 1 and (
-        _cache_bytes(partition, needed, len(data)) <= settings.cache_limit_bytes)
-    cache: list[dict[int, torch.Tensor]] = []
-    step = seen = 0
-    for epoch in range(settings.epochs):
+    if opt is not None:
         for j in active:
-            j.loss_sum, j.loss_count = torch.zeros((), device=device), 0
-        if use_cache and epoch > 0:
-            order = torch.randperm(len(cache), generator=_seed_epoch(settings.seed, epoch)).tolist()
-            source: Iterable[Any] = (cache[i] for i in order)
-        else:
-            source = _batches(data, settings, epoch)
-        for item in source:
-            t0 = time.perf_counter()
+            _restore_optimizer(opt, j)
+    needed = sorted({j.segment.start for j in jobs} | {j.segment.end for j in jobs})
+    per = stream.steps_per_epoch
+    # first-epoch activations replayed by later epochs, when the whole run is this one call
+    use_cache = (settings.cache_activations and start == 0 and stop > per and not settings.halving
+                 and _cache_bytes(partition, needed, min(len(data), per * settings.batch_size))
+                 <= settings.cache_limit_bytes)
+    cache: dict[int, Any] | None = {} if use_cache else None
+    seen = 0
+    last_save = time.perf_counter()
+    for step, item in _steps(data, stream, start, stop, settings.workers, cache):
+        t0 = time.perf_counter()
+        if step % per == 0 and step > 0:  # a new epoch: the last one's mean loss
+            for j in active:
+                if j.failed is None and j.loss_count:
+                    j.last_epoch_loss = float(j.loss_sum) / j.loss_count
+                j.loss_sum, j.loss_count = torch.zeros((), device=device), 0
+        usable = item is not None and (isinstance(item, dict) or item[0].shape[0] >= 2 or len(data) == 1)
+        if usable:  # (BatchNorm cannot train on one image)
             try:
                 if isinstance(item, dict):
                     acts = item
@@ -244,8 +386,8 @@ def train_bunch(partition: Any, jobs: list[Job], data: ImageSet, loss_fn: Callab
                     x = item[0].to(device, non_blocking=True)
                     with torch.no_grad():
                         acts = partition.activations(x, needed)
-                    if use_cache and epoch == 0:
-                        cache.append({i: acts[i] for i in needed})
+                    if cache is not None and step < per:
+                        cache[step] = {i: acts[i] for i in needed}
             except Exception as exc:
                 if is_oom(exc):
                     raise BunchOutOfMemory(str(exc)) from None
@@ -265,6 +407,7 @@ def train_bunch(partition: Any, jobs: list[Job], data: ImageSet, loss_fn: Callab
                     j.loss_sum = j.loss_sum + loss.detach()
                     j.loss_count += 1
                     j.steps += 1
+                    j.images += images
                 except Exception as exc:
                     if is_oom(exc):
                         raise BunchOutOfMemory(str(exc)) from None
@@ -274,19 +417,29 @@ def train_bunch(partition: Any, jobs: list[Job], data: ImageSet, loss_fn: Callab
             if opt is not None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            step += 1
-            if on_step is not None:
-                live = [j for j in active if j.failed is None and j.loss_count]
-                mean = (float(torch.stack([j.loss_sum / j.loss_count for j in live]).mean())
-                        if live else float("nan"))  # one device sync per step
-                dt = time.perf_counter() - t0
-                on_step(step, total, mean, images / dt if dt > 0 else 0.0)
+        for j in active:
+            j.position = step + 1
+        if on_step is not None and usable:
+            live = [j for j in active if j.failed is None and j.loss_count]
+            mean = (float(torch.stack([j.loss_sum / j.loss_count for j in live]).mean())
+                    if live else float("nan"))  # one device sync per step
+            dt = time.perf_counter() - t0
+            on_step(step + 1 - start, stop - start, mean, images / dt if dt > 0 else 0.0)
+        if (checkpoint is not None and step + 1 < stop
+                and time.perf_counter() - last_save >= settings.checkpoint_minutes * 60):
+            checkpoint(active, opt)
+            last_save = time.perf_counter()
+    if stop % per == 0:  # the stream stopped at an epoch's end
         for j in active:
             if j.failed is None and j.loss_count:
                 j.last_epoch_loss = float(j.loss_sum) / j.loss_count
+                j.loss_sum, j.loss_count = torch.zeros((), device=device), 0
+    if stop < stream.total and opt is not None:  # a round's end: Adam's state goes on with the job
+        for j in active:
+            j.optim_state = optimizer_state(opt, j)
     for j in active:
         j.module.eval()
-        if j.failed is None and j.loss_count == 0:
+        if j.failed is None and j.steps == 0 and stop == stream.total:
             j.failed = "no training step ran: every training image failed to decode"
     return seen
 
@@ -408,6 +561,7 @@ class DistillReport:
     images_per_second: float = 0.0  # training only (teacher forward + every alternative's step)
     seconds: float = 0.0
     teacher: TeacherScore = field(default_factory=TeacherScore)
+    stopped: list[str] = field(default_factory=list)  # trained, stopped early by successive halving
 
 
 def _free_memory(device: str) -> None:
@@ -422,9 +576,14 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
                   ) -> DistillReport:
     """Train and profile every pending alternative of ``house`` (this rank's share of them).
 
-    ``make_module(record)`` rebuilds an alternative with its *initial* weights. Results are
-    written after every bunch: to the manifest in a single process, to this rank's shard file
+    ``make_module(record)`` rebuilds an alternative with its *initial* weights. Finished results
+    are written after every bunch: to the manifest in a single process, to this rank's shard file
     under ``torchrun`` (rank 0 merges the shards at the end; see :meth:`House.merge_shards`).
+    While a bunch trains, each alternative's training state is saved every
+    ``settings.checkpoint_minutes`` (:meth:`House.save_state`), so a killed build resumes where
+    its alternatives were in the image stream. With ``settings.halving`` the stream is cut into
+    rounds (:meth:`Stream.rounds`); after each, every alternative still training is profiled on
+    the held-out images and those :func:`halving_stops` names stop, trained as far as they got.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
@@ -433,20 +592,33 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
     dist = dist or DistEnv()
     report = DistillReport()
     pending = [a for a in house.manifest.alternatives if a.status == "pending"]
-    mine = pending[dist.rank::dist.world]
+    halving = bool(settings.halving and settings.epochs)
+    if halving and dist.world > 1:  # a segment's alternatives on one rank: halving compares them
+        seg_rank = {s.id: i % dist.world for i, s in enumerate(house.manifest.segments)}
+        mine = [a for a in pending if seg_rank.get(a.segment, 0) == dist.rank]
+    else:
+        mine = pending[dist.rank::dist.world]
     if not mine:
         return report
     for p in partition.model.parameters():  # the teacher is frozen
         p.requires_grad_(False)
     teacher_params = {id(p) for p in partition.model.parameters()}
     tails = Tails(partition)
-    size = max(1, min(bunch_size, len(mine)))
-    queue: deque[list[AlternativeRecord]] = deque(mine[i:i + size] for i in range(0, len(mine), size))
+    stream = Stream.of(len(train), settings)
+    # halving decides first on the untrained alternatives (step 0), then after every round
+    bounds = ([0] if halving else []) + (stream.rounds(settings.halving, settings.halving_eta) if halving
+                                         else [stream.total])
+    info = {rec.id: house.state_info(rec.id) or {} for rec in mine}
+    resumed = {k: v["position"] for k, v in info.items() if v.get("position")}
+    show = console is not None and dist.main
+    if show and resumed:
+        console.print(f"resuming {len(resumed)} alternative(s) inside the image stream, at step(s) "
+                      f"{', '.join(str(s) for s in sorted(set(resumed.values())))} of {stream.total}")
+    live = list(mine)
     finished: list[AlternativeRecord] = []
     total_images = 0
     train_seconds = 0.0
     t_start = time.perf_counter()
-    show = console is not None and dist.main
     # no distillation epochs (the few-image recipe): nothing to show progress of but profiling
     progress = make_progress(console if show and settings.epochs else None, TextColumn("[bold]{task.description}"), BarColumn(),
                              MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4g}"),
@@ -454,74 +626,216 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
                              line="{description}: step {completed}/{total}, loss {loss:.4g}, {ips:.1f} img/s, "
                                   "{elapsed:.0f} s")
     bunch_no = 0
+
+    def save_states(jobs: list[Job], opt: Any = None, profiles: dict[str, Profile] | None = None,
+                    at: int | None = None) -> None:
+        for j in jobs:
+            if j.failed is not None:
+                continue
+            state = optimizer_state(opt, j) if opt is not None else (j.optim_state or [])
+            extra = {}
+            if at is not None:
+                prof = (profiles or {}).get(j.record.id, Profile())
+                extra = {"profiled_at": at, "profile": prof.__dict__}
+            house.save_state(j.record.id, {"module": j.module.state_dict(), "optim": state}, j.info() | extra)
+
+    def make_job(rec: AlternativeRecord) -> Job:
+        module = make_module(rec)
+        if any(id(p) in teacher_params for p in module.parameters()):
+            module = copy.deepcopy(module)  # never train the teacher's own weights
+        job = Job(rec, segment_info(house.segment(rec.segment)), module)
+        saved = house.load_state(rec.id) if info.get(rec.id) else None
+        if saved is not None:
+            job.restore(*saved)
+        return job
+
     with progress:
-        while queue:
-            bunch = queue.popleft()
-            bunch_no += 1
-            jobs: list[Job] = []
-            done: list[AlternativeRecord] = []
-            for rec in bunch:
+        for r, bound in enumerate(bounds):
+            final = bound == stream.total and r == len(bounds) - 1
+            todo = [rec for rec in live if final or info[rec.id].get("position", 0) < bound
+                    or info[rec.id].get("profiled_at") != bound]
+            groups: dict[int, list[AlternativeRecord]] = {}
+            for rec in todo:
+                groups.setdefault(int(info[rec.id].get("position", 0)), []).append(rec)
+            size = max(1, min(bunch_size, len(todo) or 1))
+            queue: deque[list[AlternativeRecord]] = deque(
+                g[i:i + size] for _, g in sorted(groups.items()) for i in range(0, len(g), size))
+            while queue:
+                bunch = queue.popleft()
+                bunch_no += 1
+                jobs: list[Job] = []
+                done: list[AlternativeRecord] = []
+                for rec in bunch:
+                    try:
+                        jobs.append(make_job(rec))
+                    except Exception as exc:
+                        done.append(rec.model_copy(update={"status": "failed",
+                                                           "reason": f"could not rebuild: {_reason(exc)}"}))
+                positions = {j.position for j in jobs}
+                if len(positions) > 1:  # a saved state that could not be read: start those again
+                    late = [j.record for j in jobs if j.position != max(positions)]
+                    for rec in late:
+                        house.remove_state(rec.id)
+                        info[rec.id] = {}
+                    queue.append(late)
+                    jobs = [j for j in jobs if j.position == max(positions)]
+                rounds_left = f"round {r + 1 - bool(halving)}/{len(bounds) - bool(halving)} " if halving and bound else ""
+                label = (f"{rounds_left}bunch {bunch_no} ({len(jobs)} alt.)"
+                         + (f" rank {dist.rank}" if dist.world > 1 else ""))
+                trains = bool(jobs) and (bound > jobs[0].position or final)
+                task = progress.add_task(label, total=None, loss=float("nan"), ips=0.0) if trains else None
+                started = time.perf_counter()
+
+                def on_step(step: int, total: int, loss: float, ips: float, _task=task) -> None:
+                    progress.update(_task, completed=step, total=total, loss=loss, ips=ips)
+
                 try:
-                    module = make_module(rec)
-                    if any(id(p) in teacher_params for p in module.parameters()):
-                        module = copy.deepcopy(module)  # never train the teacher's own weights
-                    jobs.append(Job(rec, segment_info(house.segment(rec.segment)), module))
-                except Exception as exc:
-                    done.append(rec.model_copy(update={"status": "failed",
-                                                       "reason": f"could not rebuild: {_reason(exc)}"}))
-            label = f"bunch {bunch_no} ({len(jobs)} alt.)" + (f" rank {dist.rank}" if dist.world > 1 else "")
-            task = progress.add_task(label, total=None, loss=float("nan"), ips=0.0)
-            started = time.perf_counter()
-
-            def on_step(step: int, total: int, loss: float, ips: float, _task=task) -> None:
-                progress.update(_task, completed=step, total=total, loss=loss, ips=ips)
-
-            try:
-                total_images += train_bunch(partition, jobs, train, loss_fn, settings, on_step)
-                train_seconds += time.perf_counter() - started
-            except BunchOutOfMemory as exc:
+                    if trains:
+                        total_images += train_bunch(partition, jobs, train, loss_fn, settings, on_step,
+                                                    stop=bound, checkpoint=save_states)
+                        train_seconds += time.perf_counter() - started
+                except BunchOutOfMemory as exc:
+                    del jobs
+                    _free_memory(settings.device)
+                    if task is not None:
+                        progress.remove_task(task)
+                    if len(bunch) == 1:
+                        house.remove_state(bunch[0].id)
+                        done.append(bunch[0].model_copy(update={
+                            "status": "failed",
+                            "reason": f"out of memory even when trained alone at batch size "
+                                      f"{settings.batch_size}; lower build.batch_size ({str(exc)[:200]})"}))
+                        live = [rec for rec in live if rec.id != bunch[0].id]
+                        _commit(house, done, finished, dist)
+                        continue
+                    half = max(1, len(bunch) // 2)
+                    rest = [rec for b in [bunch, *queue] for rec in b]
+                    by_pos: dict[int, list[AlternativeRecord]] = {}
+                    for rec in rest:  # the halved bunches resume from their saved states
+                        info[rec.id] = house.state_info(rec.id) or {}
+                        by_pos.setdefault(int(info[rec.id].get("position", 0)), []).append(rec)
+                    queue = deque(g[i:i + half] for _, g in sorted(by_pos.items()) for i in range(0, len(g), half))
+                    if console is not None:
+                        console.print(f"[yellow]out of memory with {len(bunch)} alternatives in a bunch; "
+                                      f"retrying in bunches of {half}[/yellow]")
+                    continue
+                for j in jobs:
+                    j.module.to(settings.device).eval()
+                profiles, teacher_score = profile_bunch(partition, jobs, val, tails, settings)
+                if teacher_score.images:
+                    report.teacher = teacher_score
+                elapsed = time.perf_counter() - started
+                if not final:  # the round's end: profiled, saved, on to the next round (or stopped)
+                    for j in jobs:
+                        prof = profiles.get(j.record.id)
+                        if prof is not None and prof.kl is not None:
+                            j.kl_history.append(prof.kl)
+                    save_states(jobs, profiles=profiles, at=bound)
+                    for j in jobs:
+                        info[j.record.id] = house.state_info(j.record.id) or {}
+                for j in jobs:
+                    rec = j.record
+                    if j.failed is not None:
+                        done.append(rec.model_copy(update={"status": "failed", "reason": j.failed,
+                                                           "steps": j.steps, "images": j.images}))
+                        continue
+                    if final:
+                        house.save_weights(rec.id, j.module)
+                        done.append(_trained(rec, j, profiles.get(rec.id, Profile()), elapsed / max(1, len(jobs))))
+                _commit(house, done, finished, dist)
+                for rec in done:
+                    house.remove_state(rec.id)
+                gone = {rec.id for rec in done}
+                live = [rec for rec in live if rec.id not in gone]
                 del jobs
                 _free_memory(settings.device)
-                progress.remove_task(task)
-                if len(bunch) == 1:
-                    done.append(bunch[0].model_copy(update={
-                        "status": "failed",
-                        "reason": f"out of memory even when trained alone at batch size "
-                                  f"{settings.batch_size}; lower build.batch_size ({str(exc)[:200]})"}))
-                    _commit(house, done, finished, dist)
-                    continue
-                size = max(1, len(bunch) // 2)
-                rest = [r for b in [bunch, *queue] for r in b]
-                queue = deque(rest[i:i + size] for i in range(0, len(rest), size))
-                if console is not None:
-                    console.print(f"[yellow]out of memory with {len(bunch)} alternatives in a bunch; "
-                                  f"retrying in bunches of {size}[/yellow]")
+            if final or not halving or not live:
                 continue
-            profiles, teacher_score = profile_bunch(partition, jobs, val, tails, settings)
-            if teacher_score.images:
-                report.teacher = teacher_score
-            elapsed = time.perf_counter() - started
-            for j in jobs:
-                rec = j.record
-                if j.failed is not None:
-                    done.append(rec.model_copy(update={"status": "failed", "reason": j.failed,
-                                                       "steps": j.steps}))
+            # successive halving: stop the alternatives clearly not worth more images
+            stops = halving_stops(house, [rec for rec in live if info[rec.id].get("profiled_at") == bound],
+                                  info, settings, first=bound == 0)
+            done = []
+            for rec in live:
+                if rec.id not in stops:
                     continue
-                house.save_weights(rec.id, j.module)
-                prof = profiles.get(rec.id, Profile())
-                done.append(rec.model_copy(update={
-                    "status": "trained", "reason": None, "train_loss": j.last_epoch_loss,
-                    "steps": j.steps, "distill_error": prof.distill_error, "kl": prof.kl,
-                    "agreement": prof.agreement, "top1": prof.top1,
-                    "seconds": round(elapsed / max(1, len(jobs)), 4)}))
+                job = make_job(rec)
+                house.save_weights(rec.id, job.module)
+                prof = Profile(**(info[rec.id].get("profile") or {}))
+                done.append(_trained(rec, job, prof, None, stopped=stops[rec.id]))
             _commit(house, done, finished, dist)
-            del jobs
-            _free_memory(settings.device)
+            for rec in done:
+                house.remove_state(rec.id)
+            live = [rec for rec in live if rec.id not in stops]
+            if show:
+                images = min(bound * settings.batch_size, stream.total * settings.batch_size)
+                nxt = bounds[r + 1] * settings.batch_size if r + 1 < len(bounds) else None
+                console.print(f"halving after {images:,} images: {len(stops)} stopped, {len(live)} go on"
+                              + (f" to {nxt:,}" if nxt else ""), highlight=False)
     report.seconds = time.perf_counter() - t_start
     report.images_per_second = total_images / train_seconds if train_seconds else 0.0
     report.trained = [r.id for r in finished if r.status == "trained"]
     report.failed = [r.id for r in finished if r.status == "failed"]
+    report.stopped = [r.id for r in finished if r.stopped]
     return report
+
+
+def _trained(rec: AlternativeRecord, job: Job, prof: Profile, seconds: float | None,
+             stopped: str | None = None) -> AlternativeRecord:
+    return rec.model_copy(update={
+        "status": "trained", "reason": None, "train_loss": job.train_loss, "steps": job.steps,
+        "images": job.images, "stopped": stopped, "distill_error": prof.distill_error, "kl": prof.kl,
+        "agreement": prof.agreement, "top1": prof.top1,
+        "seconds": None if seconds is None else round(seconds, 4)})
+
+
+def halving_stops(house: House, candidates: list[AlternativeRecord], info: dict[str, dict],
+                  settings: Settings, *, first: bool = False) -> dict[str, str]:
+    """Which ``candidates`` (profiled at the same step of the stream; ``info`` holds their saved
+    states' JSON: ``profile``, ``kl_history``, ``images``) stop training, and why.
+
+    - **No cheaper than the teacher's segment** (FLOPs and parameters both at least the
+      segment's): the teacher's own block is better at no more cost; decided before training.
+    - **Dominated**: another alternative of the same segment (still training, or finished) has no
+      more FLOPs and no more parameters and a replace-one KL lower by more than
+      ``settings.halving_margin`` of this one's. Not decided on untrained alternatives
+      (``first``): their initialisations differ in kind.
+    - **Stalled**: its KL improved by less than ``settings.halving_stall`` (relative) over the last
+      round: more images of the same kind will not change its rank much.
+    """
+    stops: dict[str, str] = {}
+    kl: dict[str, float] = {}
+    for rec in candidates:
+        value = (info.get(rec.id, {}).get("profile") or {}).get("kl")
+        if value is not None:
+            kl[rec.id] = float(value)
+    peers: dict[str, list[tuple[AlternativeRecord, float]]] = {}
+    for rec in house.manifest.alternatives:
+        value = kl.get(rec.id, rec.kl if rec.status == "trained" else None)
+        if value is not None:
+            peers.setdefault(rec.segment, []).append((rec, value))
+    for rec in candidates:
+        if rec.id not in kl:
+            continue
+        mine, seen = kl[rec.id], int(info.get(rec.id, {}).get("images", 0))
+        seg = house.segment(rec.segment)
+        after = f"after {seen:,} images: " if seen else "untrained: "
+        if seg.flops and seg.params and seg.flops <= rec.flops and seg.params <= rec.params:
+            stops[rec.id] = f"{after}no cheaper than the teacher's segment in FLOPs and parameters"
+            continue
+        if first:
+            continue
+        better = [(other, v) for other, v in peers.get(rec.segment, []) if other.id != rec.id
+                  and other.flops <= rec.flops and other.params <= rec.params
+                  and v < mine * (1 - settings.halving_margin)]
+        if better:
+            other, v = min(better, key=lambda t: t[1])
+            stops[rec.id] = f"{after}dominated by {other.id} (KL {v:.3g} against {mine:.3g}, no more FLOPs or parameters)"
+            continue
+        history = info.get(rec.id, {}).get("kl_history") or []
+        if len(history) >= 2 and history[-1] > history[-2] * (1 - settings.halving_stall):
+            stops[rec.id] = (f"{after}stalled (KL {history[-2]:.3g} -> {history[-1]:.3g} over the last round, "
+                             f"less than {settings.halving_stall:.0%} better)")
+    return stops
 
 
 def _commit(house: House, done: list[AlternativeRecord], finished: list[AlternativeRecord],
@@ -539,7 +853,8 @@ def _commit(house: House, done: list[AlternativeRecord], finished: list[Alternat
             house.remove_initial(rec.id)
 
 
-HOUSE_LEGEND = ("params: millions; MFLOPs: per image; loss: mean distillation loss of the last epoch; err: "
+HOUSE_LEGEND = ("params: millions; MFLOPs: per image; stopped: successive halving stopped its training (the "
+                "reason is in the manifest); loss: mean distillation loss of the last epoch; err: "
                 "held-out MSE over the variance of the teacher's activation; agree, top-1: the teacher with only "
                 "this block swapped in, % of held-out images on which it agrees with the teacher / is right")
 
@@ -557,6 +872,8 @@ def summary_table(house: House, title: str = "model house") -> Any:
 
     for a in house.manifest.alternatives:
         status = a.status if a.status != "failed" else f"failed: {(a.reason or '')[:60]}"
+        if a.status == "trained" and a.stopped:
+            status = f"stopped at {a.images:,} img." if a.images else "stopped untrained"
         table.add_row(a.id, f"{a.params / 1e6:.3f}", f"{a.flops / 1e6:.1f}", status,
                       num(a.train_loss), num(a.distill_error), num(a.agreement and 100 * a.agreement, "{:.1f}"),
                       num(a.top1 and 100 * a.top1, "{:.1f}"))

@@ -7,6 +7,8 @@ Layout of a house directory::
     alts/<id>.init.safetensors # its initial weights (training always starts here, so a
                                # retrained bunch after a kill gives the same result)
     shards/rank-<r>.json       # per-rank results while a torchrun build runs (merged, then removed)
+    states/<id>.pt             # an alternative's training state while it trains (weights, Adam
+    states/<id>.json           # state, position in the image stream; removed when it finishes)
 
 The manifest holds no code: an alternative is rebuilt by its block source's ``rebuild`` from the
 stored :class:`bespoke.types.AlternativeSpec`, then its safetensors weights are loaded.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from glob import escape as glob_escape
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Literal
@@ -77,6 +80,8 @@ class AlternativeRecord(BaseModel):
     kl: float | None = None  # replace-one: mean KL(teacher || teacher with this swapped in), nats
     # run-dependent, not part of the result
     seconds: float | None = None
+    images: int = 0  # training images it saw (with repeats over epochs)
+    stopped: str | None = None  # why successive halving stopped its training early
 
 
 class Manifest(BaseModel):
@@ -222,6 +227,60 @@ class House:
             self.weights_path(alt_id, initial=True).unlink()
         except OSError:
             pass
+
+    # ---- training states (resume inside an epoch) ---------------------------------------
+
+    def state_path(self, alt_id: str, tag: str | None = None) -> Path:
+        """``states/<id>.json`` (the state's description), or with ``tag`` its tensors file."""
+        return self.root / "states" / (f"{alt_id}.json" if tag is None else f"{alt_id}.{tag}.pt")
+
+    def save_state(self, alt_id: str, tensors: dict[str, Any], info: dict[str, Any]) -> None:
+        """Write an alternative's training state: ``tensors`` (weights, optimiser state) to a new
+        file, then ``info`` (JSON: position, counters, interim profile) naming it, both atomically,
+        then remove the older tensors file. A kill at any moment leaves the last complete state."""
+        import torch
+
+        tag = f"{int(info.get('position', 0)):08d}"
+        atomic_write(self.state_path(alt_id, tag), lambda tmp: torch.save(tensors, tmp))
+        atomic_write_text(self.state_path(alt_id), json.dumps({**info, "tensors": tag}) + "\n")
+        for old in self._state_files(alt_id):
+            if old.name != self.state_path(alt_id, tag).name:
+                try:
+                    old.unlink()
+                except OSError:
+                    pass
+
+    def _state_files(self, alt_id: str) -> list[Path]:
+        pattern = re.compile(re.escape(alt_id) + r"\.\d{8}\.pt")
+        return [p for p in self.state_path(alt_id).parent.glob(f"{glob_escape(alt_id)}.*.pt")
+                if pattern.fullmatch(p.name)]
+
+    def state_info(self, alt_id: str) -> dict[str, Any] | None:
+        """The JSON half of a saved training state, or None (absent or unreadable)."""
+        try:
+            info = json.loads(self.state_path(alt_id).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    def load_state(self, alt_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """``(tensors, info)`` of the last complete training state, or None (none, or unreadable)."""
+        import torch
+
+        info = self.state_info(alt_id)
+        if info is None or not isinstance(info.get("tensors"), str):
+            return None
+        try:
+            return torch.load(self.state_path(alt_id, info["tensors"]), map_location="cpu", weights_only=True), info
+        except Exception:
+            return None
+
+    def remove_state(self, alt_id: str) -> None:
+        for path in [self.state_path(alt_id), *self._state_files(alt_id)]:
+            try:
+                path.unlink()
+            except OSError:
+                pass
 
     # ---- per-rank shards (torchrun) -----------------------------------------------------
 

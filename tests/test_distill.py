@@ -210,3 +210,159 @@ def test_torchrun_two_processes_train_the_same_alternatives(tmp_path):
     assert not list((tmp_path / "two" / "shards").glob("*.json"))
     for aid in expected:  # each alternative's training does not depend on the rank it ran on
         assert _same(final[aid], expected[aid]), (aid, final[aid], expected[aid])
+
+
+# ---- inside an epoch: training states, the image stream, successive halving ---------------
+
+LONG = dict(epochs=8, steps_per_epoch=2, cache_activations=False, checkpoint_minutes=0.001)
+
+
+def _positions(house: Path) -> dict[str, int]:
+    out = {}
+    for f in (house / "states").glob("*.json"):
+        try:
+            out[f.stem] = json.loads(f.read_text())["position"]
+        except (OSError, ValueError, KeyError):
+            pass
+    return out
+
+
+def test_a_build_killed_inside_an_epoch_resumes_from_its_saved_state(tmp_path):
+    """SIGKILL in the middle of a bunch's training: the rerun starts from the alternatives' saved
+    training states (weights, Adam state, position in the image stream), not from the start, and
+    ends with the house an uninterrupted build makes."""
+    ref = _build(tmp_path, tmp_path / "ref", **LONG)
+    assert not list((ref.root / "states").glob("*")), "finished alternatives leave no training state"
+    house = tmp_path / "house"
+    config = hp.write_config(tmp_path, house, **LONG)
+    driver = hp.write_driver(tmp_path, config)
+    proc = subprocess.Popen([sys.executable, str(driver)], env=_env(TINY_DELAY="0.05"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_at = None
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            positions = _positions(house)
+            if positions and min(positions.values()) >= 5:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = min(positions.values())
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            proc.kill()
+        proc.wait()
+    assert killed_at is not None, f"no training state was saved before the build ended: {proc.stderr.read().decode()[-2000:]}"
+    assert all(r["status"] == "pending" for r in _records(house).values())  # killed inside the only bunch
+    done = subprocess.run([sys.executable, str(driver)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "inside the image stream, at step(s)" in done.stdout, done.stdout[-2000:]
+    resumed_from = int(done.stdout.split("at step(s) ")[1].split()[0].rstrip(","))
+    assert 5 <= resumed_from < 16
+    final, expected = _records(house), _records(ref.root)
+    assert final.keys() == expected.keys()
+    for aid in expected:  # the same weights' profile: Adam's state and the stream were restored
+        assert _same(final[aid], expected[aid]), (aid, final[aid], expected[aid])
+    assert not list((house / "states").glob("*"))
+
+
+def test_a_state_whose_tensors_are_missing_is_ignored(tmp_path):
+    from bespoke.house import House
+
+    h = _build(tmp_path, tmp_path / "house", segments=1, epochs=1, steps_per_epoch=1)
+    rec = h.manifest.alternatives[0]
+    h.save_state(rec.id, {"module": {}, "optim": []}, {"position": 3})
+    assert h.load_state(rec.id) is not None
+    h.save_state(rec.id, {"module": {}, "optim": []}, {"position": 4})
+    assert [p.name for p in (h.root / "states").glob("*.pt")] == [f"{rec.id}.00000004.pt"]  # the older one went
+    h.state_path(rec.id, "00000004").unlink()  # a kill between the two writes, or a lost file
+    assert h.load_state(rec.id) is None
+    h.remove_state(rec.id)
+    assert not list((h.root / "states").glob("*"))
+
+
+def test_the_stream_is_the_same_whoever_decodes_it():
+    """Batches of a step: the same with worker processes or without, and from any start."""
+    from bespoke.distill import Settings, Stream, _steps
+    from bespoke.data import transforms_for, sample_images
+    import timm
+
+    model = timm.create_model(hp.TEACHER, pretrained=False)
+    data = sample_images().with_transform(transforms_for(model, 32, augment=True))
+    stream = Stream.of(len(data), Settings(epochs=3, batch_size=4))
+    whole = {s: b for s, b in _steps(data, stream, 0, stream.total, workers=0)}
+    parallel = {s: b for s, b in _steps(data, stream, 0, stream.total, workers=2)}
+    later = {s: b for s, b in _steps(data, stream, 5, stream.total, workers=1)}
+    assert len(whole) == stream.total == 3 * math.ceil(len(data) / 4)
+    for s, (x, y) in whole.items():
+        assert torch.equal(x, parallel[s][0]) and torch.equal(y, parallel[s][1])
+        if s >= 5:
+            assert torch.equal(x, later[s][0])
+    assert not torch.equal(whole[0][0], whole[stream.steps_per_epoch][0])  # each epoch: new order, new crops
+    assert stream.rounds(0, 3) == [stream.total]
+    assert stream.rounds(4, 3) == [1, 4, stream.total]  # slices of 1, 3, then the rest (steps of 4 images)
+
+
+def test_successive_halving_stops_alternatives_not_worth_more_images(tmp_path):
+    """Copies of the teacher's segment cost what the segment costs: stopped before training.
+    The others train in rounds, each profiled; the house records how many images each saw."""
+    house = _build(tmp_path, tmp_path / "house", segments=3, epochs=6, steps_per_epoch=2, halving=4,
+                   halving_eta=2, halving_stall=0.0, cache_activations=False)
+    recs = {a.id: a for a in house.manifest.alternatives}
+    segments = {s.id: s for s in house.manifest.segments}
+    copies = [a for a in recs.values() if a.spec.kind == "copy"]
+    convs = [a for a in recs.values() if a.spec.kind == "conv"]
+    assert copies and convs
+    for a in copies:
+        assert a.status == "trained" and a.images == 0 and a.steps == 0
+        assert "no cheaper than the teacher's segment" in a.stopped and a.kl is not None
+    trained_on = []
+    for a in convs:
+        seg = segments[a.segment]
+        assert a.status == "trained" and a.kl is not None
+        if a.flops >= seg.flops and a.params >= seg.params:
+            assert a.images == 0 and "teacher's segment" in a.stopped
+            continue
+        trained_on.append(a.images)
+        assert a.stopped is None or "stalled" in a.stopped or "dominated" in a.stopped
+        if a.stopped is None:  # trained to the end of the stream: 6 epochs of 2 steps of 4 images
+            assert a.images == 6 * 2 * 4
+    assert trained_on and all(n > 0 for n in trained_on)
+    assert not list((house.root / "states").glob("*"))
+
+
+def test_halving_rules(tmp_path):
+    from bespoke.distill import Settings, halving_stops
+    from bespoke.house import AlternativeRecord, House, SegmentRecord, TeacherInfo
+    from bespoke.types import AlternativeSpec
+
+    seg = SegmentRecord(start=0, end=1, in_shape=(1, 8, 8, 8), out_shape=(1, 8, 8, 8), in_stride=1,
+                        out_stride=1, params=1000, flops=10_000)
+    h = House.create(tmp_path / "h", TeacherInfo(name="t", input_size=8))
+    h.manifest.segments.append(seg)
+
+    def alt(name, params, flops, **kw):
+        rec = AlternativeRecord(id=f"0-1.{name}", segment=seg.id, source="x",
+                                spec=AlternativeSpec(source="x", kind=name, label=name), params=params,
+                                flops=flops, **kw)
+        h.manifest.alternatives.append(rec)
+        return rec
+
+    big = alt("big", 1000, 10_000)  # as costly as the segment itself
+    small = alt("small", 400, 4000)
+    smaller = alt("smaller", 300, 3000)
+    tiny = alt("tiny", 100, 1000)
+    done = alt("done", 350, 3500, status="trained", kl=0.01)  # finished earlier
+    info = {big.id: {"profile": {"kl": 0.0}, "images": 0},
+            small.id: {"profile": {"kl": 0.5}, "images": 64, "kl_history": [0.9, 0.5]},
+            smaller.id: {"profile": {"kl": 0.2}, "images": 64, "kl_history": [0.8, 0.2]},
+            tiny.id: {"profile": {"kl": 0.9}, "images": 64, "kl_history": [0.91, 0.9]}}
+    s = Settings(halving_margin=0.2, halving_stall=0.05)
+    first = halving_stops(h, [big, small, smaller, tiny], info, s, first=True)
+    assert set(first) == {big.id} and "teacher's segment" in first[big.id]  # only cost decides untrained
+    stops = halving_stops(h, [small, smaller, tiny], info, s)
+    assert "dominated by 0-1.done" in stops[small.id]  # the best of those cheaper and far better
+    assert smaller.id not in stops  # the finished `done` is costlier; nothing cheaper is better
+    assert "stalled" in stops[tiny.id]  # cheapest, but its KL no longer moves
+    s.halving_margin = 0.99  # `done` and `smaller` are better than `small`, but not by 99 %
+    assert small.id not in halving_stops(h, [small, smaller, tiny], info, s)

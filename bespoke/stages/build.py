@@ -178,7 +178,10 @@ def summarise(house: House, root: Path, split: Any, report: Any, console: Any) -
     console.print(summary_table(house, title=f"model house {root}"))
     console.print(HOUSE_LEGEND, highlight=False)
     counts = {s: len(house.by_status(s)) for s in ("trained", "failed", "pending")}
-    console.print(f"{counts['trained']} trained, {counts['failed']} failed, {counts['pending']} pending"
+    stopped = sum(1 for a in house.by_status("trained") if a.stopped)
+    console.print(f"{counts['trained']} trained"
+                  + (f" ({stopped} stopped early by successive halving)" if stopped else "")
+                  + f", {counts['failed']} failed, {counts['pending']} pending"
                   + (f"; {report.images_per_second:.1f} images/s" if report.images_per_second else ""))
     if skipped:
         console.print(f"[yellow]{len(skipped)} image(s) failed to decode and were skipped:[/yellow] "
