@@ -135,6 +135,7 @@ class Job:
     position: int = 0  # steps of the image stream trained on (Stream)
     images: int = 0  # training images seen
     kl_history: list[float] = field(default_factory=list)  # held-out KL at each round's end
+    best: dict[str, Any] | None = None  # the round's end that scored best so far (keep-best)
     optim_state: list[dict[str, Any]] | None = None  # Adam's state per trainable parameter
 
     @property
@@ -150,7 +151,7 @@ class Job:
         """What a saved training state records besides tensors (JSON)."""
         return {"position": self.position, "images": self.images, "steps": self.steps,
                 "loss_sum": float(self.loss_sum), "loss_count": self.loss_count,
-                "last_epoch_loss": self.last_epoch_loss, "kl_history": self.kl_history}
+                "last_epoch_loss": self.last_epoch_loss, "kl_history": self.kl_history, "best": self.best}
 
     def restore(self, tensors: dict[str, Any], info: dict[str, Any]) -> None:
         self.module.load_state_dict(tensors["module"])
@@ -159,6 +160,7 @@ class Job:
         self.loss_sum, self.loss_count = float(info["loss_sum"]), int(info["loss_count"])
         self.last_epoch_loss = info.get("last_epoch_loss")
         self.kl_history = [float(v) for v in info.get("kl_history", [])]
+        self.best = info.get("best")
 
 
 @dataclass
@@ -637,7 +639,25 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
             if at is not None:
                 prof = (profiles or {}).get(j.record.id, Profile())
                 extra = {"profiled_at": at, "profile": prof.__dict__}
+                if prof.kl is not None and (j.best is None or prof.kl < j.best["kl"]):  # keep-best
+                    house.save_best(j.record.id, j.module, at)
+                    j.best = {"step": at, "kl": prof.kl, "images": j.images, "profile": prof.__dict__}
             house.save_state(j.record.id, {"module": j.module.state_dict(), "optim": state}, j.info() | extra)
+            if at is not None and j.best is not None:
+                house.prune_best(j.record.id, j.best["step"])
+
+    def finish(job: Job, prof: Profile, seconds: float | None, stopped: str | None = None) -> AlternativeRecord:
+        """Save a job's weights and give its finished record: the weights of the round's end that
+        scored best on the held-out images when one scored better than the last (keep-best)."""
+        kept = None
+        best = job.best
+        if (best is not None and prof.kl is not None and best["kl"] < prof.kl
+                and house.load_best(job.record.id, job.module, best["step"])):
+            kept = (f"the weights after {best['images']:,} images (KL {best['kl']:.3g}; "
+                    f"{prof.kl:.3g} after {job.images:,})")
+            prof = Profile(**best["profile"])
+        house.save_weights(job.record.id, job.module)
+        return _trained(job.record, job, prof, seconds, stopped=stopped, kept=kept)
 
     def make_job(rec: AlternativeRecord) -> Job:
         module = make_module(rec)
@@ -740,8 +760,7 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
                                                            "steps": j.steps, "images": j.images}))
                         continue
                     if final:
-                        house.save_weights(rec.id, j.module)
-                        done.append(_trained(rec, j, profiles.get(rec.id, Profile()), elapsed / max(1, len(jobs))))
+                        done.append(finish(j, profiles.get(rec.id, Profile()), elapsed / max(1, len(jobs))))
                 _commit(house, done, finished, dist)
                 for rec in done:
                     house.remove_state(rec.id)
@@ -759,9 +778,7 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
                 if rec.id not in stops:
                     continue
                 job = make_job(rec)
-                house.save_weights(rec.id, job.module)
-                prof = Profile(**(info[rec.id].get("profile") or {}))
-                done.append(_trained(rec, job, prof, None, stopped=stops[rec.id]))
+                done.append(finish(job, Profile(**(info[rec.id].get("profile") or {})), None, stopped=stops[rec.id]))
             _commit(house, done, finished, dist)
             for rec in done:
                 house.remove_state(rec.id)
@@ -780,10 +797,11 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
 
 
 def _trained(rec: AlternativeRecord, job: Job, prof: Profile, seconds: float | None,
-             stopped: str | None = None) -> AlternativeRecord:
+             stopped: str | None = None, kept: str | None = None) -> AlternativeRecord:
     return rec.model_copy(update={
         "status": "trained", "reason": None, "train_loss": job.train_loss, "steps": job.steps,
-        "images": job.images, "stopped": stopped, "distill_error": prof.distill_error, "kl": prof.kl,
+        "images": job.images, "stopped": stopped, "kept": kept,
+        "distill_error": prof.distill_error, "kl": prof.kl,
         "agreement": prof.agreement, "top1": prof.top1,
         "seconds": None if seconds is None else round(seconds, 4)})
 

@@ -9,6 +9,7 @@ Layout of a house directory::
     shards/rank-<r>.json       # per-rank results while a torchrun build runs (merged, then removed)
     states/<id>.pt             # an alternative's training state while it trains (weights, Adam
     states/<id>.json           # state, position in the image stream; removed when it finishes)
+    states/<id>.best-<step>.safetensors  # its weights at the round's end that scored best so far
 
 The manifest holds no code: an alternative is rebuilt by its block source's ``rebuild`` from the
 stored :class:`bespoke.types.AlternativeSpec`, then its safetensors weights are loaded.
@@ -82,6 +83,7 @@ class AlternativeRecord(BaseModel):
     seconds: float | None = None
     images: int = 0  # training images it saw (with repeats over epochs)
     stopped: str | None = None  # why successive halving stopped its training early
+    kept: str | None = None  # when its weights are from an earlier round that scored better (keep-best)
 
 
 class Manifest(BaseModel):
@@ -275,7 +277,40 @@ class House:
         except Exception:
             return None
 
+    def best_path(self, alt_id: str, step: int) -> Path:
+        return self.root / "states" / f"{alt_id}.best-{int(step):08d}.safetensors"
+
+    def _best_files(self, alt_id: str) -> list[Path]:
+        pattern = re.compile(re.escape(alt_id) + r"\.best-\d{8}\.safetensors")
+        return [p for p in (self.root / "states").glob(f"{glob_escape(alt_id)}.best-*.safetensors")
+                if pattern.fullmatch(p.name)]
+
+    def save_best(self, alt_id: str, module: "nn.Module", step: int) -> None:
+        """Keep ``module``'s weights as the best so far (the caller then records ``step`` in the
+        state's JSON; :meth:`prune_best` removes the others once it has)."""
+        from safetensors.torch import save_model
+
+        atomic_write(self.best_path(alt_id, step), lambda tmp: save_model(module, tmp))
+
+    def prune_best(self, alt_id: str, keep: int | None) -> None:
+        for path in self._best_files(alt_id):
+            if keep is None or path != self.best_path(alt_id, keep):
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+
+    def load_best(self, alt_id: str, module: "nn.Module", step: int) -> bool:
+        from safetensors.torch import load_model
+
+        try:
+            load_model(module, str(self.best_path(alt_id, step)), strict=True, device=_device_of(module))
+            return True
+        except Exception:
+            return False
+
     def remove_state(self, alt_id: str) -> None:
+        self.prune_best(alt_id, None)
         for path in [self.state_path(alt_id), *self._state_files(alt_id)]:
             try:
                 path.unlink()

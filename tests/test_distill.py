@@ -366,3 +366,17 @@ def test_halving_rules(tmp_path):
     assert "stalled" in stops[tiny.id]  # cheapest, but its KL no longer moves
     s.halving_margin = 0.99  # `done` and `smaller` are better than `small`, but not by 99 %
     assert small.id not in halving_stops(h, [small, smaller, tiny], info, s)
+
+
+def test_rounds_that_make_an_alternative_worse_are_not_kept(tmp_path):
+    """Keep-best on the held-out images: with a learning rate that wrecks every alternative, each
+    one stops after its first round and keeps the weights it had before it (its KL then)."""
+    house = _build(tmp_path, tmp_path / "house", segments=3, epochs=4, steps_per_epoch=2, halving=4,
+                   halving_eta=2, lr=5.0, cache_activations=False)
+    convs = [a for a in house.manifest.alternatives if a.spec.kind == "conv" and a.images]
+    assert convs
+    for a in convs:
+        assert a.stopped and "stalled" in a.stopped
+        assert a.kept and a.kept.startswith("the weights after 0 images")
+        before, after = (float(v) for v in a.kept.split("KL ")[1].split(";")[0:1] + [a.kept.split("; ")[1].split()[0]])
+        assert a.kl == pytest.approx(before, rel=1e-3) and before < after
