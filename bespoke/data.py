@@ -1,4 +1,4 @@
-"""Image data for distillation, calibration and evaluation.
+"""Image data for distillation, selection, scoring and calibration.
 
 Three kinds of source, all giving ``(image tensor, label)`` pairs preprocessed with timm's own
 transforms for the teacher (``timm.data.create_transform`` on :func:`bespoke.models.data_config`):
@@ -14,8 +14,17 @@ transforms for the teacher (``timm.data.create_transform`` on :func:`bespoke.mod
   pipeline end to end and to check it works, far too few for useful distillation. Use a real image
   folder (a few hundred to a few thousand images of the teacher's domain) for real results.
 
+Several sources (**roots**) combine into one :class:`ImageSet` (:func:`open_images` with a list):
+item names are prefixed by the root, and the set is labelled only when every root is, by labels
+that mean the same classes (:func:`combine`).
+
+A run's images play three **roles** that must not share an image (:func:`check_disjoint`):
+*distillation* (``data``), *selection* (``val_data``, or a slice held back from ``data``) and
+*scoring* (``score_data``, touched once at the end of a run). :func:`role_summary` checks them and
+gives their counts and digests.
+
 Images that fail to decode are skipped and counted (:attr:`ImageSet.skipped`); the caller reports
-the count. Batches are assembled with :func:`collate`, which drops them.
+them (:func:`skipped_line`). Batches are assembled with :func:`collate`, which drops them.
 """
 
 from __future__ import annotations
@@ -43,6 +52,20 @@ class _Item:
     name: str
     label: int
     load: Callable[[], Any]  # -> PIL image, ndarray or tensor
+    path: Path | None = None  # the file it is read from, when there is one
+    root: str = ""  # the root it came from, in a set of several roots
+
+
+@dataclass(frozen=True)
+class Labels:
+    """How a root's images are labelled: ``kind`` is ``wnid`` (WordNet ids through a class list),
+    ``folders`` (the index of the sorted subfolder names) or ``dataset`` (the dataset's own);
+    ``key`` is what two roots must share for their labels to mean the same classes; ``origin``
+    says it in words."""
+
+    kind: str
+    key: Any
+    origin: str
 
 
 @dataclass
@@ -63,12 +86,18 @@ class ImageSet(Dataset):
 
     def __init__(self, items: Sequence[_Item], *, labelled: bool, source: str,
                  transform: Callable[[Any], torch.Tensor] | None = None,
-                 skips: _Skips | None = None):
+                 skips: _Skips | None = None, labels: Labels | None = None, note: str = ""):
         self.items = list(items)
+        self.note = note  # what to know about how its roots combined
         self.labelled = labelled
         self.source = source
         self.transform = transform
+        self.labels = labels if labelled else None  # how, when labelled
         self._skips = skips if skips is not None else _Skips()
+
+    def _like(self, items: Sequence[_Item], transform: Any) -> "ImageSet":
+        return ImageSet(items, labelled=self.labelled, source=self.source, transform=transform,
+                        skips=self._skips, labels=self.labels, note=self.note)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -78,13 +107,19 @@ class ImageSet(Dataset):
         """Names of the images that failed to decode so far."""
         return list(self._skips.names)
 
+    def per_root(self) -> dict[str, int]:
+        """Images per root (in order), for a set combined from several; ``{source: n}`` else."""
+        counts: dict[str, int] = {}
+        for item in self.items:
+            key = item.root or self.source
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def with_transform(self, transform: Callable[[Any], torch.Tensor] | None) -> "ImageSet":
-        return ImageSet(self.items, labelled=self.labelled, source=self.source,
-                        transform=transform, skips=self._skips)
+        return self._like(self.items, transform)
 
     def subset(self, indices: Sequence[int]) -> "ImageSet":
-        return ImageSet([self.items[i] for i in indices], labelled=self.labelled,
-                        source=self.source, transform=self.transform, skips=self._skips)
+        return self._like([self.items[i] for i in indices], self.transform)
 
     def views(self, k: int, seed: int = 0) -> "ImageSet":
         """Each image ``k`` times: itself, then ``k - 1`` fixed crops (35-100 % of its area,
@@ -94,10 +129,10 @@ class ImageSet(Dataset):
         if k <= 1:
             return self
         items = [item if j == 0 else _Item(f"{item.name}#view{j}", item.label,
-                                           (lambda item=item, j=j: _view(item.load(), seed * 7919 + n * 101 + j)))
+                                           (lambda item=item, j=j: _view(item.load(), seed * 7919 + n * 101 + j)),
+                                           root=item.root)
                  for n, item in enumerate(self.items) for j in range(k)]
-        return ImageSet(items, labelled=self.labelled, source=self.source, transform=self.transform,
-                        skips=self._skips)
+        return self._like(items, self.transform)
 
     def __getitem__(self, i: int):
         item = self.items[i]
@@ -215,51 +250,59 @@ def _open_image(path: Path) -> Callable[[], Any]:
     return load
 
 
-def folder_images(path: str | Path, class_list: str | Path | None = None) -> ImageSet:
-    """Images of a folder (flat or class subfolders); see the module docstring for labels."""
+def folder_images(path: str | Path, class_list: str | Path | None = None, key: str = "data") -> ImageSet:
+    """Images of a folder (flat or class subfolders); see the module docstring for labels.
+    ``key``: the configuration key it was given as, for messages."""
     root = Path(path).expanduser()
     if not root.exists():
-        raise UsageError(f"image folder {str(root)!r} does not exist; give --data an existing folder "
-                         f"of images (flat, or one subfolder per class), or leave it out to use "
-                         f"scikit-image's sample photos")
+        raise UsageError(f"{key}: image folder {str(root)!r} does not exist; give an existing folder "
+                         f"of images (flat, or one subfolder per class)"
+                         + (", or leave it out to use scikit-image's sample photos" if key == "data" else ""))
     if not root.is_dir():
-        raise UsageError(f"--data {str(root)!r} is not a folder; give a folder of images, or "
+        raise UsageError(f"{key}: {str(root)!r} is not a folder; give a folder of images, or "
                          f"package.module:attribute for a dataset")
     try:
         entries = sorted(root.iterdir())
     except OSError as exc:
         raise UsageError(f"image folder {str(root)!r} cannot be read ({exc}); check its permissions") from None
-    wnids = read_class_list(class_list) if class_list else None
-    if wnids is None:
-        found = _find_class_list(root)
-        wnids = read_class_list(found) if found else None
+    list_path = Path(class_list) if class_list else _find_class_list(root)
+    wnids = read_class_list(list_path) if list_path else None
     subdirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
     files = [e for e in entries if e.is_file() and e.suffix.lower() in IMAGE_SUFFIXES]
     items: list[_Item] = []
+    by_wnid = Labels("wnid", tuple(sorted((wnids or {}).items())), f"WordNet ids through {list_path}")
 
     def wnid_label(name: str) -> int | None:
         m = WNID_RE.match(name)
         return wnids.get(m.group(1)) if (wnids and m) else None
 
-    labelled = False
+    labels: Labels | None = None
     if subdirs and not files:
-        by_name = {d.name: i for i, d in enumerate(subdirs)}
+        mapped = {d.name: wnid_label(d.name) for d in subdirs}
+        missing = [name for name, label in mapped.items() if label is None]
+        if wnids and 0 < len(missing) < len(subdirs):  # half by WordNet id, half by index: nonsense labels
+            raise UsageError(f"{len(missing)} of the {len(subdirs)} class subfolders of {str(root)!r} are not in "
+                             f"the class list {str(list_path)!r} ({', '.join(missing[:5])}"
+                             f"{', ...' if len(missing) > 5 else ''}); give a class_list that holds them all")
+        if missing:
+            mapped = {d.name: i for i, d in enumerate(subdirs)}
+            labels = Labels("folders", tuple(mapped), f"its {len(subdirs)} sorted subfolder names")
+        else:
+            labels = by_wnid
         for d in subdirs:
-            label = wnid_label(d.name)
-            label = by_name[d.name] if label is None else label
             for f in sorted(d.rglob("*")):
                 if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                    items.append(_Item(str(f.relative_to(root)), label, _open_image(f)))
-        labelled = True
+                    items.append(_Item(str(f.relative_to(root)), mapped[d.name], _open_image(f), path=f))
     else:
-        labels = [wnid_label(f.name) for f in files]
-        labelled = bool(files) and all(lab is not None for lab in labels)
-        for f, lab in zip(files, labels):
-            items.append(_Item(f.name, lab if labelled else -1, _open_image(f)))
+        found = [wnid_label(f.name) for f in files]
+        if files and all(lab is not None for lab in found):
+            labels = by_wnid
+        for f, lab in zip(files, found):
+            items.append(_Item(f.name, lab if labels else -1, _open_image(f), path=f))
     if not items:
         raise UsageError(f"image folder {str(root)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                          f"put images in it (flat, or one subfolder per class)")
-    return ImageSet(items, labelled=labelled, source=str(root))
+    return ImageSet(items, labelled=labels is not None, source=str(root), labels=labels)
 
 
 def attribute_images(ref: str) -> ImageSet:
@@ -286,7 +329,7 @@ def attribute_images(ref: str) -> ImageSet:
         return load
 
     items = [_Item(f"{ref}[{i}]", -1, loader(i)) for i in range(n)]
-    return ImageSet(items, labelled=labelled, source=ref)
+    return ImageSet(items, labelled=labelled, source=ref, labels=Labels("dataset", ref, f"the labels of {ref}"))
 
 
 def sample_images() -> ImageSet:
@@ -313,13 +356,88 @@ def sample_images() -> ImageSet:
     return ImageSet(items, labelled=False, source="scikit-image sample photos")
 
 
-def open_images(spec: str | None, class_list: str | Path | None = None) -> ImageSet:
-    """Folder path, ``package.module:attribute``, or ``None`` for scikit-image's sample photos."""
+def roots(spec: str | Path | Sequence[str | Path] | None) -> list[str]:
+    """A ``data``-like value as a list of roots: ``None`` -> ``[]``, one -> ``[one]``."""
     if spec is None:
+        return []
+    if isinstance(spec, (str, Path)):
+        return [str(spec)]
+    return [str(s) for s in spec]
+
+
+def open_images(spec: str | Sequence[str] | None, class_list: str | Path | None = None,
+                key: str = "data") -> ImageSet:
+    """A root or a list of roots (folder paths, ``package.module:attribute``) as one set;
+    ``None`` for scikit-image's sample photos. Several roots combine (:func:`combine`)."""
+    specs = roots(spec)
+    if not specs:
         return sample_images()
-    if ":" in spec and not Path(spec).exists() and "/" not in spec.split(":")[0]:
-        return attribute_images(spec)
-    return folder_images(spec, class_list)
+    sets = [_open_root(s, class_list, key) for s in specs]
+    if len(sets) == 1:
+        return sets[0]
+    return combine(sets, _root_names(specs), key)
+
+
+def _is_ref(spec: str) -> bool:
+    """``package.module:attribute`` rather than a path."""
+    return ":" in spec and not Path(spec).exists() and "/" not in spec.split(":")[0]
+
+
+def _open_root(spec: str, class_list: str | Path | None, key: str) -> ImageSet:
+    return attribute_images(spec) if _is_ref(spec) else folder_images(spec, class_list, key)
+
+
+def _root_names(specs: Sequence[str]) -> list[str]:
+    """Short unique names of roots: the fewest trailing path parts that tell them apart."""
+    parts = [(s,) if _is_ref(s) else (Path(s).expanduser().parts or (s,)) for s in specs]
+    for k in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{n}#{i}" for i, n in enumerate(names)]
+
+
+def combine(sets: Sequence[ImageSet], names: Sequence[str], key: str = "data") -> ImageSet:
+    """One set of several roots' images, each item's name prefixed by its root's name.
+
+    Labelled only when every root is, by labels that mean the same classes: WordNet ids through
+    one class list (or a dataset's own labels, taken as the teacher's class indices), or the
+    index of the same sorted subfolder names. A root labelled one way and another root another
+    way is a :class:`UsageError` that asks for ``class_list``; with unlabelled roots among them,
+    the set is unlabelled."""
+    resolved = [Path(s.source).expanduser().resolve() if Path(s.source).exists() else s.source for s in sets]
+    for i, r in enumerate(resolved):
+        if r in resolved[:i]:
+            raise UsageError(f"{key} names {sets[i].source!r} twice; give each root once")
+    labelled = all(s.labelled for s in sets)
+    if labelled:  # WordNet ids and a dataset's labels are both the teacher's class indices
+        kinds = {"folders" if s.labels.kind == "folders" else "classes" for s in sets}
+        keys = {s.labels.key for s in sets if s.labels.kind != "dataset"}
+        if len(kinds) > 1 or len(keys) > 1:
+            how = "; ".join(f"{n} by {s.labels.origin}" for n, s in zip(names, sets))
+            raise UsageError(f"the roots of {key} label their images in different ways ({how}): the same label "
+                             "would not mean the same class. Give class_list (a classes.txt of 'index wnid name' "
+                             "lines; --class-list) so that every root is labelled by WordNet id through it")
+    items = []
+    for name, s in zip(names, sets):
+        prefix = "" if s.items[0].name.startswith(f"{s.source}[") else f"{name}/"  # a dataset's names are ref[i]
+        for it in s.items:
+            load = it.load if labelled or s.labels is None or s.labels.kind != "dataset" else _image_only(it.load)
+            items.append(_Item(prefix + it.name, it.label if labelled else -1, load, path=it.path, root=name))
+    bare = [n for n, s in zip(names, sets) if not s.labelled]
+    note = (f"{', '.join(bare)} {'has' if len(bare) == 1 else 'have'} no labels (files named by WordNet id need a "
+            f"class_list), so the images of {key} are unlabelled as a whole" if bare and len(bare) < len(sets) else "")
+    return ImageSet(items, labelled=labelled, source=" + ".join(s.source for s in sets),
+                    labels=next((s.labels for s in sets if s.labels.kind != "dataset"), sets[0].labels)
+                    if labelled else None, note=note)
+
+
+def _image_only(load: Callable[[], Any]) -> Callable[[], Any]:
+    """A dataset item's loader without its label (in a set that is unlabelled as a whole)."""
+    def image():
+        raw = load()
+        return raw[0] if isinstance(raw, (tuple, list)) else raw
+    return image
 
 
 def transforms_for(model: torch.nn.Module, input_size: int, *, augment: bool = False):
@@ -349,6 +467,8 @@ class DataSplit:
     labelled: bool
     source: str
     val_views: int = 1  # each held-out image counted this many times, as fixed views of it
+    per_root: dict[str, int] = field(default_factory=dict)  # images of data (and val_data) per root
+    note: str = ""  # how its roots combined, when there is something to say
 
     @property
     def val_images(self) -> int:
@@ -360,9 +480,21 @@ class DataSplit:
         return sorted(set(self.train.skipped) | set(self.val.skipped))
 
 
-def prepare(model: torch.nn.Module, input_size: int, *, data: str | None, val_data: str | None = None,
-            class_list: str | None = None, held_out: int = 64, augment: bool = False,
-            seed: int = 0, val_views: int = 1) -> DataSplit:
+def _select(images: ImageSet, val: ImageSet | None, held_out: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(distillation, selection) images: all of ``images`` and a fixed subset of ``held_out`` of
+    ``val``, or, without ``val``, a deterministic split of ``images``."""
+    if val is None:
+        tr, va = split_indices(len(images), held_out, seed)
+        return images.subset(tr), images.subset(va)
+    if held_out < len(val):  # a deterministic subset of the given held-out images
+        order = torch.randperm(len(val), generator=torch.Generator().manual_seed(seed)).tolist()
+        val = val.subset(sorted(order[:held_out]))
+    return images, val
+
+
+def prepare(model: torch.nn.Module, input_size: int, *, data: str | Sequence[str] | None,
+            val_data: str | Sequence[str] | None = None, class_list: str | None = None, held_out: int = 64,
+            augment: bool = False, seed: int = 0, val_views: int = 1) -> DataSplit:
     """Open the training (and held-out) images and attach the teacher's transforms.
 
     Without ``val_data`` the held-out images are split off ``data`` deterministically.
@@ -371,19 +503,67 @@ def prepare(model: torch.nn.Module, input_size: int, *, data: str | None, val_da
     train_t = transforms_for(model, input_size, augment=augment)
     eval_t = transforms_for(model, input_size, augment=False)
     images = open_images(data, class_list)
-    if val_data:
-        val = open_images(val_data, class_list)
-        if held_out < len(val):  # a deterministic subset of the given held-out images
-            order = torch.randperm(len(val), generator=torch.Generator().manual_seed(seed)).tolist()
-            val = val.subset(sorted(order[:held_out]))
-        train = images
-    else:
-        tr, va = split_indices(len(images), held_out, seed)
-        train, val = images.subset(tr), images.subset(va)
+    given = open_images(val_data, class_list, "val_data") if roots(val_data) else None
+    train, val = _select(images, given, held_out, seed)
+    per_root = {**images.per_root(), **({f"held out: {k}": n for k, n in given.per_root().items()} if given else {})}
     return DataSplit(train=train.with_transform(train_t), val=val.views(val_views, seed).with_transform(eval_t),
-                     labelled=images.labelled and val.labelled, source=images.source, val_views=max(1, val_views))
+                     labelled=images.labelled and val.labelled, source=images.source, val_views=max(1, val_views),
+                     per_root=per_root, note="; ".join(n for n in (images.note, given.note if given else "") if n))
 
 
 def eval_view(split: DataSplit, model: torch.nn.Module, input_size: int) -> ImageSet:
     """The training images with evaluation preprocessing (for calibration)."""
     return split.train.with_transform(transforms_for(model, input_size, augment=False))
+
+
+# --------------------------------------------------------------------------------------------
+# One line each, for the console
+# --------------------------------------------------------------------------------------------
+
+
+def _cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` (>= 12) columns: its start, ``...`` and its last 6 characters."""
+    width = max(width, 12)
+    return text if len(text) <= width else text[:width - 9] + "..." + text[-6:]
+
+
+def _fit(head: str, parts: Sequence[str], width: int) -> str:
+    """``head`` and as many of ``parts`` (comma-separated) as fit in ``width`` columns, then how
+    many more; the first one is shortened to fit, when it has to be."""
+    line = head
+    for i, part in enumerate(parts):
+        rest = len(parts) - i - 1
+        room = width - len(line) - (2 if i else 0) - len(f" and {rest} more" if rest else "")
+        if len(part) > room:
+            if i:
+                return line + f" and {len(parts) - i} more"
+            part = _cut(part, room)
+        line += (", " if i else "") + part
+    return line
+
+
+def counts_line(head: str, counts: dict[str, int], width: int = 80) -> str:
+    """``head: a 500, b 12447`` in at most ``width`` columns (long root names by their tail)."""
+    def short(name: str) -> str:
+        return name if len(name) <= 32 else "..." + name[-29:]
+
+    return _fit(f"{head}: ", [f"{short(k)} {n}" for k, n in counts.items()], width)
+
+
+def skipped_line(names: Sequence[str], width: int = 71) -> str:
+    """One line that counts the images that failed to decode and names the first few (by file
+    name), in ``width`` columns (80 less a ``warning: `` prefix)."""
+    names = sorted(set(names))
+    return _fit(f"skipped {len(names)} undecodable image(s): ", [Path(n).name or n for n in names], width)
+
+
+# The roles' functions live in bespoke.roles; reachable from here too (bespoke.data.role_summary).
+_ROLE_API = ("Digest", "ROLES", "check_disjoint", "image_digests", "open_roles", "role_summary", "set_digest")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ROLE_API:
+        from bespoke import roles
+
+        return getattr(roles, name)
+    raise AttributeError(f"module 'bespoke.data' has no attribute {name!r}")
