@@ -62,6 +62,22 @@ def _parse_sizes(text: str | None) -> list[int] | None:
         raise UsageError(f"--input-sizes {text!r}: give comma-separated whole pixel sizes, e.g. 240,224") from None
 
 
+DATA_HELP = ("distillation images: an image folder (flat or class subfolders) or package.module:attribute; "
+             "repeat for several, combined")
+VAL_DATA_HELP = ("selection images, held out to profile, re-rank and pick (default: split off the distillation "
+                 "images); repeat for several")
+SCORE_DATA_HELP = ("scoring images, read once at the end to score the teacher and the saved students (report.json: "
+                   "score_top1, score_agreement), never to choose; repeat for several")
+CLASS_LIST_HELP = "classes.txt of 'index wnid name' lines labelling images named by WordNet id (the config key class_list)"
+
+
+def _roots(values: Optional[List[str]]) -> str | list[str] | None:
+    """A repeatable image option: not given -> None, once -> the string, several -> the list."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else list(values)
+
+
 def _config(config: Optional[Path], plugins: Optional[List[str]], **flags: Any):
     """Config file + CLI overrides + --plugin selections, validated, with the registry."""
     from bespoke.config import apply_plugin_flags, check_plugin_selection, load_config
@@ -125,14 +141,17 @@ def inspect(
 def build(
     config: Optional[Path] = typer.Argument(None, help="YAML/TOML run configuration"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="model house directory"),
-    data: Optional[str] = typer.Option(None, "--data", help="image folder or package.module:attribute"),
+    data: Optional[List[str]] = typer.Option(None, "--data", help=DATA_HELP),
+    val_data: Optional[List[str]] = typer.Option(None, "--val-data", help=VAL_DATA_HELP),
+    class_list: Optional[str] = typer.Option(None, "--class-list", help=CLASS_LIST_HELP),
     teacher: Optional[str] = typer.Option(None, "--teacher", help=TEACHER_HELP),
     plugin: Optional[List[str]] = PluginOpt,
 ) -> None:
     """Build (or resume) a model house: sample segments, create alternatives, distil them."""
     from bespoke import pipeline
 
-    cfg, reg = _config(config, plugin, data=data, teacher=teacher, house=str(out) if out else None)
+    cfg, reg = _config(config, plugin, data=_roots(data), val_data=_roots(val_data), class_list=class_list,
+                       teacher=teacher, house=str(out) if out else None)
     pipeline.build(cfg, reg, console=console)
 
 
@@ -173,13 +192,13 @@ def finetune(
     recipe: Path = typer.Argument(..., help="a recipe from `bespoke search` (JSON)"),
     out: Path = typer.Option(..., "--out", "-o", help="directory for the student"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    data: Optional[str] = typer.Option(None, "--data", help="image folder or package.module:attribute (default: the config's data)"),
+    data: Optional[List[str]] = typer.Option(None, "--data", help="distillation images: an image folder or package.module:attribute, repeat for several (default: the config's data)"),
     plugin: Optional[List[str]] = PluginOpt,
 ) -> None:
     """Assemble a student, recalibrate BatchNorm, fine-tune it with distillation (resumable)."""
     from bespoke import pipeline
 
-    cfg, reg = _config(config, plugin, data=data)
+    cfg, reg = _config(config, plugin, data=_roots(data))
     pipeline.finetune(cfg, reg, recipe, out, console=console)
 
 
@@ -204,19 +223,22 @@ def run(
     plugin: Optional[List[str]] = PluginOpt,
     budget: Optional[str] = typer.Option(None, "--budget", "-b", help="comma-separated ratios (<=1) or ms (>1)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (the config key out)"),
-    data: Optional[str] = typer.Option(None, "--data", help="image folder or package.module:attribute"),
-    val_data: Optional[str] = typer.Option(None, "--val-data", help="held-out image folder (default: split off the training data)"),
+    data: Optional[List[str]] = typer.Option(None, "--data", help=DATA_HELP),
+    val_data: Optional[List[str]] = typer.Option(None, "--val-data", help=VAL_DATA_HELP),
+    score_data: Optional[List[str]] = typer.Option(None, "--score-data", help=SCORE_DATA_HELP),
+    class_list: Optional[str] = typer.Option(None, "--class-list", help=CLASS_LIST_HELP),
     teacher: Optional[str] = typer.Option(None, "--teacher", help=TEACHER_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help="quick (default; minutes), full (the documented defaults) or tiny (a tiny random-weight teacher and donor on generated images: every stage in about a minute, to try a plugin)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed of every stage (the config key seed)"),
     input_sizes: Optional[str] = typer.Option(None, "--input-sizes",
                                               help="also search students at these input sizes, e.g. 240,224 (search.input_sizes)"),
 ) -> None:
-    """Everything: build (or reuse) the house, profile, search each budget, fine-tune, export, report."""
+    """Everything: build (or reuse) the house, profile, search each budget, fine-tune, export, score, report."""
     from bespoke import pipeline
 
     cfg, reg = _config(config, plugin, budgets=_parse_budgets(budget), out=str(out) if out else None,
-                       data=data, val_data=val_data, teacher=teacher, preset=preset, seed=seed,
+                       data=_roots(data), val_data=_roots(val_data), score_data=_roots(score_data),
+                       class_list=class_list, teacher=teacher, preset=preset, seed=seed,
                        **{"search.input_sizes": _parse_sizes(input_sizes)})
     pipeline.run(cfg, reg, console=console)
 

@@ -127,8 +127,9 @@ class RunConfig(Strict):
     teacher_weights: str | None = Field(None, description="checkpoint file for the teacher ('packaged' = the packaged Lite weights)")
     donors: list[str] = Field(default_factory=lambda: ["tf_efficientnet_lite0", "tf_efficientnet_lite1"], description="donor networks for the timm-donors block source (timm names, package.module:attribute, checkpoints)")
     input_size: int | None = Field(None, ge=16, description="square input resolution; default: the teacher's own")
-    data: str | None = Field(None, description="image folder (flat or class subfolders) or package.module:attribute; default: sample photos shipped by scikit-image")
-    val_data: str | None = Field(None, description="held-out image folder; default: split off the training data")
+    data: str | list[str] | None = Field(None, description="the distillation images: an image folder (flat, or one subfolder per class), package.module:attribute, or a list of them, combined (labelled only when every one is, the same way); default: sample photos shipped by scikit-image")
+    val_data: str | list[str] | None = Field(None, description="the selection images, held out to profile alternatives, re-rank and pick students: a folder, package.module:attribute, or a list of them; must share no image with data; default: build.validation_images split off data")
+    score_data: str | list[str] | None = Field(None, description="the scoring images: a folder, package.module:attribute, or a list of them, read once at the end of `bespoke run` to score the teacher and each saved student (report.json: score_top1, score_agreement); nothing that chooses reads them, and they must share no image with data or the selection images; default: none")
     class_list: str | None = Field(None, description="classes.txt mapping WordNet ids to indices, for files named by WordNet id")
     budgets: list[float] = Field(default_factory=lambda: [0.7, 0.85], description="latency budgets: ratios of the teacher (<= 1) or milliseconds (> 1)")
     out: str = Field("bespoke-out", description="output directory")
@@ -144,6 +145,29 @@ class RunConfig(Strict):
     search: SearchConfig = Field(default_factory=SearchConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     reference_models: list[str] = Field(default_factory=list, description="models drawn on the Pareto plot for comparison (e.g. the donors)")
+
+    @field_validator("data", "val_data", "score_data", mode="before")
+    @classmethod
+    def _roots(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        many = isinstance(v, (list, tuple))
+        items = list(v) if many else [v]
+        if many and not items:
+            raise ValueError("an empty list: give one or more folders (or package.module:attribute), or leave the key out")
+        out = []
+        for item in items:
+            if hasattr(item, "__fspath__"):
+                item = str(item)
+            if not isinstance(item, str) or not item.strip():
+                what = "an empty string" if isinstance(item, str) else f"{type(item).__name__} {item!r}"
+                raise ValueError(f"{what} is not an image source: give a folder path or package.module:attribute"
+                                 + (", or a list of them" if not many else " in each entry of the list"))
+            out.append(item)
+        twice = sorted({x for x in out if out.count(x) > 1})
+        if twice:
+            raise ValueError(f"lists {twice[0]!r} twice; give each folder once")
+        return out if many else out[0]
 
     @field_validator("budgets")
     @classmethod
@@ -167,7 +191,8 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             shown = repr(value)
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        lines.append(f"  {key} = {shown}: {err.get('msg')}")
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")  # our validators' words, as written
+        lines.append(f"  {key} = {shown}: {msg}")
     return "\n".join(lines)
 
 
