@@ -29,12 +29,14 @@ from bespoke.stages.students import Students, read_search_recipe
 from bespoke.student import load_student, save_student
 
 
-def build(cfg, registry, console=None):
+def build(cfg, registry, console=None, within_run=False):
     """Build (or resume) the model house: partition the teacher, sample segments, create every
     enabled block source's alternatives, distil them, profile them. Returns the :class:`House`.
 
     Rerunning on an existing house resumes (trained alternatives are kept, pending ones trained).
     Under ``torchrun`` rank 0 creates the alternatives and every rank trains its share.
+    The images' roles are checked first (:func:`bespoke.stages.build.check_roles`) and images that
+    failed to decode are named at the end, unless ``within_run`` (:func:`run` does both itself).
     """
     console = console or make_console()
     warn = warner(console)
@@ -46,6 +48,9 @@ def build(cfg, registry, console=None):
         root = build_stage.house_dir(cfg)
         existing = House.open(root) if House.exists(root) else None  # a bad manifest fails early
         settings = Settings.from_build(cfg.build, seed=cfg.seed, device=cfg.device)
+
+        if not within_run:  # distillation, selection and scoring images share none (in seconds)
+            build_stage.check_roles(cfg, console if dist.main else None)
 
         # 1. The teacher, frozen, partitioned at its input size.
         teacher, partition, size, weights = build_stage.load_teacher(cfg)
@@ -88,7 +93,7 @@ def build(cfg, registry, console=None):
             if dist.world > 1:
                 house = House.open(root)
                 house.merge_shards()
-            build_stage.summarise(house, root, split, report, console)
+            build_stage.summarise(house, root, split, report, console, say_skipped=not within_run)
         dist.barrier()
         return house
     finally:
@@ -191,8 +196,13 @@ def export(student, out, formats, console=None, dynamic_batch=False):
 
 def run(cfg, registry, console=None):
     """Everything, for each budget: build (or reuse) the house, profile, search, fine-tune,
-    evaluate, export, report. Writes ``OUT/report.json`` and ``OUT/pareto.png``; returns the
-    :class:`bespoke.report.Report`.
+    evaluate, export, score, report. Writes ``OUT/report.json`` and ``OUT/pareto.png``; returns
+    the :class:`bespoke.report.Report`.
+
+    The images play three roles that share no image, checked first: distillation (``data``),
+    selection (``val_data``, or held out from ``data``) and scoring (``score_data``, optional):
+    the teacher and the saved students are scored on the scoring images once, at the end, and
+    nothing that chooses reads them.
 
     Every stage resumes: the house, the latency table, the search study and each student's
     fine-tuning checkpoint are kept in ``OUT``, so rerunning after a kill picks up where it was.
@@ -205,8 +215,10 @@ def run(cfg, registry, console=None):
     cfg = cfg.model_copy(update={"house": cfg.house or str(out / "house")})
     clock = Clock()
 
+    with clock("data"):  # the three roles share no image, checked before anything is built
+        roles, role_sets = build_stage.check_roles(cfg, console)
     with clock("build"):
-        house = build(cfg, registry, console=console)
+        house = build(cfg, registry, console=console, within_run=True)
     sizes = [s for s in cfg.search.input_sizes if s != house.manifest.teacher.input_size]
     with clock("profile"):
         search_cfg = profile_stage.for_search(cfg, registry, out / "latency.json", console, measure=profile)
@@ -238,6 +250,11 @@ def run(cfg, registry, console=None):
             profile_stage.calibrate_lut(search_cfg, stage, at_own_size, measured, out / "latency.json", console)
     with clock("export"):
         exports = [stage.export(s) for s in students]
+    scores = None
+    if "scoring" in role_sets:  # touched once, now, after every choice is made and saved
+        with clock("score"):
+            scores = stage.score(students, role_sets["scoring"])
     with clock("report"):
-        report = write_run_report(cfg, stage, found, students, measured, exports, clock)
+        report = write_run_report(cfg, stage, found, students, measured, exports, clock, roles=roles,
+                                  scores=scores, skipped=[n for s in role_sets.values() for n in s.skipped])
     return report

@@ -22,6 +22,9 @@ class ModelEntry(BaseModel):
     top1: float | None = Field(None, description="null when the data has no labels")
     top5: float | None = None
     agreement: float | None = Field(None, description="top-1 agreement with the teacher")
+    score_top1: float | None = Field(None, description="top-1 on the scoring images (score_data; null without them or without labels)")
+    score_agreement: float | None = Field(None, description="top-1 agreement with the teacher on the scoring images (null without them)")
+    score_images: int = Field(0, description="scoring images the score_ fields were measured on (0: none)")
 
 
 class StudentEntry(BaseModel):
@@ -58,6 +61,9 @@ class StudentEntry(BaseModel):
     agreement_interval: list[float] | None = Field(None, description="95 % (Wilson) interval of agreement over those images")
     usable: bool | None = Field(None, description="true: its agreement with the teacher is not surely below search.usable_agreement; false: it is (not worth keeping, see usable_note); null: too few held-out images to tell")
     usable_note: str | None = Field(None, description="why a student is unusable or unproven, and what to do")
+    score_top1: float | None = Field(None, description="top-1 on the scoring images (score_data), which nothing that chose this student read; null without them or without labels")
+    score_agreement: float | None = Field(None, description="top-1 agreement with the teacher's top-1 (at its own size) on the scoring images; null without them")
+    score_images: int = Field(0, description="scoring images the score_ fields were measured on (0: none)")
 
 
 class Report(BaseModel):
@@ -69,7 +75,7 @@ class Report(BaseModel):
     unmet_budgets: list[dict[str, Any]] = Field(default_factory=list, description="budgets no student of the house meets (budget, budget_ms, fastest_ms; no student is made for them), and budgets whose saved student measures over them (budget, budget_ms, measured_ratio, reason)")
     references: list[ModelEntry] = Field(default_factory=list)
     timings_s: dict[str, float]
-    data: dict[str, Any] = Field(default_factory=dict, description="source, image counts, labelled, skipped images")
+    data: dict[str, Any] = Field(default_factory=dict, description="source, image counts, labelled, skipped images; the three roles' counts and digests (distill_images, selection_images, scoring_images, and *_digest: sha256 over the sorted per-image sha256s, 16 hex digits; scoring 0 and null without score_data)")
     latency: dict[str, Any] = Field(default_factory=dict, description="estimator, device, prediction error")
     config: dict[str, Any] = Field(default_factory=dict)
 
@@ -154,6 +160,24 @@ def summary_table(report: Report) -> Any:
     for r in report.references:
         table.add_row(r.name, "-", f"{r.params / 1e6:.2f}", "-", ms(r.latency_ms), ratio(r.latency_ms), pc(r.top1),
                       pc(r.agreement), "-")
+    return table
+
+
+def score_table(report: Report) -> Any:
+    """The teacher and each student on the scoring images (score_data), or ``None`` without them:
+    the one score of the run on images nothing chose on."""
+    from bespoke.console import table as make_table
+
+    if not report.teacher.score_images:
+        return None
+    pc = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    table = make_table(f"scored on {report.teacher.score_images} images nothing chose on (score_data)",
+                       ("model", "left"), "budget", "ratio", "top-1", "agree", "images")
+    t = report.teacher
+    table.add_row("teacher", "-", "1.000", pc(t.score_top1), pc(t.score_agreement), str(t.score_images))
+    for s in report.students:
+        ratio = "-" if s.latency_ratio is None else f"{s.latency_ratio:.3f}"
+        table.add_row(s.name, f"{s.budget:g}", ratio, pc(s.score_top1), pc(s.score_agreement), str(s.score_images))
     return table
 
 

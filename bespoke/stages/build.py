@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from bespoke import data as images
 from bespoke.counting import count_flops, count_params
 from bespoke.distill import HOUSE_LEGEND, summary_table, teacher_top1
@@ -34,7 +36,8 @@ def load_teacher(cfg: Any) -> tuple[Any, Partition, int, str]:
 
 
 def prepare_images(cfg: Any, teacher: Any, size: int, console: Any, main: bool) -> Any:
-    """Training and held-out images (:func:`bespoke.data.prepare`); rank 0 says what they are."""
+    """Training and held-out images (:func:`bespoke.data.prepare`); rank 0 says what they are
+    (and how many came from each root, when there are several)."""
     split = images.prepare(teacher, size, data=cfg.data, val_data=cfg.val_data,
                            class_list=cfg.class_list, held_out=cfg.build.validation_images,
                            augment=cfg.build.augment, seed=cfg.seed, val_views=cfg.build.validation_views)
@@ -42,17 +45,47 @@ def prepare_images(cfg: Any, teacher: Any, size: int, console: Any, main: bool) 
         console.print(f"images: {split.source}: {len(split.train)} for training, {split.val_images} held out"
                       + (f" (x{split.val_views} views)" if split.val_views > 1 else "")
                       + (", labelled" if split.labelled else ", unlabelled"))
+        if len(split.per_root) > 1:
+            console.print(escape(images.counts_line("images per root", split.per_root)), highlight=False)
+        if split.note:
+            console.print(f"[yellow]note:[/yellow] {escape(split.note)}", highlight=False)
         if cfg.data is None:
             console.print("[yellow]note:[/yellow] scikit-image's sample photos are a dozen images: enough "
                           "to try bespoke, too few for useful distillation; pass --data FOLDER")
     return split
 
 
+def check_roles(cfg: Any, console: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The images of the three roles (:func:`bespoke.roles.open_roles`), checked to share no image:
+    distillation and selection (when ``val_data`` is given; else the selection images are split
+    off ``data`` and disjoint by construction), either of them and scoring. Says in one line how
+    many each role has (and the scoring images per root, when there are several) on ``console``. Returns
+    (:func:`bespoke.roles.role_summary`, the roles' image sets)."""
+    import time
+
+    from bespoke import roles as R
+
+    t0 = time.perf_counter()
+    sets = R.open_roles(cfg.data, cfg.val_data, cfg.score_data, class_list=cfg.class_list,
+                        held_out=cfg.build.validation_images, seed=cfg.seed)
+    pairs = [(a, b) for a, b in (("distill", "selection"), ("distill", "scoring"), ("selection", "scoring"))
+             if a in sets and b in sets and (cfg.val_data or b != "selection")]
+    summary = R.role_summary(sets, pairs)
+    if console is not None:
+        checked = f"; no image shared ({time.perf_counter() - t0:.0f} s)" if pairs else ""
+        console.print(f"images: {summary['distill_images']} to distil, {summary['selection_images']} to select "
+                      f"with, {summary['scoring_images']} to score{checked}", highlight=False)
+        if "scoring" in sets and len(sets["scoring"].per_root()) > 1:
+            console.print(escape(images.counts_line("scoring images per root", sets["scoring"].per_root())),
+                          highlight=False)
+    return summary, sets
+
+
 def training_images(cfg: Any) -> int:
     """How many training images ``cfg``'s data holds (listed, not decoded; the held-out split taken
     off as :func:`bespoke.data.prepare` takes it)."""
     found = len(images.open_images(cfg.data, cfg.class_list))
-    if cfg.val_data:
+    if images.roots(cfg.val_data):
         return found
     return len(images.split_indices(found, cfg.build.validation_images, cfg.seed)[0])
 
@@ -169,8 +202,9 @@ def segment_settings_changed(house: House, cfg: Any) -> list[str]:
             "the new settings, give another --house (or delete this one)."]
 
 
-def summarise(house: House, root: Path, split: Any, report: Any, console: Any) -> None:
-    """Record the images that failed to decode; print the house's table and counts."""
+def summarise(house: House, root: Path, split: Any, report: Any, console: Any, say_skipped: bool = True) -> None:
+    """Record the images that failed to decode; print the house's table and counts, and (unless
+    ``say_skipped`` is false: ``bespoke run`` says it at its end) one line naming the skipped."""
     skipped = split.skipped
     if skipped:
         house.manifest.data["skipped"] = sorted(set(house.manifest.data.get("skipped", [])) | set(skipped))
@@ -178,15 +212,11 @@ def summarise(house: House, root: Path, split: Any, report: Any, console: Any) -
     console.print(summary_table(house, title=f"model house {root}"))
     console.print(HOUSE_LEGEND, highlight=False)
     counts = {s: len(house.by_status(s)) for s in ("trained", "failed", "pending")}
-    stopped = sum(1 for a in house.by_status("trained") if a.stopped)
-    console.print(f"{counts['trained']} trained"
-                  + (f" ({stopped} stopped early by successive halving)" if stopped else "")
-                  + f", {counts['failed']} failed, {counts['pending']} pending"
+    console.print(f"{counts['trained']} trained, {counts['failed']} failed, {counts['pending']} pending"
                   + (f"; {report.images_per_second:.1f} images/s" if report.images_per_second else ""))
-    if skipped:
-        console.print(f"[yellow]{len(skipped)} image(s) failed to decode and were skipped:[/yellow] "
-                      + ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+    if skipped and say_skipped:
+        console.print(f"[yellow]warning:[/yellow] {escape(images.skipped_line(skipped))}", highlight=False)
 
 
-__all__ = ["FEW_IMAGE_RECIPE", "draw_segments", "few_image_recipe", "house_dir", "training_images", "load_teacher", "note_teacher_top1", "open_house",
+__all__ = ["FEW_IMAGE_RECIPE", "check_roles", "draw_segments", "few_image_recipe", "house_dir", "training_images", "load_teacher", "note_teacher_top1", "open_house",
            "prepare_images", "segment_settings_changed", "summarise"]

@@ -9,10 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from bespoke import __version__
+from bespoke.data import skipped_line
 from bespoke.evaluate import proportion_interval, usability
-from bespoke.report import (ModelEntry, Report, StudentEntry, pareto_plot, summary_legend, summary_table,
-                            write_report)
+from bespoke.report import (ModelEntry, Report, StudentEntry, pareto_plot, score_table, summary_legend,
+                            summary_table, write_report)
 
 
 class Clock:
@@ -39,15 +42,23 @@ class Clock:
 
 
 def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured: dict[str, Any],
-                     exports: list[Any], clock: Clock) -> Report:
+                     exports: list[Any], clock: Clock, roles: dict[str, Any] | None = None,
+                     scores: dict[str, Any] | None = None, skipped: list[str] | None = None) -> Report:
     """report.json, pareto.png and the summary table of a run: the teacher, each budget's
-    student (``made``, ``exports``) and the reference models, as :class:`Students` measured them."""
+    student (``made``, ``exports``) and the reference models, as :class:`Students` measured them;
+    ``roles``: :func:`bespoke.roles.role_summary`; ``scores``: :meth:`Students.score` (the
+    scoring images' metrics by name); ``skipped``: more names of images that failed to decode."""
+    scores = scores or {}
+
+    def scored(name):
+        m = scores.get(name)
+        return {"score_top1": m.top1, "score_agreement": m.agreement, "score_images": m.images} if m else {}
 
     def entry(m):
         return ModelEntry(name=m.name, params=m.params, flops=m.flops, latency_ms=m.latency_ms,
                           top1=m.top1, top5=m.top5, agreement=m.agreement)
 
-    teacher = entry(stage.teacher_metrics)
+    teacher = entry(stage.teacher_metrics).model_copy(update=scored("teacher"))
     students = []
     for m, res in zip(made, exports):
         r, a = m.plan, m.after
@@ -72,8 +83,8 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
             latency_ratio_at_pick=m.ratio_at_pick, budget_ratio=m.budget_ratio, over_budget=m.over_budget,
             fallback=r.get("fallback"), images=a.images, usable=usable, usable_note=note,
             agreement_interval=list(proportion_interval(a.agreement, distinct))
-            if a.agreement is not None and distinct else None))
-    skipped = sorted(set(stage.split.skipped) | set(stage.house.manifest.data.get("skipped", [])))
+            if a.agreement is not None and distinct else None, **scored(m.name)))
+    skipped = sorted(set(stage.split.skipped) | set(stage.house.manifest.data.get("skipped", [])) | set(skipped or []))
     # a fallback student (search.pick_fallbacks) has no prediction of its own
     errors = [abs(s.latency_ms_predicted - s.latency_ms_measured) / s.latency_ms_measured for s in students
               if s.latency_ms_measured and s.latency_ms_predicted is not None]
@@ -84,7 +95,8 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
         data={"source": stage.split.source, "labelled": stage.split.labelled,
               "train_images": len(stage.split.train), "val_images": stage.split.val_images,
               "val_views": stage.split.val_views,
-              "input_size": stage.size, "skipped_images": len(skipped), "skipped": skipped[:100]},
+              "input_size": stage.size, "skipped_images": len(skipped), "skipped": skipped[:100],
+              **(roles or {})},
         latency={"estimator": cfg.plugins.latency, "device": stage.latency_device.model_dump(),
                  "search_teacher_ms": found.teacher_ms,
                  "prediction_abs_rel_error": errors, "search_strategy": found.strategy},
@@ -102,8 +114,8 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
     write_report(report, out)
     stage.console.print(summary_table(report))
     stage.console.print(summary_legend(report), highlight=False)
-    if skipped:
-        stage.console.print(f"[yellow]{len(skipped)} image(s) failed to decode and were skipped[/yellow]")
+    if score_table(report) is not None:
+        stage.console.print(score_table(report))
     for s in students:
         if s.usable_note:
             stage.console.print(("[yellow]warning:[/yellow] " if s.usable is False else "note: ")
@@ -112,6 +124,8 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
                                   cfg.build.few_images), highlight=False)
     stage.console.print(f"wrote {path}" + (f" and {plot}" if plot else "")
                         + f" in {report.timings_s['total']:.0f} s", highlight=False)
+    if skipped:  # one line, last: what the run could not read
+        stage.console.print(f"[yellow]warning:[/yellow] {escape(skipped_line(skipped))}", highlight=False)
     return report
 
 

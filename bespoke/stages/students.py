@@ -345,6 +345,28 @@ class Students:
             kept.append(m)
         return kept
 
+    def score(self, made, scoring):
+        """The teacher and each saved student (reloaded from its directory, as it ships) on the
+        ``scoring`` images, which nothing that chooses reads: top-1 when they are labelled, and
+        agreement with the teacher's top-1 at its own size, each student at its own input size
+        (as on the held-out images). Returns :class:`bespoke.evaluate.Metrics` by name, the
+        teacher's under ``teacher``."""
+        device = self.cfg.device
+
+        def at(size):
+            return scoring.with_transform(images.transforms_for(self.teacher, size))
+
+        self.teacher.to(device).eval()
+        teacher, pred = evaluate(self.teacher, "teacher", at(self.size), self.shape, device=device)
+        out = {"teacher": teacher}
+        for m in made:
+            student = load_student(m.student_dir, self.registry).to(device).eval()
+            with student.taps(False):
+                out[m.name], _ = evaluate(student, m.name, at(m.size), m.shape, teacher=pred, device=device)
+        self.console.print(f"scored the teacher and {len(made)} student(s) on {teacher.images} scoring images"
+                           + ("" if teacher.top1 is not None else " (unlabelled: agreement only)"), highlight=False)
+        return out
+
     def export(self, m):
         with m.student.taps(False):
             res = export_model(m.student, m.shape, m.workdir, ("onnx", "torch-export"), seed=self.cfg.seed,
