@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenet-sample"
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
 
 TEACHER, DONORS = "tf_efficientnet_lite2", ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
 
@@ -58,7 +58,19 @@ def cpu_minutes() -> float:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train/, val/, classes.txt")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                   help="../shared/data (imagenet-sample/ and, when present, imagenet-extra/), or an old-style "
+                        "folder with train/, val/ and classes.txt")
+    p.add_argument("--distill-images", type=int, default=0,
+                   help="distil on this many images (imagenet-sample/train first, then a seeded draw from "
+                        "imagenet-extra/distill); 0: all of them")
+    p.add_argument("--selection-images", type=int, default=200,
+                   help="images held back from the distillation pool for everything that chooses (proxy, "
+                        "re-rank, pick, keep-best), half from each root; never scored on")
+    p.add_argument("--halving", type=int, default=1024,
+                   help="build.halving: images in the first slice of successive halving (0: off)")
+    p.add_argument("--halving-eta", type=float, default=3.0, help="build.halving_eta")
+    p.add_argument("--workers", type=int, default=1, help="build.workers: DataLoader worker processes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--segments", type=int, default=0, help="segments sampled from the teacher")
     p.add_argument("--tiles", type=int, default=0,
@@ -89,8 +101,6 @@ def parse_args(argv=None):
                    help="the budgets and the final table time each model beside the teacher in this many separate "
                         "calls of --runs runs and take the median, as the run's budget check does "
                         "(search.check_repeats) and the pick does (1 + --pick-remeasure calls)")
-    p.add_argument("--proxy-images", type=int, default=100,
-                   help="val images the search's replace-one proxy uses (all 300 are used for the table)")
     p.add_argument("--input-sizes", type=int, nargs="*", default=[240, 224, 208, 192],
                    help="search.input_sizes: students may also run at these input resolutions (px); none: 260 only")
     p.add_argument("--pick-train-images", type=int, default=200,
@@ -103,6 +113,66 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def data_layout(args, out: Path) -> dict:
+    """The images of each role, as folders of links under OUT/data (read by path, never copied):
+
+    - ``distill/``: imagenet-sample/train and imagenet-extra/distill, less the selection images
+      (``--distill-images``: imagenet-sample/train first, then a seeded draw from the rest);
+    - ``selection/``: ``--selection-images`` held back from that pool, half from each root (the
+      extra images are 20 classes; imagenet-sample/train is 500), for everything that chooses;
+    - scoring: imagenet-sample/val and imagenet-extra/val as they are, touched once at the end.
+
+    Links are named ``<wnid>_<file>``, so the class list labels them. An old-style ``--data``
+    folder (train/, val/, classes.txt) distils on train/, holds back from it and scores on val/.
+    """
+    import os
+    import random
+    import shutil
+
+    from bespoke.data import IMAGE_SUFFIXES
+
+    def files(folder: Path) -> list[tuple[str, Path]]:  # (link name, file), labelled by name
+        found = []
+        for f in sorted(folder.rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                name = f.name if f.parent == folder else f"{f.parent.name}_{f.name}"
+                found.append((name, f))
+        return found
+
+    if (args.data / "imagenet-sample").is_dir():
+        sample, extra = args.data / "imagenet-sample", args.data / "imagenet-extra"
+        pools = [files(sample / "train")] + ([files(extra / "distill")] if (extra / "distill").is_dir() else [])
+        scoring = [sample / "val"] + ([extra / "val"] if (extra / "val").is_dir() else [])
+        class_list = sample / "classes.txt"
+    elif (args.data / "train").is_dir() and (args.data / "val").is_dir():
+        pools, scoring, class_list = [files(args.data / "train")], [args.data / "val"], args.data / "classes.txt"
+    else:
+        raise SystemExit(f"error: {args.data} holds neither imagenet-sample/ nor train/ and val/")
+    rng = random.Random(args.seed)
+    selection, rest = [], []
+    for n, pool in enumerate(pools):
+        pool = list(pool)
+        rng.shuffle(pool)
+        take = args.selection_images // len(pools) + (n < args.selection_images % len(pools))
+        selection += pool[:take]
+        rest.append(pool[take:])
+    distill = rest[0] + [f for pool in rest[1:] for f in pool]  # the broad images first
+    if args.distill_images:
+        distill = distill[:args.distill_images]
+    folders = {}
+    for role, chosen in (("distill", distill), ("selection", selection)):
+        folder = out / "data" / role
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        for name, f in chosen:
+            os.symlink(f.resolve(), folder / name)
+        folders[role] = folder
+    return {"distill": folders["distill"], "selection": folders["selection"], "scoring": scoring,
+            "class_list": class_list,
+            "per_root": {"distill": [len(p) for p in rest] if not args.distill_images else None}}
+
+
 def finetune_settings(args) -> dict:
     """The ``finetune`` section every student and baseline of this benchmark is trained with."""
     return {"epochs": 100, "steps": args.finetune_steps, "batch_size": 16, "lr": args.finetune_lr,
@@ -111,8 +181,9 @@ def finetune_settings(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not (args.data / "train").is_dir() or not (args.data / "val").is_dir():
-        print(f"error: {args.data} must hold train/ and val/ (the ImageNet sample)", file=sys.stderr)
+    if not args.data.is_dir():
+        print(f"error: {args.data} does not exist; give --data ../shared/data (imagenet-sample/, imagenet-extra/)",
+              file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -132,8 +203,21 @@ def main(argv=None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)  # a log file: whole rows
     registry = get_registry()
     t_start = time.perf_counter()
-    class_list = args.data / "classes.txt"
-    val_dir, train_dir = args.data / "val", args.data / "train"
+    from bespoke.data import open_images
+    from bespoke.roles import role_summary
+
+    layout = data_layout(args, out)
+    class_list = layout["class_list"]
+    roles = {"distill": open_images(str(layout["distill"]), class_list),
+             "selection": open_images(str(layout["selection"]), class_list),
+             "scoring": open_images([str(p) for p in layout["scoring"]], class_list, key="scoring")}
+    t0 = time.perf_counter()
+    data_summary = role_summary(roles)  # refuses any image in two roles (file, bytes or pixels)
+    data_summary["check_seconds"] = round(time.perf_counter() - t0, 1)
+    data_summary["scoring_per_root"] = roles["scoring"].per_root()
+    console.print(f"images: {data_summary['distill_images']} to distil on, {data_summary['selection_images']} to "
+                  f"select on, {data_summary['scoring_images']} to score on (disjoint: checked by file, bytes "
+                  f"and pixels in {data_summary['check_seconds']} s)")
 
     # ---- 1. Teacher and donors at their native sizes: accuracy and latency ratios -------------
     refs = {}
@@ -174,7 +258,7 @@ def main(argv=None) -> int:
     console.print(f"reference latencies (ms): {ref_ms}; ratios {ratios}")
 
     def val_set(model, size):
-        return folder_images(val_dir, class_list).with_transform(transforms_for(model, size))
+        return roles["scoring"].with_transform(transforms_for(model, size))
 
     t_model, t_size = refs[TEACHER]["model"], refs[TEACHER]["size"]
     teacher_metrics, teacher_pred = evaluate(t_model, TEACHER, val_set(t_model, t_size), (1, 3, t_size, t_size))
@@ -190,7 +274,7 @@ def main(argv=None) -> int:
     budgets = list(budget_names)  # a donor's ratio equal to 0.5 or 0.7 is searched once, under the donor's name
     base = {
         "teacher": TEACHER, "teacher_weights": "packaged", "donors": DONORS,
-        "data": str(train_dir), "val_data": str(val_dir), "class_list": str(class_list),
+        "data": str(layout["distill"]), "val_data": str(layout["selection"]), "class_list": str(class_list),
         "budgets": budgets, "out": str(out), "house": str(out / "house"), "seed": args.seed,
         "threads": args.threads, "preset": "full",
         "plugins": {"block_sources": ["timm-donors", "pruned-self", "lowrank", "skip"],
@@ -206,7 +290,8 @@ def main(argv=None) -> int:
         "build": {"segments": args.segments, "tiles": args.tiles, "modules": args.modules,
                   "max_fraction": args.max_fraction, "epochs": args.distill_epochs, "batch_size": 16,
                   "calibration_images": args.calibration_images,
-                  "validation_images": args.proxy_images, "augment": True},
+                  "validation_images": data_summary["selection_images"], "augment": True,
+                  "halving": args.halving, "halving_eta": args.halving_eta, "workers": args.workers},
         "search": {"proxy": args.proxy, "rerank_top_k": args.rerank_top_k, "input_sizes": args.input_sizes,
                    "pick_train_images": args.pick_train_images, "pick_remeasure": args.pick_remeasure,
                    "check_repeats": args.repeats},
@@ -317,6 +402,10 @@ def main(argv=None) -> int:
                     "torch": torch.__version__, "python": platform.python_version()},
         "command": "python benchmarks/lite2_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "distill_images": data_summary["distill_images"],
+        "selection_images": data_summary["selection_images"],
+        "scoring_images": data_summary["scoring_images"],
+        "data": data_summary,
         "rows": rows,
         "costs_min": {"one_time": round(one_time, 2), "per_target": round(per_target, 2)},
         "timings_s": report.timings_s,
@@ -424,7 +513,7 @@ def plot(rows, path):
         ax.annotate(r["name"], (r["latency_ms"], 100 * r["top1"]), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
     ax.set_xlabel("latency (ms, batch 1, torch CPU)")
-    ax.set_ylabel("top-1 on the 300 val images (%)")
+    ax.set_ylabel("top-1 on the scoring images (%)")
     ax.set_title("bespoke students vs Lite0/Lite1 and baselines")
     ax.grid(alpha=0.3)
     fig.tight_layout()
