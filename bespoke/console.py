@@ -51,7 +51,8 @@ class LineProgress:
     seconds, and one when a task completes (or is left unfinished at the end). The subset of
     :class:`rich.progress.Progress` bespoke uses: ``add_task``, ``update``, ``remove_task``, and
     a context manager. ``line`` formats a task: ``description``, ``completed``, ``total``,
-    ``elapsed`` (s) and its fields."""
+    ``elapsed`` (s), ``eta`` (h:mm:ss left at the pace so far, ``?`` before the first step or
+    without a total) and its fields."""
 
     def __init__(self, console: Console, line: str, every_s: float = 60.0, clock: Any = None):
         import time
@@ -110,9 +111,16 @@ class LineProgress:
     def _print(self, t: dict[str, Any], now: float) -> None:
         t["printed"] = now
         total = "?" if t["total"] is None else f"{t['total']:g}"
+        elapsed = now - t["started"]
+        eta = "?"
+        if t["total"] is not None and t["completed"] and t["total"] > t["completed"]:
+            left = elapsed / t["completed"] * (t["total"] - t["completed"])
+            eta = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+        elif t["total"] is not None and t["completed"] >= t["total"]:
+            eta = "0:00:00"
         try:
             text = self.line.format(description=t["description"], completed=f"{t['completed']:g}", total=total,
-                                    elapsed=now - t["started"], **t["fields"])
+                                    elapsed=elapsed, eta=eta, **t["fields"])
         except (KeyError, ValueError, IndexError):  # a field not given yet: the bare count
             text = f"{t['description']}: {t['completed']:g}/{total}"
         self.console.print(text, highlight=False, markup=False)

@@ -543,11 +543,22 @@ def _fit(head: str, parts: Sequence[str], width: int) -> str:
 
 
 def counts_line(head: str, counts: dict[str, int], width: int = 80) -> str:
-    """``head: a 500, b 12447`` in at most ``width`` columns (long root names by their tail)."""
+    """``head: a 500, b 12447``: every root, on as many lines of at most ``width`` columns as it
+    takes (the next ones indented by two; long root names by their tail)."""
     def short(name: str) -> str:
-        return name if len(name) <= 32 else "..." + name[-29:]
+        return name if len(name) <= 40 else "..." + name[-37:]
 
-    return _fit(f"{head}: ", [f"{short(k)} {n}" for k, n in counts.items()], width)
+    lines, line = [], f"{head}: "
+    parts = [f"{short(k)} {n}" for k, n in counts.items()]
+    for i, part in enumerate(parts):
+        piece = part + ("," if i < len(parts) - 1 else "")
+        if line.strip() and not line.endswith(": ") and len(line) + 1 + len(piece) > width:
+            lines.append(line)
+            line = "  " + piece
+        else:
+            line += ("" if line.endswith(": ") else " ") + piece
+    lines.append(line)
+    return "\n".join(lines)
 
 
 def skipped_line(names: Sequence[str], width: int = 71) -> str:

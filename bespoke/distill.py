@@ -587,7 +587,7 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
     rounds (:meth:`Stream.rounds`); after each, every alternative still training is profiled on
     the held-out images and those :func:`halving_stops` names stop, trained as far as they got.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from bespoke.console import progress as make_progress
 
@@ -624,9 +624,9 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
     # no distillation epochs (the few-image recipe): nothing to show progress of but profiling
     progress = make_progress(console if show and settings.epochs else None, TextColumn("[bold]{task.description}"), BarColumn(),
                              MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4g}"),
-                             TextColumn("{task.fields[ips]:.1f} img/s"), TimeElapsedColumn(),
+                             TextColumn("{task.fields[ips]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
                              line="{description}: step {completed}/{total}, loss {loss:.4g}, {ips:.1f} img/s, "
-                                  "{elapsed:.0f} s")
+                                  "{elapsed:.0f} s, {eta} left")
     bunch_no = 0
 
     def save_states(jobs: list[Job], opt: Any = None, profiles: dict[str, Profile] | None = None,

@@ -113,6 +113,12 @@ def test_log_progress_prints_at_most_one_line_a_minute():
     assert lines[-1].startswith("bunch 2: step 3/?")  # unfinished, said once at the end
     assert 5 <= len(lines) <= 7  # one a minute, plus the ends
     assert not progress(None, line="x")  # no console: nothing
+    buf = io.StringIO()
+    with LineProgress(Console(file=buf, width=80), "{completed}/{total} {eta} left", clock=lambda: now[0]) as bar:
+        task = bar.add_task("t", total=100)
+        now[0] += 90.0
+        bar.update(task, completed=30)  # 3 s a step, 70 steps to go
+    assert buf.getvalue().splitlines()[0] == "30/100 0:03:30 left"
     assert isinstance(progress(Console(file=io.StringIO()), line="x"), LineProgress)  # not a terminal
 
 

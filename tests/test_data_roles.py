@@ -117,10 +117,12 @@ def test_subfolders_partly_in_the_class_list_are_an_error(tmp_path):
         data.open_images(str(mixed))
 
 
-def test_the_per_root_line_fits_80_columns():
+def test_the_per_root_lines_fit_80_columns_and_name_every_root():
     counts = {f"/very/long/path/number/{i}/of/a/root/that/goes/on/and/on/images": 1000 * i for i in range(6)}
-    line = data.counts_line("images per root", counts)
-    assert len(line) <= 80 and line.startswith("images per root: ...") and line.endswith("more")
+    lines = data.counts_line("images per root", counts).splitlines()
+    assert all(len(line) <= 80 for line in lines) and lines[0].startswith("images per root: ...")
+    assert [line.endswith(f"images {1000 * i}" + ("," if i < 5 else "")) for i, line in enumerate(lines)] == [True] * 6
+    assert all(line.startswith("  ") for line in lines[1:])  # every root, none dropped
     assert data.counts_line("images per root", {"train": 500, "distill": 12447}) == \
         "images per root: train 500, distill 12447"
 
