@@ -1,26 +1,37 @@
 """Benchmark: compress EfficientNet-Lite2 to the CPU latency of Lite0 and Lite1 and compare.
 
-    python benchmarks/lite2_cpu.py --out DIR [--data ../shared/data/imagenet-sample]
+    python benchmarks/lite2_cpu.py --out DIR [--data ../shared/data]
 
-One process, this machine's CPU, batch 1, 2 threads. It
+One process, this machine's CPU, batch 1, 2 threads. The images play three roles that share no
+image (checked by file, bytes and pixels; counts and digests in DIR/benchmark.json):
+
+- distillation: imagenet-sample/train and imagenet-extra/distill (12,747 images by default;
+  ``--distill-images N`` takes the first N: imagenet-sample/train first, then a seeded draw);
+- selection: ``--selection-images`` (200) held back from that pool, half from each root, for
+  everything that chooses (replace-one proxy, re-rank, pick, keep-best, halving);
+- scoring: imagenet-sample/val and imagenet-extra/val (1,200 images), touched once at the end.
+
+It
 
 1. loads the teacher (tf_efficientnet_lite2, 260 px) and the donors Lite0 (224 px) and Lite1
    (240 px) with the real packaged ImageNet weights, and measures their latencies interleaved to
    get Lite0's and Lite1's latency ratios to the teacher on this machine;
-2. runs the whole bespoke pipeline (build the house from train/, profile, search, fine-tune,
-   evaluate on val/, export) at budgets 0.5, 0.7 and the two measured ratios; students may run
-   at the teacher's 260 px or at the ``--input-sizes`` (240, 224, 208 and 192 px by default:
-   ``search.input_sizes``), each size searched with its own latency table; the final pick of a
-   budget over the sizes counts agreement on the 100 held-out images plus ``--pick-train-images``
-   training images, and times again the finalists measured within 3 % of the budget;
+2. runs the whole bespoke pipeline (build the house with successive halving, ``--halving``;
+   profile, search, fine-tune, export) at budgets 0.5, 0.7 and the two measured ratios; students
+   may run at the teacher's 260 px or at the ``--input-sizes`` (240, 224, 208 and 192 px by
+   default: ``search.input_sizes``), each size searched with its own latency table; the final
+   pick of a budget over the sizes counts agreement on the selection images plus
+   ``--pick-train-images`` training images, and times again the finalists measured within 3 %
+   of the budget;
 3. runs the baselines at the same budgets: a random search over the same house (same
    fine-tuning, same sizes), uniform channel pruning of the teacher with torch-pruning to the
    same latency (same fine-tuning), and the teacher itself at each of the input sizes;
 4. measures every model end to end, each in its own interleaved call beside the teacher (torch
-   eager), and again with ONNX Runtime, and prints one table; writes DIR/benchmark.json and
-   DIR/pareto.png. The bespoke students are saved under DIR/students/ (load with
-   ``bespoke.load_student``). Every row at a donor's latency says how its top-1 differs from
-   that donor's on the same 300 images, with a 95 % paired-bootstrap interval.
+   eager), and again with ONNX Runtime, scores each on the scoring images, and prints one table;
+   writes DIR/benchmark.json and DIR/pareto.png. The bespoke students are saved under
+   DIR/students/ (``bespoke.load_student``; each recipe records its input size). Every row at a
+   donor's latency says how its top-1 differs from that donor's on the same scoring images,
+   with a 95 % paired-bootstrap interval.
 
 Latency ratios in the table are measured in the same run, side by side: the median over
 interleaved rounds of each model's ratio to the teacher in that round (90 rounds for the budgets

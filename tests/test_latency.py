@@ -174,6 +174,10 @@ def test_additive_prediction_and_calibration_fit():
     assert s.median == pytest.approx(0.1) and s.within_5pct == 0.5
     noisy = fit_calibration([5.0, 6.0, 7.0], [9.0, 6.0, 5.0])  # a negative slope is never kept
     assert noisy.a > 0 and noisy.b == 0.0
+    # steep and offset far below zero (noisy timings of tiny models): it would predict a negative
+    # latency for a prediction of 1 ms, so only a scale is kept
+    steep = fit_calibration([1.0, 1.2, 1.4], [0.05, 0.45, 0.85])
+    assert steep.b == 0.0 and steep.apply(1.0, 0) > 0
 
 
 def test_students_measured_end_to_end_beside_predictions():

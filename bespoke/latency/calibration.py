@@ -26,8 +26,10 @@ def fit_calibration(predicted: Sequence[float], measured: Sequence[float],
     minimises the squared *relative* residuals). The per-replacement term ``c`` is fitted when
     ``n_replaced`` is given, there are at least six students and they replace different numbers of
     segments; otherwise ``c = 0``. With fewer than three students, predictions all alike, or a
-    fitted slope that is not positive, only a scale is fitted (``b = c = 0``), so the correction
-    never reverses the order of two predictions with the same number of replacements.
+    fitted slope that is not positive, or offsets that would take more than half of a point's
+    scaled prediction (noise on small models; it could predict a negative latency), only a scale
+    is fitted (``b = c = 0``), so the correction never reverses the order of two predictions with
+    the same number of replacements.
     """
     n = len(predicted)
     if n == 0 or n != len(measured) or (n_replaced is not None and len(n_replaced) != n):
@@ -38,13 +40,19 @@ def fit_calibration(predicted: Sequence[float], measured: Sequence[float],
     w = [1.0 / (m * m) for m in measured]
     a = b = None
     c = 0.0
+    def sane(a: float, b: float, c: float) -> bool:
+        # positive slope, and offsets that never take more than half of any point's scaled
+        # prediction (noisy timings of small models can fit a large negative intercept, which
+        # would predict a negative latency for the teacher or a cheap student)
+        return a > 0 and all(b + c * k >= -0.5 * a * p for p, k in zip([*predicted, min(predicted)], [*reps, 0]))
+
     if n >= 6 and len(set(reps)) >= 2:
         sol = weighted_lstsq([(p, 1.0, k) for p, k in zip(predicted, reps)], measured, w)
-        if sol is not None and sol[0] > 0:
+        if sol is not None and sane(*sol):
             a, b, c = sol
     if a is None and n >= 3:
         sol = weighted_lstsq([(p, 1.0) for p in predicted], measured, w)
-        if sol is not None and sol[0] > 0:
+        if sol is not None and sane(sol[0], sol[1], 0.0):
             a, b = sol
             c = 0.0
     if a is None:  # too few or too alike students (or noise): a scale only, which stays monotonic
