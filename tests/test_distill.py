@@ -55,6 +55,26 @@ def _env(**extra) -> dict:
     return env
 
 
+def _kill_when(driver: Path, delay: str, ready, why: str) -> None:
+    """Run the build driver slowed by ``TINY_DELAY=delay`` and SIGKILL it once ``ready()``."""
+    proc = subprocess.Popen([sys.executable, str(driver)], env=_env(TINY_DELAY=delay),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed = False
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ready():
+                proc.send_signal(signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and not killed:
+            proc.kill()
+        proc.wait()
+    assert killed, f"{why}: {proc.stderr.read().decode()[-2000:]}"
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One uninterrupted single-process build, shared by the tests below."""
@@ -150,27 +170,17 @@ def test_resume_after_sigkill_gives_the_same_manifest(reference, tmp_path):
     # bunches of one alternative: results independent of who shares a bunch is part of the claim
     config = hp.write_config(tmp_path, house, bunch_size=1)
     driver = hp.write_driver(tmp_path, config)
-    proc = subprocess.Popen([sys.executable, str(driver)], env=_env(TINY_DELAY="0.3"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed = False
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                statuses = [a["status"] for a in json.loads((house / "manifest.json").read_text())["alternatives"]]
-            except (OSError, ValueError):
-                statuses = []
-            if "trained" in statuses and "pending" in statuses:
-                time.sleep(0.4)  # into the next bunch
-                proc.send_signal(signal.SIGKILL)
-                killed = True
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None and not killed:
-            proc.kill()
-        proc.wait()
-    assert killed, f"the build finished or stalled before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    def ready():
+        try:
+            statuses = [a["status"] for a in json.loads((house / "manifest.json").read_text())["alternatives"]]
+        except (OSError, ValueError):
+            return False
+        if "trained" in statuses and "pending" in statuses:
+            time.sleep(0.4)  # into the next bunch
+            return True
+        return False
+
+    _kill_when(driver, "0.3", ready, "the build finished or stalled before it could be killed")
     interrupted = _records(house)
     assert any(r["status"] == "pending" for r in interrupted.values())
     done = subprocess.run([sys.executable, str(driver)], env=_env(), capture_output=True, text=True, timeout=300)
@@ -236,23 +246,8 @@ def test_a_build_killed_inside_an_epoch_resumes_from_its_saved_state(tmp_path):
     house = tmp_path / "house"
     config = hp.write_config(tmp_path, house, **LONG)
     driver = hp.write_driver(tmp_path, config)
-    proc = subprocess.Popen([sys.executable, str(driver)], env=_env(TINY_DELAY="0.05"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed_at = None
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            positions = _positions(house)
-            if positions and min(positions.values()) >= 5:
-                proc.send_signal(signal.SIGKILL)
-                killed_at = min(positions.values())
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None and killed_at is None:
-            proc.kill()
-        proc.wait()
-    assert killed_at is not None, f"no training state was saved before the build ended: {proc.stderr.read().decode()[-2000:]}"
+    _kill_when(driver, "0.05", lambda: bool(_positions(house)) and min(_positions(house).values()) >= 5,
+               "no training state was saved before the build ended")
     assert all(r["status"] == "pending" for r in _records(house).values())  # killed inside the only bunch
     done = subprocess.run([sys.executable, str(driver)], env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
