@@ -36,7 +36,7 @@ class OnnxRuntimeLatencyOptions(PluginOptions):
     exporter: Literal["dynamo", "torchscript"] = Field(
         "dynamo", description="torch.onnx exporter: the torch.export-based one (default), or the legacy TorchScript one (faster to export, deprecated)")
     cache_dir: str | None = Field(None, description="where exported models are kept, by signature (default: a temporary directory)")
-    allow_spinning: bool = Field(True, description="let ORT worker threads spin between ops (its default; lower latency, busier CPU)")
+    allow_spinning: bool = Field(False, description="let ORT worker threads spin between runs (ORT's own default). Off by default here: the estimator interleaves many sessions in one process, and each idle session's spinning threads take the cores from the one being timed (Lite2 at 260 px timed beside its 20 blocks, 2 threads: 33.1 ms with spinning, 14.3 ms without; the blocks summed to 54.8 ms against 12.7)")
 
 
 def _export(module, x, path: Path, opset: int, exporter: str) -> None:
