@@ -65,6 +65,7 @@ class FinetuneConfig(Strict):
     lr: float = Field(1e-4, gt=0, description="learning rate of fine-tuning")
     beta: float = Field(0.3, ge=0, description="weight of the distillation terms")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the cross-entropy term (used only when the images are labelled)")
+    label_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term on labelled images; 0: distillation from the teacher only (labels skewed to a few classes pull the student's prior toward them)")
     mixup: float = Field(0.0, ge=0, description="mixup's Beta(a, a) parameter for each fine-tuning batch (the teacher sees the mixed images too: function matching); 0: off")
     crop_scale: float = Field(1.0, gt=0, le=1, description="random resized crops of each fine-tuning image, at least this fraction of its area (the teacher sees the same crops); 1: off (flips only)")
     bn_recalibration_batches: int = Field(8, ge=0, description="batches of training images that recompute BatchNorm statistics after assembly (0: off)")

@@ -288,15 +288,19 @@ def student_loss(logits: torch.Tensor, labels: torch.Tensor | None, replaced: di
                  targets: dict[str, int], *, beta: float, label_smoothing: float,
                  distill_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  mixed_labels: torch.Tensor | None = None, lam: float = 1.0,
+                 label_weight: float = 1.0,
                  ) -> LossParts:
     """CE (labelled samples only) + beta * (segment distillation + KL(teacher || student)).
 
     ``mixed_labels`` and ``lam`` (mixup, :func:`mix_batch`): the label term is ``lam * CE(labels)
-    + (1 - lam) * CE(mixed_labels)``, each over the samples whose label it has."""
+    + (1 - lam) * CE(mixed_labels)``, each over the samples whose label it has; ``label_weight``
+    scales it (0: no label term)."""
     dl = distill_loss or (lambda s, t: F.mse_loss(s, t.detach()))
     total = logits.new_zeros(())
     parts = LossParts(total=total)
     ce = logits.new_zeros(())
+    if label_weight <= 0:
+        labels = mixed_labels = None
     for lab, weight in ((labels, lam), (mixed_labels, 1.0 - lam)):
         if lab is None or weight <= 0:
             continue
@@ -304,7 +308,7 @@ def student_loss(logits: torch.Tensor, labels: torch.Tensor | None, replaced: di
         if bool(mask.any()):
             ce = ce + weight * F.cross_entropy(logits[mask], lab[mask], label_smoothing=label_smoothing)
     if labels is not None or mixed_labels is not None:
-        total = total + ce
+        total = total + label_weight * ce
         parts.ce = float(ce.detach())
     mse = logits.new_zeros(())
     for sid, out in replaced.items():
@@ -465,7 +469,7 @@ def finetune_student(
                                  dict(getattr(student, "replaced_outputs", {}) or {}), acts,
                                  acts[last_cut], targets, beta=cfg.beta,
                                  label_smoothing=cfg.label_smoothing, distill_loss=distill_loss,
-                                 mixed_labels=y_other, lam=lam)
+                                 mixed_labels=y_other, lam=lam, label_weight=getattr(cfg, "label_weight", 1.0))
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             opt.step()

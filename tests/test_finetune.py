@@ -86,6 +86,16 @@ def test_mixed_label_loss_weights_both_labels():
     assert half.ce == pytest.approx(0.25 * plain.ce + 0.75 * other.ce, rel=1e-5)
 
 
+def test_label_weight_scales_the_label_term_and_zero_drops_it():
+    logits, teacher = torch.randn(4, 10), torch.randn(4, 10)
+    y = torch.tensor([1, 2, 3, 4])
+    kw = dict(replaced={}, teacher_acts={}, teacher_logits=teacher, targets={}, beta=1.0, label_smoothing=0.0)
+    plain, half = student_loss(logits, y, **kw), student_loss(logits, y, label_weight=0.5, **kw)
+    assert float(half.total) == pytest.approx(float(plain.total) - 0.5 * plain.ce, rel=1e-5)
+    only_kd = student_loss(logits, y, label_weight=0.0, **kw)
+    assert only_kd.ce == 0.0 and float(only_kd.total) == pytest.approx(only_kd.kl, rel=1e-5)
+
+
 def test_mix_batch_is_a_function_of_the_step_and_mixes_consistently():
     x = torch.randn(6, 3, 20, 20)
     y = torch.arange(6)
