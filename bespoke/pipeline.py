@@ -138,7 +138,12 @@ def search(cfg, registry, output, storage=None, study=None, console=None, evalua
     solutions = S.run_strategy(strategy, problem, budgets_ms, seed=cfg.seed,
                                workdir=str(output.resolve().parent), name=name)
     if evaluate is not None:
-        solutions = search_stage.rerank(cfg, problem, solutions, evaluate, reference_ms, console, strategy=name)
+        def search_again(budget_ms):  # the same strategy at another budget (re-ranking's second look)
+            return S.run_strategy(strategy, problem, [budget_ms], seed=cfg.seed,
+                                  workdir=str(output.resolve().parent), name=name)[0]
+
+        solutions = search_stage.rerank(cfg, problem, solutions, evaluate, reference_ms, console, strategy=name,
+                                        search_again=search_again)
     return search_stage.write_report(cfg, problem, solutions, output, console, strategy=name, teacher=teacher,
                                      size=size, reference_ms=reference_ms)
 

@@ -105,6 +105,36 @@ def test_a_strategy_without_top_is_reranked_on_its_own_pick_with_a_warning():
     assert "meta['top']" not in buf2.getvalue() and len(scored) == 3
 
 
+def test_a_budget_every_candidate_measures_over_is_searched_again_tighter():
+    from types import SimpleNamespace
+
+    from bespoke.config import SearchConfig
+    from bespoke.search import RealScore
+    from bespoke.stages.search import rerank
+
+    problem = _problem()  # teacher 10 ms; a saves 2 ms, b saves 1 ms (predicted)
+
+    def evaluate(candidates):  # every student measures 10 % slower than predicted
+        predicted = problem.teacher_ms - sum(c.saving_ms for c in candidates)
+        return RealScore(fidelity=1.0 - 0.1 * len(candidates), latency_ms=1.1 * predicted)
+
+    asked = []
+
+    def search_again(budget_ms):
+        asked.append(budget_ms)
+        return make_solution(problem, [0, 1] if budget_ms < 8.0 else [0], budget_ms, {})
+
+    sol = make_solution(problem, [0], 8.5, {"top": [[0]]})  # a alone: 8 ms predicted, 8.8 measured
+    buf = io.StringIO()
+    for rounds, chosen in ((1, [0, 1]), (0, [0])):
+        cfg = SimpleNamespace(search=SearchConfig(rerank_top_k=2, rerank_tighten=rounds))
+        (out,) = rerank(cfg, problem, [sol], evaluate, problem.teacher_ms, Console(file=buf, width=300),
+                        strategy="s", search_again=search_again)
+        assert sorted(out.chosen) == chosen and out.budget_ms == 8.5  # judged by the budget as given
+    assert asked == [pytest.approx(8.5 / 1.1)]  # only with rerank_tighten 1
+    assert "searching again at 7.73 ms" in buf.getvalue()
+
+
 def test_storage_is_passed_to_a_strategy_that_takes_it_and_refused_with_a_warning_otherwise():
     class WithStorage(PluginOptions):
         storage: str | None = None

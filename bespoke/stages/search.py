@@ -4,6 +4,7 @@ solutions re-ranked by real scores, the report written and shown."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,12 +63,20 @@ def house_latencies(cfg: Any, registry: Any, root: Path, console: Any, size: int
 
 
 def rerank(cfg: Any, problem: Any, solutions: list[Any], evaluate: Callable[[list[Any]], Any],
-           reference_ms: float, console: Any, *, strategy: str) -> list[Any]:
+           reference_ms: float, console: Any, *, strategy: str,
+           search_again: Callable[[float], Any] | None = None) -> list[Any]:
     """Re-rank each budget's best ``search.rerank_top_k`` candidates by real scores.
 
     The candidates are the strategy's ``meta["top"]`` (its best chosen sets, best first). A
     strategy that omits ``meta["top"]`` gets a warning naming it, and only its chosen solution is
     scored (re-ranking has nothing else to choose from: the pick is then the strategy's own).
+
+    ``search_again(budget_ms)`` (the strategy run again at another budget), when given: a budget whose
+    re-ranked candidates all measure over it is searched again, ``search.rerank_tighten`` times
+    at most, at the budget divided by how much the measurements exceeded the predictions (the
+    median of measured over predicted ms), and those candidates are re-ranked against the
+    original budget; the new pick is kept when one of them measures within it, or when it is
+    faster than the old one.
     """
     if any("top" not in s.meta for s in solutions):
         console.print(f"[yellow]warning:[/yellow] search strategy {strategy!r} gives no meta['top'] (its best "
@@ -79,13 +88,40 @@ def rerank(cfg: Any, problem: Any, solutions: list[Any], evaluate: Callable[[lis
             r = r.model_copy(update={"latency_ms": r.latency_ratio * reference_ms})
         return r
 
-    solutions = [S.rerank(problem, s, real, k=cfg.search.rerank_top_k)[0] for s in solutions]
-    for s in solutions:
+    def show(s):
         for row in s.meta.get("reranked", []):
             console.print(f"  re-rank at {s.budget_ms:.2f} ms: {len(row['chosen'])} replacement(s), proxy loss "
                           f"{row['proxy_loss']:.2f}, real fidelity {row['fidelity']:.4f}"
                           + ("" if row["within_budget"] else " (over budget)"), highlight=False)
-    return solutions
+
+    out = []
+    for s in solutions:
+        s = S.rerank(problem, s, real, k=cfg.search.rerank_top_k)[0]
+        show(s)
+        for _ in range(cfg.search.rerank_tighten if search_again is not None else 0):
+            rows = s.meta.get("reranked", [])
+            over = [r["measured_ms"] / r["predicted_ms"] for r in rows
+                    if r.get("measured_ms") and r.get("predicted_ms")]
+            if not rows or any(r["within_budget"] for r in rows) or not over:
+                break
+            factor = float(statistics.median(over))
+            if factor <= 1.0:
+                break
+            tighter = s.budget_ms / factor
+            console.print(f"  every candidate at {s.budget_ms:.2f} ms measured over it ({factor:.3f}x the "
+                          f"predictions): searching again at {tighter:.2f} ms", highlight=False)
+            again = search_again(tighter)
+            again.budget_ms = s.budget_ms  # re-ranked against the budget as given
+            again = S.rerank(problem, again, real, k=cfg.search.rerank_top_k)[0]
+            show(again)
+            picked, before = again.meta["reranked"][again.meta["picked"]], rows[s.meta["picked"]]
+            if picked["within_budget"] or (picked.get("measured_ms") or 1e30) < (before.get("measured_ms") or 1e30):
+                again.meta["tightened"] = {"factor": factor, "budget_ms": tighter}
+                s = again
+            else:
+                break
+        out.append(s)
+    return out
 
 
 def write_report(cfg: Any, problem: Any, solutions: list[Any], output: Path, console: Any, *, strategy: str,
