@@ -75,6 +75,7 @@ class Report(BaseModel):
     unmet_budgets: list[dict[str, Any]] = Field(default_factory=list, description="budgets no student of the house meets (budget, budget_ms, fastest_ms; no student is made for them), and budgets whose saved student measures over them (budget, budget_ms, measured_ratio, reason)")
     references: list[ModelEntry] = Field(default_factory=list)
     timings_s: dict[str, float]
+    cpu_s: dict[str, float] = Field(default_factory=dict, description="CPU seconds per stage (this process's threads and its finished child processes), as timings_s has wall seconds")
     data: dict[str, Any] = Field(default_factory=dict, description="source, image counts, labelled, skipped images; the three roles' counts and digests (distill_images, selection_images, scoring_images, and *_digest: sha256 over the sorted per-image sha256s, 16 hex digits; scoring 0 and null without score_data)")
     latency: dict[str, Any] = Field(default_factory=dict, description="estimator, device, prediction error")
     config: dict[str, Any] = Field(default_factory=dict)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,27 +19,39 @@ from bespoke.report import (ModelEntry, Report, StudentEntry, pareto_plot, score
                             summary_table, write_report)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its finished child processes (data
+    loader workers, torchrun), user and system."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 class Clock:
-    """Wall time per stage, for the report."""
+    """Wall time and CPU time per stage, for the report."""
 
     def __init__(self):
         self._time = time.perf_counter
-        self.start = self._time()
+        self.start, self.cpu_start = self._time(), cpu_seconds()
         self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
     def __call__(self, name):
         @contextlib.contextmanager
         def timed():
-            t0 = self._time()
+            t0, c0 = self._time(), cpu_seconds()
             try:
                 yield
             finally:
                 self.seconds[name] = round(self.seconds.get(name, 0.0) + self._time() - t0, 3)
+                self.cpu[name] = round(self.cpu.get(name, 0.0) + cpu_seconds() - c0, 3)
 
         return timed()
 
     def total(self) -> dict[str, float]:
         return {**self.seconds, "total": round(self._time() - self.start, 3)}
+
+    def cpu_total(self) -> dict[str, float]:
+        return {**self.cpu, "total": round(cpu_seconds() - self.cpu_start, 3)}
 
 
 def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured: dict[str, Any],
@@ -91,7 +104,7 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
     report = Report(
         bespoke_version=__version__, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         teacher=teacher, students=students, references=[entry(r) for r in stage.references],
-        timings_s=clock.total(),
+        timings_s=clock.total(), cpu_s=clock.cpu_total(),
         data={"source": stage.split.source, "labelled": stage.split.labelled,
               "train_images": len(stage.split.train), "val_images": stage.split.val_images,
               "val_views": stage.split.val_views,
@@ -110,7 +123,7 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
     out = Path(cfg.out)
     path = write_report(report, out)
     plot = pareto_plot(report, out)
-    report.timings_s = clock.total()
+    report.timings_s, report.cpu_s = clock.total(), clock.cpu_total()
     write_report(report, out)
     stage.console.print(summary_table(report))
     stage.console.print(summary_legend(report), highlight=False)
