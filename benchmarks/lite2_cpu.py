@@ -63,7 +63,10 @@ TEACHER, DONORS = "tf_efficientnet_lite2", ["tf_efficientnet_lite0", "tf_efficie
 
 
 def cpu_minutes() -> float:
-    return time.process_time() / 60.0
+    """CPU time of this process and its finished workers (the build's data loader), in minutes."""
+    from bespoke.stages.report import cpu_seconds
+
+    return cpu_seconds() / 60.0
 
 
 def parse_args(argv=None):
@@ -190,6 +193,38 @@ def finetune_settings(args) -> dict:
             "beta": args.finetune_beta, "bn_recalibration_batches": 8}
 
 
+def run_config(args, layout: dict, selection_images: int, budgets: list[float]) -> dict:
+    """The run configuration (a dict for ``RunConfig``) of the benchmark's bespoke students: the
+    house's build settings, the search and the fine-tune; ``benchmarks/many_targets.py`` builds
+    the same house from it."""
+    out = args.out.resolve()
+    return {
+        "teacher": TEACHER, "teacher_weights": "packaged", "donors": DONORS,
+        "data": str(layout["distill"]), "val_data": str(layout["selection"]), "class_list": str(layout["class_list"]),
+        "budgets": budgets, "out": str(out), "house": str(out / "house"), "seed": args.seed,
+        "threads": args.threads, "preset": "full",
+        "plugins": {"block_sources": ["timm-donors", "pruned-self", "lowrank", "skip"],
+                    "latency": "measured-latency", "search": args.search},
+        "plugin_options": {
+            "measured-latency": {"threads": args.threads, "runs": args.runs, "warmup": 5},
+            "optuna": {"n_trials": args.trials, "top_k": args.rerank_top_k},
+            "exact": {"top_k": args.rerank_top_k},
+            "pruned-self": {"ratios": args.prune_ratios},
+            "timm-donors": {"max_params_ratio": args.donor_max_params},
+            "lowrank": {"fractions": args.lowrank_fractions},
+        },
+        "build": {"segments": args.segments, "tiles": args.tiles, "modules": args.modules,
+                  "max_fraction": args.max_fraction, "epochs": args.distill_epochs, "batch_size": 16,
+                  "calibration_images": args.calibration_images,
+                  "validation_images": selection_images, "augment": True,
+                  "halving": args.halving, "halving_eta": args.halving_eta, "workers": args.workers},
+        "search": {"proxy": args.proxy, "rerank_top_k": args.rerank_top_k, "input_sizes": args.input_sizes,
+                   "pick_train_images": args.pick_train_images, "pick_remeasure": args.pick_remeasure,
+                   "check_repeats": args.repeats},
+        "finetune": finetune_settings(args),
+    }
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.data.is_dir():
@@ -283,31 +318,7 @@ def main(argv=None) -> int:
     at_donors = [round(ratios[DONORS[0]], 3), round(ratios[DONORS[1]], 3)]
     budget_names = {0.5: "0.5", 0.7: "0.7", at_donors[0]: "lite0-latency", at_donors[1]: "lite1-latency"}
     budgets = list(budget_names)  # a donor's ratio equal to 0.5 or 0.7 is searched once, under the donor's name
-    base = {
-        "teacher": TEACHER, "teacher_weights": "packaged", "donors": DONORS,
-        "data": str(layout["distill"]), "val_data": str(layout["selection"]), "class_list": str(class_list),
-        "budgets": budgets, "out": str(out), "house": str(out / "house"), "seed": args.seed,
-        "threads": args.threads, "preset": "full",
-        "plugins": {"block_sources": ["timm-donors", "pruned-self", "lowrank", "skip"],
-                    "latency": "measured-latency", "search": args.search},
-        "plugin_options": {
-            "measured-latency": {"threads": args.threads, "runs": args.runs, "warmup": 5},
-            "optuna": {"n_trials": args.trials, "top_k": args.rerank_top_k},
-            "exact": {"top_k": args.rerank_top_k},
-            "pruned-self": {"ratios": args.prune_ratios},
-            "timm-donors": {"max_params_ratio": args.donor_max_params},
-            "lowrank": {"fractions": args.lowrank_fractions},
-        },
-        "build": {"segments": args.segments, "tiles": args.tiles, "modules": args.modules,
-                  "max_fraction": args.max_fraction, "epochs": args.distill_epochs, "batch_size": 16,
-                  "calibration_images": args.calibration_images,
-                  "validation_images": data_summary["selection_images"], "augment": True,
-                  "halving": args.halving, "halving_eta": args.halving_eta, "workers": args.workers},
-        "search": {"proxy": args.proxy, "rerank_top_k": args.rerank_top_k, "input_sizes": args.input_sizes,
-                   "pick_train_images": args.pick_train_images, "pick_remeasure": args.pick_remeasure,
-                   "check_repeats": args.repeats},
-        "finetune": finetune_settings(args),
-    }
+    base = run_config(args, layout, data_summary["selection_images"], budgets)
     cfg = RunConfig.model_validate(base)
 
     c0 = cpu_minutes()
