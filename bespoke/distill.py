@@ -179,6 +179,7 @@ class Settings:
     halving_eta: float = 3.0
     halving_margin: float = 0.2
     halving_stall: float = 0.05
+    freeze_batchnorm: bool = True
 
     @classmethod
     def from_build(cls, build: Any, seed: int, device: str) -> "Settings":
@@ -187,7 +188,8 @@ class Settings:
                    cache_activations=build.cache_activations, seed=seed, device=device,
                    workers=build.workers, checkpoint_minutes=build.checkpoint_minutes,
                    halving=build.halving, halving_eta=build.halving_eta, halving_margin=build.halving_margin,
-                   halving_stall=build.halving_stall)
+                   halving_stall=build.halving_stall,
+                   freeze_batchnorm=getattr(build, "freeze_batchnorm", True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,6 +358,10 @@ def train_bunch(partition: Any, jobs: list[Job], data: ImageSet, loss_fn: Callab
     for j in active:
         # every parameter of an alternative trains (copies of teacher pieces come frozen)
         j.module.to(device).train().requires_grad_(True)
+        if settings.freeze_batchnorm:  # running statistics stay as fitted; scale and shift still train
+            for m in j.module.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         if not isinstance(j.loss_sum, torch.Tensor):
             j.loss_sum = torch.tensor(float(j.loss_sum), device=device)
     trainable = [p for j in active for p in j.trainable]

@@ -375,3 +375,34 @@ def test_rounds_that_make_an_alternative_worse_are_not_kept(tmp_path):
         assert a.kept and a.kept.startswith("the weights after 0 images")
         before, after = (float(v) for v in a.kept.split("KL ")[1].split(";")[0:1] + [a.kept.split("; ")[1].split()[0]])
         assert a.kl == pytest.approx(before, rel=1e-3) and before < after
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_frozen_batchnorm_keeps_an_alternatives_running_statistics(freeze):
+    """build.freeze_batchnorm: the alternative's BatchNorm keeps the statistics its block source
+    gave it while its scale and shift (and every other weight) still train."""
+    from types import SimpleNamespace
+
+    import timm
+    from torch import nn
+
+    from bespoke.data import sample_images, transforms_for
+    from bespoke.distill import Job, Settings, train_bunch
+
+    torch.manual_seed(0)
+    data = sample_images().with_transform(transforms_for(timm.create_model(hp.TEACHER, pretrained=False), 16,
+                                                         augment=True))
+    teacher = nn.Conv2d(3, 4, 1)
+    partition = SimpleNamespace(activations=lambda x, needed: {0: x, 1: teacher(x)})
+    module = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    bn = module[1]
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    job = Job(SimpleNamespace(id="a"), SimpleNamespace(start=0, end=1), module)
+    seen = train_bunch(partition, [job], data, nn.functional.mse_loss,
+                       Settings(epochs=1, steps_per_epoch=3, batch_size=4, lr=1e-2, workers=0,
+                                freeze_batchnorm=freeze))
+    assert seen == 12 and job.steps == 3
+    assert not torch.equal(bn.weight, before["weight"]) and not torch.equal(bn.bias, before["bias"])
+    stats_kept = all(torch.equal(bn.state_dict()[k], before[k]) for k in ("running_mean", "running_var"))
+    assert stats_kept == freeze
+    assert not module.training  # handed back in eval mode either way
