@@ -7,8 +7,9 @@ image (checked by file, bytes and pixels; counts and digests in DIR/benchmark.js
 
 - distillation: imagenet-sample/train and imagenet-extra/distill (12,747 images by default;
   ``--distill-images N`` takes the first N: imagenet-sample/train first, then a seeded draw);
-- selection: ``--selection-images`` (200) held back from that pool, half from each root, for
-  everything that chooses (replace-one proxy, re-rank, pick, keep-best, halving);
+- selection: ``--selection-images`` (200) held back from imagenet-sample/train (the broad
+  classes; ``--selection-from each``: half from each root), for everything that chooses
+  (replace-one proxy, re-rank, pick, keep-best, halving);
 - scoring: imagenet-sample/val and imagenet-extra/val (1,200 images), touched once at the end.
 
 It
@@ -80,7 +81,11 @@ def parse_args(argv=None):
                         "imagenet-extra/distill); 0: all of them")
     p.add_argument("--selection-images", type=int, default=200,
                    help="images held back from the distillation pool for everything that chooses (proxy, "
-                        "re-rank, pick, keep-best), half from each root; never scored on")
+                        "re-rank, pick, keep-best, halving); never scored on")
+    p.add_argument("--selection-from", choices=["broad", "each"], default="broad",
+                   help="broad: hold the selection images back from imagenet-sample/train only (its classes are "
+                        "spread like the scoring images'); each: half from each root (before 2026-12-04, eighth "
+                        "session: half of them then came from imagenet-extra's 20 classes)")
     p.add_argument("--halving", type=int, default=1024,
                    help="build.halving: images in the first slice of successive halving (0: off)")
     p.add_argument("--halving-eta", type=float, default=3.0, help="build.halving_eta")
@@ -132,8 +137,9 @@ def data_layout(args, out: Path) -> dict:
 
     - ``distill/``: imagenet-sample/train and imagenet-extra/distill, less the selection images
       (``--distill-images``: imagenet-sample/train first, then a seeded draw from the rest);
-    - ``selection/``: ``--selection-images`` held back from that pool, half from each root (the
-      extra images are 20 classes; imagenet-sample/train is 500), for everything that chooses;
+    - ``selection/``: ``--selection-images`` held back from imagenet-sample/train (``--selection-from
+      broad``: its classes are spread like the scoring images', where imagenet-extra/distill is 20
+      classes), or half from each root (``each``), for everything that chooses;
     - scoring: imagenet-sample/val and imagenet-extra/val as they are, touched once at the end.
 
     Links are named ``<wnid>_<file>``, so the class list labels them. An old-style ``--data``
@@ -164,10 +170,11 @@ def data_layout(args, out: Path) -> dict:
         raise SystemExit(f"error: {args.data} holds neither imagenet-sample/ nor train/ and val/")
     rng = random.Random(args.seed)
     selection, rest = [], []
+    share = len(pools) if getattr(args, "selection_from", "broad") == "each" else 1
     for n, pool in enumerate(pools):
         pool = list(pool)
         rng.shuffle(pool)
-        take = args.selection_images // len(pools) + (n < args.selection_images % len(pools))
+        take = (args.selection_images // share + (n < args.selection_images % share)) if n < share else 0
         selection += pool[:take]
         rest.append(pool[take:])
     distill = rest[0] + [f for pool in rest[1:] for f in pool]  # the broad images first
