@@ -97,14 +97,17 @@ def test_build_tiny_model(reference):
         assert house.weights_path(a.id).is_file()
         assert not house.weights_path(a.id, initial=True).exists()
     assert house.manifest.data["train_images"] > 0
-    # copies of teacher pieces come with frozen parameters; they must train all the same
+    # with BatchNorm frozen (build.freeze_batchnorm) a copy of the teacher's own segment is the
+    # teacher's function: nothing to learn, so it ends where it began (that teacher copies train
+    # at all is checked on train_bunch below)
     from safetensors.torch import load_file
 
     rec = next(a for a in alts if a.spec.kind == "copy")
+    assert rec.train_loss == pytest.approx(0.0, abs=1e-10)
     trained = load_file(str(house.weights_path(rec.id)))
     teacher = load_file(str(tmp / "teacher.safetensors"))
     weights = [k for k in trained if k.endswith("weight") and trained[k].dim() == 4 and k in teacher]
-    assert weights and all(not torch.equal(trained[k], teacher[k]) for k in weights)
+    assert weights and all(torch.equal(trained[k], teacher[k]) for k in weights)
 
 
 def test_alternative_loads_back_and_reproduces_its_profile(reference):
@@ -380,7 +383,7 @@ def test_rounds_that_make_an_alternative_worse_are_not_kept(tmp_path):
 @pytest.mark.parametrize("freeze", [False, True])
 def test_frozen_batchnorm_keeps_an_alternatives_running_statistics(freeze):
     """build.freeze_batchnorm: the alternative's BatchNorm keeps the statistics its block source
-    gave it while its scale and shift (and every other weight) still train."""
+    gave it while its scale and shift (and every other weight, frozen or not as it came) train."""
     from types import SimpleNamespace
 
     import timm
@@ -394,14 +397,16 @@ def test_frozen_batchnorm_keeps_an_alternatives_running_statistics(freeze):
                                                          augment=True))
     teacher = nn.Conv2d(3, 4, 1)
     partition = SimpleNamespace(activations=lambda x, needed: {0: x, 1: teacher(x)})
-    module = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    module = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).requires_grad_(False)  # as teacher copies come
     bn = module[1]
+    conv = module[0].weight.clone()
     before = {k: v.clone() for k, v in bn.state_dict().items()}
     job = Job(SimpleNamespace(id="a"), SimpleNamespace(start=0, end=1), module)
     seen = train_bunch(partition, [job], data, nn.functional.mse_loss,
                        Settings(epochs=1, steps_per_epoch=3, batch_size=4, lr=1e-2, workers=0,
                                 freeze_batchnorm=freeze))
     assert seen == 12 and job.steps == 3
+    assert not torch.equal(module[0].weight, conv)  # frozen parameters train all the same
     assert not torch.equal(bn.weight, before["weight"]) and not torch.equal(bn.bias, before["bias"])
     stats_kept = all(torch.equal(bn.state_dict()[k], before[k]) for k in ("running_mean", "running_var"))
     assert stats_kept == freeze
