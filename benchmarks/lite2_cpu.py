@@ -170,7 +170,7 @@ def data_layout(args, out: Path) -> dict:
         raise SystemExit(f"error: {args.data} holds neither imagenet-sample/ nor train/ and val/")
     rng = random.Random(args.seed)
     selection, rest = [], []
-    share = len(pools) if getattr(args, "selection_from", "broad") == "each" else 1
+    share = len(pools) if args.selection_from == "each" else 1
     for n, pool in enumerate(pools):
         pool = list(pool)
         rng.shuffle(pool)

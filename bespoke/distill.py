@@ -189,7 +189,7 @@ class Settings:
                    workers=build.workers, checkpoint_minutes=build.checkpoint_minutes,
                    halving=build.halving, halving_eta=build.halving_eta, halving_margin=build.halving_margin,
                    halving_stall=build.halving_stall,
-                   freeze_batchnorm=getattr(build, "freeze_batchnorm", True))
+                   freeze_batchnorm=build.freeze_batchnorm)
 
 
 # --------------------------------------------------------------------------------------------

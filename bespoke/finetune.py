@@ -469,7 +469,7 @@ def finetune_student(
                                  dict(getattr(student, "replaced_outputs", {}) or {}), acts,
                                  acts[last_cut], targets, beta=cfg.beta,
                                  label_smoothing=cfg.label_smoothing, distill_loss=distill_loss,
-                                 mixed_labels=y_other, lam=lam, label_weight=getattr(cfg, "label_weight", 1.0))
+                                 mixed_labels=y_other, lam=lam, label_weight=cfg.label_weight)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             opt.step()
