@@ -227,7 +227,7 @@ def main(argv=None) -> int:
                                       est, reference="teacher", pairwise=True, repeats=args.repeats)
             st["ratio_on"][t] = r["student"]
 
-    def result():
+    def summary():
         return {
             "schema_version": 1, "date": time.strftime("%Y-%m-%d"),
             "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
@@ -241,10 +241,10 @@ def main(argv=None) -> int:
         }
 
     # written before the longer fine-tune too, so a kill there loses none of the targets' figures
-    atomic_write_text(out / "many_targets.json", json.dumps(result(), indent=2, default=str))
+    atomic_write_text(out / "many_targets.json", json.dumps(summary(), indent=2, default=str))
     if args.full_finetune_steps:
         full_finetune(args, base, students, registry, console, scoring_at, preds, out)
-    result = result()
+    result = summary()
     atomic_write_text(out / "many_targets.json", json.dumps(result, indent=2, default=str))
     print_tables(result, console)
     for t in results.values():
