@@ -194,6 +194,24 @@ def data_layout(args, out: Path) -> dict:
             "per_root": {"distill": [len(p) for p in rest] if not args.distill_images else None}}
 
 
+def halving_summary(house_dir: Path, full: int) -> dict:
+    """What successive halving spent: images the alternatives saw, against every alternative seeing
+    all ``full`` images (the distillation pool times the epochs), and why each stopped."""
+    from bespoke.house import House
+
+    alts = House.open(house_dir).by_status("trained")
+    seen = sum(a.images for a in alts)
+    reasons: dict[str, int] = {}
+    for a in alts:
+        if a.stopped:
+            key = next((k for k in ("no cheaper", "dominated", "stalled") if k in a.stopped), "other")
+            key = f"{key}, {'untrained' if not a.images else f'after {a.images:,}'}"
+            reasons[key] = reasons.get(key, 0) + 1
+    return {"alternatives": len(alts), "images_seen": seen, "images_without_halving": len(alts) * full,
+            "fraction_spent": round(seen / (len(alts) * full), 3) if alts and full else None,
+            "saw_all": sum(1 for a in alts if a.images >= full), "stopped": reasons}
+
+
 def finetune_settings(args) -> dict:
     """The ``finetune`` section every student and baseline of this benchmark is trained with."""
     return {"epochs": 100, "steps": args.finetune_steps, "batch_size": 16, "lr": args.finetune_lr,
@@ -328,12 +346,18 @@ def main(argv=None) -> int:
     base = run_config(args, layout, data_summary["selection_images"], budgets)
     cfg = RunConfig.model_validate(base)
 
+    from bespoke.stages.report import peak_rss_mb
+
+    rss = {"references": peak_rss_mb()["self"]}  # the process's peak (MB) after each part: a running maximum
     c0 = cpu_minutes()
     pipeline.build(cfg, registry, console=console)
     one_time = cpu_minutes() - c0
+    rss["build"] = peak_rss_mb()["self"]
+    halving = halving_summary(out / "house", data_summary["distill_images"] * args.distill_epochs)
     c0 = cpu_minutes()
     report = pipeline.run(cfg, registry, console=console)  # resumes the house built above
     per_target = cpu_minutes() - c0
+    rss["run"] = peak_rss_mb()["self"]
 
     # ---- 3. Baselines at the same budgets --------------------------------------------------
     baseline_models: dict[str, tuple[torch.nn.Module, float, str]] = {}
@@ -363,6 +387,8 @@ def main(argv=None) -> int:
         for name, (model, budget, _, size) in baseline_models.items():
             baseline_metrics[name], preds[name] = evaluate(model, name, val_set(t_model, size), (1, 3, size, size),
                                                            teacher=teacher_pred)
+
+    rss["baselines"] = peak_rss_mb()["self"]
 
     # ---- 4. Everything measured side by side -----------------------------------------------
     from bespoke import load_student
@@ -439,6 +465,9 @@ def main(argv=None) -> int:
         "costs_min": {"one_time": round(one_time, 2), "per_target": round(per_target, 2)},
         "timings_s": report.timings_s,
         "wall_min": round((time.perf_counter() - t_start) / 60, 2),
+        "peak_rss_mb": {**rss, "end": peak_rss_mb()["self"], "children": peak_rss_mb()["children"],
+                        "run_stages": report.peak_rss_mb},
+        "halving": halving,
         "students": {n: str(s.student_dir) for n, (_, s) in students.items()},
         "unmet_budgets": report.unmet_budgets,
     }

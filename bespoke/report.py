@@ -76,6 +76,7 @@ class Report(BaseModel):
     references: list[ModelEntry] = Field(default_factory=list)
     timings_s: dict[str, float]
     cpu_s: dict[str, float] = Field(default_factory=dict, description="CPU seconds per stage (this process's threads and its finished child processes), as timings_s has wall seconds")
+    peak_rss_mb: dict[str, float] = Field(default_factory=dict, description="this process's peak resident memory (MB) at the end of each stage, a running maximum (the first stage whose figure rises raised it); children: the largest finished worker process")
     data: dict[str, Any] = Field(default_factory=dict, description="source, image counts, labelled, skipped images; the three roles' counts and digests (distill_images, selection_images, scoring_images, and *_digest: sha256 over the sorted per-image sha256s, 16 hex digits; scoring 0 and null without score_data)")
     latency: dict[str, Any] = Field(default_factory=dict, description="estimator, device, prediction error")
     config: dict[str, Any] = Field(default_factory=dict)

@@ -73,6 +73,10 @@ def _check_report(report: dict) -> None:
         assert s["latency_ratio"] is not None and s["budget_ratio"] is not None  # timed as saved
         assert s["over_budget"] == (s["budget"] in over)
     assert REPORT_KEYS["timings_s"] <= set(report["timings_s"])
+    rss = report["peak_rss_mb"]  # a running maximum per stage, from the operating system
+    assert REPORT_KEYS["timings_s"] - {"total"} <= set(rss), rss
+    stages = [rss[k] for k in report["timings_s"] if k in rss]
+    assert stages == sorted(stages) and 50 < stages[-1] < 50_000, rss
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,14 +28,24 @@ def cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory so far (MB, 10**6 bytes): ``self`` is this process's, ``children``
+    the largest of its finished child processes (data loader workers, torchrun)."""
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
+    return {"self": round(own / 1e6, 1), "children": round(kids / 1e6, 1)}
+
+
 class Clock:
-    """Wall time and CPU time per stage, for the report."""
+    """Wall time, CPU time and peak memory per stage, for the report."""
 
     def __init__(self):
         self._time = time.perf_counter
         self.start, self.cpu_start = self._time(), cpu_seconds()
         self.seconds: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
+        self.rss: dict[str, float] = {}
 
     def __call__(self, name):
         @contextlib.contextmanager
@@ -44,6 +56,7 @@ class Clock:
             finally:
                 self.seconds[name] = round(self.seconds.get(name, 0.0) + self._time() - t0, 3)
                 self.cpu[name] = round(self.cpu.get(name, 0.0) + cpu_seconds() - c0, 3)
+                self.rss[name] = peak_rss_mb()["self"]
 
         return timed()
 
@@ -52,6 +65,11 @@ class Clock:
 
     def cpu_total(self) -> dict[str, float]:
         return {**self.cpu, "total": round(cpu_seconds() - self.cpu_start, 3)}
+
+    def rss_total(self) -> dict[str, float]:
+        """The process's peak RSS (MB) at the end of each stage: a running maximum, so the first
+        stage whose figure rises is the one that raised it; ``children``: the largest worker."""
+        return {**self.rss, "children": peak_rss_mb()["children"]}
 
 
 def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured: dict[str, Any],
@@ -104,7 +122,7 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
     report = Report(
         bespoke_version=__version__, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         teacher=teacher, students=students, references=[entry(r) for r in stage.references],
-        timings_s=clock.total(), cpu_s=clock.cpu_total(),
+        timings_s=clock.total(), cpu_s=clock.cpu_total(), peak_rss_mb=clock.rss_total(),
         data={"source": stage.split.source, "labelled": stage.split.labelled,
               "train_images": len(stage.split.train), "val_images": stage.split.val_images,
               "val_views": stage.split.val_views,
@@ -123,7 +141,7 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
     out = Path(cfg.out)
     path = write_report(report, out)
     plot = pareto_plot(report, out)
-    report.timings_s, report.cpu_s = clock.total(), clock.cpu_total()
+    report.timings_s, report.cpu_s, report.peak_rss_mb = clock.total(), clock.cpu_total(), clock.rss_total()
     write_report(report, out)
     stage.console.print(summary_table(report))
     stage.console.print(summary_legend(report), highlight=False)
