@@ -242,6 +242,7 @@ def run(cfg, registry, console=None):
         if sizes:
             found = pick.search_sizes(cfg, stage, found, sized_cfgs, out, console,
                                       search=lambda c, o, **kw: search(c, registry, o, console=console, **kw))
+        stage.release_pick_images()
     met = search_stage.require_feasible(found, console)
     with clock("finetune"):
         students = [stage.make(r.model_dump(), out / "students" / f"budget-{r.budget:g}") for r in met]

@@ -530,3 +530,29 @@ def test_final_pick_remeasures_near_the_budget_and_scores_on_more_images():
     plain = [dict(r) for r in rows]
     refine_finalists(SimpleNamespace(search=SearchConfig()), Stage(), finalists, plain, 0.8)
     assert plain == rows
+
+
+def test_pick_images_kept_as_pixels_are_the_eval_transform_bit_for_bit(imagenet_sample):
+    """The final pick keeps its decoded images as 8-bit pixels (a quarter of float32's memory)
+    and gives them back normalised exactly as timm's eval transform does."""
+    import torch
+
+    from bespoke.data import open_images, transforms_for
+    from bespoke.finetune import iter_batches
+    from bespoke.models import load_model
+    from bespoke.stages.pick import Normalized, split_normalize, to_pixels
+
+    model = load_model("tf_efficientnet_lite0", weights=None)
+    photos = open_images(str(imagenet_sample / "val"), imagenet_sample / "classes.txt")
+    photos = photos.subset(list(range(6)))
+    full = transforms_for(model, 208)
+    pixels, normalize = split_normalize(full)
+    assert normalize is not None
+    kept = [to_pixels(x) for x, _ in iter_batches(photos.with_transform(pixels), 4)]
+    assert all(b.dtype == torch.uint8 for b in kept)
+    expected = [x for x, _ in iter_batches(photos.with_transform(full), 4)]
+    for _ in range(2):  # every pass gives the same batches
+        got = list(Normalized(kept, normalize))
+        assert len(got) == len(expected)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert split_normalize(pixels) == (pixels, None)  # no Normalize at the end: kept as is

@@ -11,10 +11,12 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from bespoke import search as S
 from bespoke.stages import plain
 
-PICK_CACHE_BYTES = 2 << 30  # decoded pick images kept in memory, over all input sizes
+PICK_CACHE_BYTES = 1 << 30  # decoded pick images kept in memory (as 8-bit pixels), over all input sizes
 
 
 def search_sizes(cfg: Any, stage: Any, native: Any, sized_cfgs: dict[int, Any], out: Path, console: Any, *,
@@ -118,7 +120,36 @@ class _Replay:
         return iter(self.make())
 
 
-__all__ = ["PICK_CACHE_BYTES", "DecodedBatches", "refine_finalists", "scored_pick", "search_sizes"]
+def split_normalize(transform: Any) -> tuple[Any, Any]:
+    """``transform`` (timm's eval preprocessing) as (the steps up to pixels in [0, 1], the final
+    ``Normalize``); ``(transform, None)`` when it does not end in one."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(transform, "transforms", []))
+    if steps and isinstance(steps[-1], T.Normalize):
+        return T.Compose(steps[:-1]), steps[-1]
+    return transform, None
+
+
+def to_pixels(x: Any) -> Any:
+    """A batch in [0, 1] from ``to_tensor`` (k / 255) as the 8-bit pixels k, exactly."""
+    return x.mul(255).round_().to(torch.uint8)
+
+
+class Normalized:
+    """Batches kept as 8-bit pixels (a quarter of float32's memory), given back as the eval
+    transform gives them: ``to_tensor``'s ``float().div(255)`` then the ``Normalize``, the
+    same operations on the same values, so the result is bit for bit the same."""
+
+    def __init__(self, kept: Any, normalize: Any):
+        self.kept, self.normalize = kept, normalize
+
+    def __iter__(self):
+        for b in self.kept:
+            yield self.normalize(b.to(torch.float32).div(255))
+
+
+__all__ = ["PICK_CACHE_BYTES", "DecodedBatches", "Normalized", "split_normalize", "to_pixels", "refine_finalists", "scored_pick", "search_sizes"]
 
 
 def finalists(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ from bespoke.models import load_model
 from bespoke.partition import Partition
 from bespoke.search import RealScore
 from bespoke.stages import pct, plain, warner
-from bespoke.stages.pick import DecodedBatches, finalists, ratio_at_pick
+from bespoke.stages.pick import DecodedBatches, Normalized, finalists, ratio_at_pick, split_normalize, to_pixels
 from bespoke.student import StudentChoice, StudentRecipe, assemble, deployed, load_student, save_student
 
 
@@ -177,7 +177,8 @@ class Students:
         """Top-1 agreement with the teacher of the student of ``choices`` (at input ``size``) on
         the held-out images plus ``search.pick_train_images`` training images (a fixed subset at
         the eval transforms), for the final pick of a budget over input sizes. The images are
-        decoded once per size and kept, up to :data:`bespoke.stages.pick.PICK_CACHE_BYTES` over all sizes."""
+        decoded once per size and kept as 8-bit pixels, up to
+        :data:`bespoke.stages.pick.PICK_CACHE_BYTES` over all sizes."""
         view = self.at(size)
         student = self._finalist(choices, size)
         targets = torch.cat([t.argmax(-1) for t in self._teacher_on_pick_images()])
@@ -193,14 +194,23 @@ class Students:
         """Batches of the held-out images and the pick's training subset at input ``size``."""
         n = min(self.cfg.search.pick_train_images, len(self.split.train))
 
+        pixels, normalize = split_normalize(images.transforms_for(self.teacher, size))
+
         def make():
             order = torch.randperm(len(self.split.train), generator=torch.Generator().manual_seed(self.cfg.seed + 1))
-            transform = images.transforms_for(self.teacher, size)
-            train = self.split.train.subset(sorted(order[:n].tolist())).with_transform(transform)
-            val = self.split.val.with_transform(transform)
-            return (x for part in (val, train) if len(part) for x, _ in iter_batches(part, 32))
+            train = self.split.train.subset(sorted(order[:n].tolist())).with_transform(pixels)
+            val = self.split.val.with_transform(pixels)
+            batches = (x for part in (val, train) if len(part) for x, _ in iter_batches(part, 32))
+            return (to_pixels(x) for x in batches) if normalize is not None else batches
 
-        return self._pick_cache.get(size, make, (len(self.split.val) + n) * 3 * size * size * 4)  # float32
+        nbytes = (len(self.split.val) + n) * 3 * size * size * (1 if normalize is not None else 4)
+        kept = self._pick_cache.get(size, make, nbytes)
+        return Normalized(kept, normalize) if normalize is not None else kept
+
+    def release_pick_images(self):
+        """Let the final pick's decoded images go (they are decoded again if asked for): the
+        fine-tune that follows needs the memory."""
+        self._pick_cache = DecodedBatches()
 
     def _teacher_on_pick_images(self):
         if self._pick_teacher is None:
