@@ -122,11 +122,13 @@ class _Replay:
 
 def split_normalize(transform: Any) -> tuple[Any, Any]:
     """``transform`` (timm's eval preprocessing) as (the steps up to pixels in [0, 1], the final
-    ``Normalize``); ``(transform, None)`` when it does not end in one."""
+    ``Normalize``); ``(transform, None)`` unless it ends in a to-tensor step then a Normalize
+    (only then are the values before the Normalize exact multiples of 1/255)."""
     from torchvision import transforms as T
 
     steps = list(getattr(transform, "transforms", []))
-    if steps and isinstance(steps[-1], T.Normalize):
+    if (len(steps) >= 2 and isinstance(steps[-1], T.Normalize)
+            and type(steps[-2]).__name__ in ("ToTensor", "MaybeToTensor")):
         return T.Compose(steps[:-1]), steps[-1]
     return transform, None
 
