@@ -23,7 +23,7 @@ import math
 import time
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from bespoke.errors import UsageError
 from bespoke.search_report import (SEARCH_SCHEMA_VERSION, BudgetResult, ChoiceRecord,  # noqa: F401 (re-exported)
@@ -491,13 +491,22 @@ def top_k(entries: Iterable[tuple[float, Sequence[int]]], k: int) -> list[list[i
 
 
 class RealScore(BaseModel):
-    """What assembling and evaluating one candidate solution gave."""
+    """What assembling and evaluating one candidate solution gave.
+
+    ``timer``, when given instead of a latency: a call that times the candidate (its latency ratio
+    to the teacher, measured beside it). Re-ranking then times candidates lazily, best fidelity
+    first, and stops at the first one within the budget: the pick is the same as timing all of
+    them (the best fidelity within the budget), at a fraction of the timing."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
 
     fidelity: float  # higher is better, e.g. top-1 agreement with the teacher on held-out images
     latency_ms: float | None = None  # measured end to end, when the estimator can
     # measured end to end beside the teacher, in one interleaved call: robust to a machine whose
     # speed drifts; read against the problem's own teacher latency when latency_ms is not given
     latency_ratio: float | None = None
+    # a call that times the candidate: its ratio to the teacher, or a RealScore with the latency
+    timer: Callable[[], Any] | None = Field(default=None, exclude=True, repr=False)
 
 
 def rerank(problem: SearchProblem, solution: Solution,
@@ -506,23 +515,43 @@ def rerank(problem: SearchProblem, solution: Solution,
     one with the best real fidelity whose measured latency (if any) meets the budget. When every
     candidate measures over the budget, keep the fastest (closest to it).
 
+    Candidates whose score carries a ``timer`` (:class:`RealScore`) are timed in order of fidelity,
+    best first, until one measures within the budget; those after it are not timed (their row
+    says ``timed: false``, ``within_budget: false``): none of them could be the pick.
+
     Returns the picked solution (``meta["reranked"]`` = the table of real scores) and that table.
     """
     pool = [list(c) for c in solution.meta.get("top", [])] or [solution.chosen]
     if solution.chosen not in pool:
         pool.insert(0, solution.chosen)
     pool = pool[:max(1, k)]
-    table = []
+    budget = solution.budget_ms
+    scores = []
     for ch in pool:
         r = evaluate(list(ch))
-        r = r if isinstance(r, RealScore) else RealScore(fidelity=float(r))
+        scores.append(r if isinstance(r, RealScore) else RealScore(fidelity=float(r)))
+    table: list[dict[str, Any]] = [{} for _ in pool]
+    found = False  # a candidate of higher fidelity measured within the budget: the rest need no timing
+    for i in sorted(range(len(pool)), key=lambda i: -scores[i].fidelity):
+        ch, r = pool[i], scores[i]
+        feasible = budget is None or problem.feasible(ch, budget)
+        timed = True
+        if r.latency_ms is None and r.latency_ratio is None and r.timer is not None:
+            if found or not feasible:
+                timed = False
+            else:
+                got = r.timer()
+                got = (got.model_dump(include={"latency_ms", "latency_ratio"}) if isinstance(got, RealScore)
+                       else {"latency_ratio": got})
+                r = r.model_copy(update={**got, "timer": None})
         if r.latency_ms is None and r.latency_ratio is not None:
             r = r.model_copy(update={"latency_ms": r.latency_ratio * problem.teacher_ms})
-        ok = solution.budget_ms is None or r.latency_ms is None or r.latency_ms <= solution.budget_ms + EPS
-        ok = ok and (solution.budget_ms is None or problem.feasible(ch, solution.budget_ms))
-        table.append({"chosen": list(ch), "choices": choice_dicts(problem, ch), "proxy_loss": problem.loss(ch),
-                      "predicted_ms": problem.latency(ch), "fidelity": r.fidelity,
-                      "measured_ms": r.latency_ms, "measured_ratio": r.latency_ratio, "within_budget": ok})
+        ok = timed and (budget is None or r.latency_ms is None or r.latency_ms <= budget + EPS) and feasible
+        found = found or ok
+        table[i] = {"chosen": list(ch), "choices": choice_dicts(problem, ch), "proxy_loss": problem.loss(ch),
+                    "predicted_ms": problem.latency(ch), "fidelity": r.fidelity,
+                    "measured_ms": r.latency_ms, "measured_ratio": r.latency_ratio, "within_budget": ok,
+                    **({} if timed else {"timed": False})}
     pick = table[pick_scored(table)]
     meta = dict(solution.meta, reranked=table, picked=table.index(pick))
     return make_solution(problem, pick["chosen"], solution.budget_ms, meta), table

@@ -202,6 +202,39 @@ def test_greedy_feasible_and_rerank_uses_real_scores(registry):
     assert picked.meta["reranked"][picked.meta["picked"]]["chosen"] == picked.chosen
 
 
+def test_rerank_times_lazily_best_fidelity_first_and_picks_as_if_all_were_timed(registry):
+    p = synthetic(4)
+    b = feasible_budgets(p)[1]
+    sol = registry.instantiate("random", {"top_k": 3}).search(p, [b], seed=1)[0]
+    top = [tuple(c) for c in sol.meta["top"]]
+    fid = {c: 0.9 - 0.1 * i for i, c in enumerate(reversed(top))}  # the last proxy candidate scores best
+
+    def run(ms):
+        timed = []
+
+        def evaluate(ch):
+            c = tuple(ch)
+            return RealScore(fidelity=fid[c], timer=lambda: timed.append(c) or ms[c] / p.teacher_ms)
+
+        eager, _ = rerank(p, sol, lambda ch: RealScore(fidelity=fid[tuple(ch)], latency_ms=ms[tuple(ch)]), k=3)
+        lazy, table = rerank(p, sol, evaluate, k=3)
+        assert lazy.chosen == eager.chosen  # the same pick as timing every candidate
+        return timed, table
+
+    best, second, third = sorted(top, key=lambda c: -fid[c])
+    # the best candidate fits: it alone is timed; the others' rows say they were not
+    timed, table = run({c: b * 0.9 for c in top})
+    assert timed == [best]
+    assert sorted(t.get("timed", True) for t in table) == [False, False, True]
+    assert all(t["measured_ms"] is None for t in table if t.get("timed") is False)
+    # the best measures over the budget: the next is timed, and picked
+    timed, _ = run({c: b * (1.5 if c == best else 0.9) for c in top})
+    assert timed == [best, second]
+    # every one over: all timed, the fastest kept
+    timed, table = run({c: b * (1.5 + 0.1 * i) for i, c in enumerate(top)})
+    assert sorted(timed) == sorted(top) and not any(t["within_budget"] for t in table)
+
+
 def test_pick_scored_prefers_fidelity_within_budget_then_speed():
     from bespoke.search import pick_scored
 

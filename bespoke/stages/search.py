@@ -82,17 +82,24 @@ def rerank(cfg: Any, problem: Any, solutions: list[Any], evaluate: Callable[[lis
         console.print(f"[yellow]warning:[/yellow] search strategy {strategy!r} gives no meta['top'] (its best "
                       "candidates); re-ranking scores only the solution it chose", highlight=False)
 
-    def real(chosen):
-        r = evaluate([problem.candidates[i] for i in chosen])
+    def with_ms(r):  # a ratio read against the teacher at its own size (reference_ms)
         if isinstance(r, S.RealScore) and r.latency_ms is None and r.latency_ratio is not None:
             r = r.model_copy(update={"latency_ms": r.latency_ratio * reference_ms})
+        return r
+
+    def real(chosen):
+        r = with_ms(evaluate([problem.candidates[i] for i in chosen]))
+        if isinstance(r, S.RealScore) and r.timer is not None:  # timed lazily, by re-ranking
+            timer = r.timer
+            r = r.model_copy(update={"timer": lambda: with_ms(S.RealScore(fidelity=r.fidelity, latency_ratio=timer()))})
         return r
 
     def show(s):
         for row in s.meta.get("reranked", []):
             console.print(f"  re-rank at {s.budget_ms:.2f} ms: {len(row['chosen'])} replacement(s), proxy loss "
                           f"{row['proxy_loss']:.2f}, real fidelity {row['fidelity']:.4f}"
-                          + ("" if row["within_budget"] else " (over budget)"), highlight=False)
+                          + ("" if row["within_budget"] else " (not timed: a better one fits)"
+                             if row.get("timed") is False else " (over budget)"), highlight=False)
 
     out = []
     for s in solutions:

@@ -147,8 +147,8 @@ class Students:
                                      reduction="sum"))
                 n += x.shape[0]
         n = max(n, 1)
-        ratio = self._pair_ratio(student, view) if self.cfg.search.rerank_latency else None
-        return RealScore(fidelity=agree / n - (kl / n) / 1000.0, latency_ratio=ratio)
+        timer = (lambda: self._pair_ratio(student, view)) if self.cfg.search.rerank_latency else None
+        return RealScore(fidelity=agree / n - (kl / n) / 1000.0, timer=timer)  # timed when re-ranking asks
 
     def _pair_ratio(self, student, view):
         """The student's latency ratio to the teacher at its own size, timed in one interleaved
