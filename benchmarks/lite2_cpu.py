@@ -393,10 +393,15 @@ def main(argv=None) -> int:
                                                                "lut-latency": {"path": str(lut)},
                                                                "random": {"samples": args.trials,
                                                                           "top_k": args.rerank_top_k}}})
-        rnd = pipeline.run(rnd_cfg, registry, console=console)
         from bespoke import load_student
+        from bespoke.errors import UsageError
 
-        for s in rnd.students:
+        try:
+            rnd_students = pipeline.run(rnd_cfg, registry, console=console).students
+        except UsageError as exc:  # e.g. no random student meets any budget: a finding, not a crash
+            console.print(f"[yellow]random-search baseline: no students ({exc})[/yellow]")
+            rnd_students = []
+        for s in rnd_students:
             name = f"random-search@{budget_names.get(s.budget, s.budget)}"
             baseline_models[name] = (load_student(s.student_dir).eval(), s.budget, "random search, same house",
                                      s.input_size or t_size)
