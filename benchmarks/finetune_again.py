@@ -10,8 +10,8 @@ fine-tune does (``bespoke.finetune.finetune_student``, logits only at another in
 starting from the saved weights, or with ``--from-teacher`` from the teacher's own weights for
 every parameter the student shares with it (what the assembled student had, for students whose
 replacements are skips). ``--set`` overrides ``finetune`` keys (``bespoke.config.FinetuneConfig``)
-of the benchmark's own defaults (``lite2_cpu.finetune_settings``: 24 steps, lr 3e-5, beta 3,
-batch 16). Prints top-1 on the 300 ``val/`` images before and after, and the seconds the
+of the benchmark's own defaults (``lite2_cpu.finetune_settings``: 150 steps, lr 1e-4, beta 3,
+label weight 0, batch 16). Prints top-1 on the 300 ``val/`` images before and after, and the seconds the
 fine-tune took.
 """
 

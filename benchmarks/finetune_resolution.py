@@ -1,0 +1,119 @@
+"""How much does fine-tuning recover when the teacher runs at a lower input size?
+
+    python benchmarks/finetune_resolution.py --out DIR [--sizes 224] [--variant 150:1e-4:0 ...]
+
+The teacher (``tf_efficientnet_lite2``, packaged weights, trained at 260 px) is run as is at a
+lower input size, and fine-tuned there against itself at 260 px (``bespoke.finetune.finetune_student``
+with ``input_size``: logits only, the KL target the teacher at its own size), the way the
+benchmark fine-tunes a student at a lower input size. Each ``--variant STEPS:LR:LABEL_WEIGHT``
+is one fine-tune from the teacher's weights (batch 16, beta 3).
+
+Images: the roles of ``benchmarks/lite2_cpu.py`` with its defaults (``data_layout``): fine-tuning
+on its distillation pool, measured on its 200 selection images (never on the scoring images:
+this chooses the benchmark's fine-tuning defaults). Prints, per row, top-1 on those images,
+top-1 agreement with the teacher at 260 px and the KL divergence to it (nats per image), and
+writes ``DIR/finetune_resolution.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--sizes", type=int, nargs="+", default=[224], help="input sizes (px) to run the teacher at")
+    p.add_argument("--variant", nargs="*", default=["150:1e-4:0"],
+                   help="fine-tunes as STEPS:LR:LABEL_WEIGHT (label weight 0: distillation from the teacher only)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    import lite2_cpu
+
+    from bespoke.config import FinetuneConfig
+    from bespoke.data import eval_view, open_images, prepare, transforms_for
+    from bespoke.finetune import finetune_student, iter_batches
+    from bespoke.files import atomic_write_text
+    from bespoke.models import load_model
+    from bespoke.partition import Partition
+    from bespoke.student import assemble
+
+    variants = []
+    for v in args.variant:
+        try:
+            steps, lr, lw = v.split(":")
+            variants.append((int(steps), float(lr), float(lw)))
+        except ValueError:
+            print(f"error: --variant {v!r} is not STEPS:LR:LABEL_WEIGHT (e.g. 150:1e-4:0)", file=sys.stderr)
+            return 2
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    layout = lite2_cpu.data_layout(lite2_cpu.parse_args(["--out", str(out), "--seed", str(args.seed)]), out)
+    teacher = load_model(lite2_cpu.TEACHER, weights="packaged").eval()
+    size0 = 260
+    selection = open_images(str(layout["selection"]), layout["class_list"])
+
+    @torch.no_grad()
+    def logits(model, size):
+        model.eval()
+        xs, ys = [], []
+        for x, y in iter_batches(selection.with_transform(transforms_for(teacher, size)), 32):
+            xs.append(model(x))
+            ys.append(y)
+        return torch.cat(xs), torch.cat(ys)
+
+    t_logits, labels = logits(teacher, size0)
+    rows = []
+
+    def row(name, model, size, seconds=None):
+        s_logits, _ = logits(model, size)
+        kl = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True,
+                      reduction="batchmean").item()
+        r = {"name": name, "size": size, "top1": round(100 * (s_logits.argmax(-1) == labels).float().mean().item(), 1),
+             "agreement": round(100 * (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean().item(), 1),
+             "kl": round(kl, 3), "seconds": seconds}
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    row("teacher", teacher, size0)
+    split = prepare(teacher, size0, data=str(layout["distill"]), class_list=str(layout["class_list"]),
+                    held_out=0, seed=args.seed)
+    train = eval_view(split, teacher, size0)
+    partition = Partition.from_model(copy.deepcopy(teacher), (1, 3, size0, size0), name=lite2_cpu.TEACHER)
+    for size in args.sizes:
+        row("as is", teacher, size)
+        for steps, lr, lw in variants:
+            cfg = FinetuneConfig(epochs=100, steps=steps, batch_size=16, lr=lr, beta=3.0, label_weight=lw,
+                                 bn_recalibration_batches=8)
+            t0 = time.perf_counter()
+            student = assemble(Partition.from_model(copy.deepcopy(teacher), (1, 3, size0, size0),
+                                                    name=lite2_cpu.TEACHER), [])
+            res = finetune_student(student, partition, train, cfg, out / f"ft-{size}-{steps}-{lr:g}-{lw:g}",
+                                   input_size=size, seed=args.seed)
+            row(f"{steps} steps, lr {lr:g}, label weight {lw:g}", res.student, size,
+                round(time.perf_counter() - t0, 1))
+    atomic_write_text(out / "finetune_resolution.json", json.dumps(
+        {"command": "python benchmarks/finetune_resolution.py " + " ".join(sys.argv[1:] if argv is None else argv),
+         "selection_images": len(selection), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
