@@ -1,12 +1,15 @@
 """How much does fine-tuning recover when the teacher runs at a lower input size?
 
     python benchmarks/finetune_resolution.py --out DIR [--sizes 224] [--variant 150:1e-4:0 ...]
+                                             [--student tf_efficientnet_lite0]
 
 The teacher (``tf_efficientnet_lite2``, packaged weights, trained at 260 px) is run as is at a
 lower input size, and fine-tuned there against itself at 260 px (``bespoke.finetune.finetune_student``
 with ``input_size``: logits only, the KL target the teacher at its own size), the way the
 benchmark fine-tunes a student at a lower input size. Each ``--variant STEPS:LR:LABEL_WEIGHT``
-is one fine-tune from the teacher's weights (batch 16, beta 3).
+is one fine-tune from the teacher's weights (batch 16, beta 3). ``--student NAME`` fine-tunes
+another network (with its packaged weights) the same way, against the same teacher: e.g. a donor
+at its own input size, distilled from the teacher (what a student made of the whole donor gets).
 
 Images: the roles of ``benchmarks/lite2_cpu.py`` with its defaults (``data_layout``): fine-tuning
 on its distillation pool, measured on its 200 selection images (never on the scoring images:
@@ -36,6 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[224], help="input sizes (px) to run the teacher at")
     p.add_argument("--variant", nargs="*", default=["150:1e-4:0"],
                    help="fine-tunes as STEPS:LR:LABEL_WEIGHT (label weight 0: distillation from the teacher only)")
+    p.add_argument("--student", default=None,
+                   help="the network fine-tuned (packaged weights; default: the teacher itself)")
+    p.add_argument("--bn-batches", type=int, default=8,
+                   help="finetune.bn_recalibration_batches (the benchmark's: 8; they recalibrate replaced parts only)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -74,12 +81,15 @@ def main(argv=None) -> int:
     def logits(model, size):
         model.eval()
         xs, ys = [], []
-        for x, y in iter_batches(selection.with_transform(transforms_for(teacher, size)), 32):
+        for x, y in iter_batches(selection.with_transform(transforms_for(transforms_of if model is not teacher
+                                                                          else teacher, size)), 32):
             xs.append(model(x))
             ys.append(y)
         return torch.cat(xs), torch.cat(ys)
 
     t_logits, labels = logits(teacher, size0)
+    base = teacher if args.student is None else load_model(args.student, weights="packaged").eval()
+    transforms_of = base  # each network sees its own preprocessing (the Lite family shares it)
     rows = []
 
     def row(name, model, size, seconds=None):
@@ -98,20 +108,20 @@ def main(argv=None) -> int:
     train = eval_view(split, teacher, size0)
     partition = Partition.from_model(copy.deepcopy(teacher), (1, 3, size0, size0), name=lite2_cpu.TEACHER)
     for size in args.sizes:
-        row("as is", teacher, size)
+        row("as is", base, size)
         for steps, lr, lw in variants:
             cfg = FinetuneConfig(epochs=100, steps=steps, batch_size=16, lr=lr, beta=3.0, label_weight=lw,
-                                 bn_recalibration_batches=8)
+                                 bn_recalibration_batches=args.bn_batches)
             t0 = time.perf_counter()
-            student = assemble(Partition.from_model(copy.deepcopy(teacher), (1, 3, size0, size0),
-                                                    name=lite2_cpu.TEACHER), [])
-            res = finetune_student(student, partition, train, cfg, out / f"ft-{size}-{steps}-{lr:g}-{lw:g}",
-                                   input_size=size, seed=args.seed)
+            student = assemble(Partition.from_model(copy.deepcopy(base), (1, 3, size0, size0),
+                                                    name=args.student or lite2_cpu.TEACHER), [])
+            workdir = out / f"ft-{args.student or 'teacher'}-{size}-{steps}-{lr:g}-{lw:g}-bn{args.bn_batches}"
+            res = finetune_student(student, partition, train, cfg, workdir, input_size=size, seed=args.seed)
             row(f"{steps} steps, lr {lr:g}, label weight {lw:g}", res.student, size,
                 round(time.perf_counter() - t0, 1))
     atomic_write_text(out / "finetune_resolution.json", json.dumps(
         {"command": "python benchmarks/finetune_resolution.py " + " ".join(sys.argv[1:] if argv is None else argv),
-         "selection_images": len(selection), "rows": rows}, indent=2))
+         "student": args.student or lite2_cpu.TEACHER, "selection_images": len(selection), "rows": rows}, indent=2))
     return 0
 
 
