@@ -9,7 +9,10 @@ with ``input_size``: logits only, the KL target the teacher at its own size), th
 benchmark fine-tunes a student at a lower input size. Each ``--variant STEPS:LR:LABEL_WEIGHT``
 is one fine-tune from the teacher's weights (batch 16, beta 3). ``--student NAME`` fine-tunes
 another network (with its packaged weights) the same way, against the same teacher: e.g. a donor
-at its own input size, distilled from the teacher (what a student made of the whole donor gets).
+at its own input size, distilled from the teacher (what a student made of the whole donor gets);
+``--student DIR``, a student saved by ``lite2_cpu.py`` (``DIR/students/budget-B/student``), is
+fine-tuned from its saved weights, as the benchmark's fine-tune would (with ``--sizes`` its own
+input size, from its recipe, when not given).
 
 Images: the roles of ``benchmarks/lite2_cpu.py`` with its defaults (``data_layout``): fine-tuning
 on its distillation pool, measured on its 200 selection images (never on the scoring images:
@@ -36,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--sizes", type=int, nargs="+", default=[224], help="input sizes (px) to run the teacher at")
+    p.add_argument("--sizes", type=int, nargs="+", default=None,
+                   help="input sizes (px) to run the network at (default: 224, or a saved student's own)")
     p.add_argument("--variant", nargs="*", default=["150:1e-4:0"],
                    help="fine-tunes as STEPS:LR:LABEL_WEIGHT (label weight 0: distillation from the teacher only)")
     p.add_argument("--student", default=None,
@@ -88,8 +92,17 @@ def main(argv=None) -> int:
         return torch.cat(xs), torch.cat(ys)
 
     t_logits, labels = logits(teacher, size0)
-    base = teacher if args.student is None else load_model(args.student, weights="packaged").eval()
-    transforms_of = base  # each network sees its own preprocessing (the Lite family shares it)
+    saved = args.student is not None and Path(args.student).is_dir()
+    if saved:
+        from bespoke import load_student
+
+        base = load_student(args.student).eval()
+        transforms_of = teacher  # a student sees the teacher's preprocessing, as in the benchmark
+        sizes = args.sizes or [int(base.recipe.input_size[-1])]
+    else:
+        base = teacher if args.student is None else load_model(args.student, weights="packaged").eval()
+        transforms_of = base  # each network sees its own preprocessing (the Lite family shares it)
+        sizes = args.sizes or [224]
     rows = []
 
     def row(name, model, size, seconds=None):
@@ -107,16 +120,18 @@ def main(argv=None) -> int:
                     held_out=0, seed=args.seed)
     train = eval_view(split, teacher, size0)
     partition = Partition.from_model(copy.deepcopy(teacher), (1, 3, size0, size0), name=lite2_cpu.TEACHER)
-    for size in args.sizes:
+    for size in sizes:
         row("as is", base, size)
         for steps, lr, lw in variants:
             cfg = FinetuneConfig(epochs=100, steps=steps, batch_size=16, lr=lr, beta=3.0, label_weight=lw,
                                  bn_recalibration_batches=args.bn_batches)
             t0 = time.perf_counter()
-            student = assemble(Partition.from_model(copy.deepcopy(base), (1, 3, size0, size0),
-                                                    name=args.student or lite2_cpu.TEACHER), [])
-            workdir = out / f"ft-{args.student or 'teacher'}-{size}-{steps}-{lr:g}-{lw:g}-bn{args.bn_batches}"
-            res = finetune_student(student, partition, train, cfg, workdir, input_size=size, seed=args.seed)
+            student = copy.deepcopy(base) if saved else assemble(
+                Partition.from_model(copy.deepcopy(base), (1, 3, size0, size0), name=args.student or lite2_cpu.TEACHER), [])
+            tag = Path(args.student).parent.name if saved else (args.student or "teacher")
+            workdir = out / f"ft-{tag}-{size}-{steps}-{lr:g}-{lw:g}-bn{args.bn_batches}"
+            res = finetune_student(student, partition, train, cfg, workdir, seed=args.seed,
+                                   input_size=None if size == size0 else size)  # as the pipeline calls it
             row(f"{steps} steps, lr {lr:g}, label weight {lw:g}", res.student, size,
                 round(time.perf_counter() - t0, 1))
     atomic_write_text(out / "finetune_resolution.json", json.dumps(
