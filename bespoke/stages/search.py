@@ -90,16 +90,17 @@ def rerank(cfg: Any, problem: Any, solutions: list[Any], evaluate: Callable[[lis
     def real(chosen):
         r = with_ms(evaluate([problem.candidates[i] for i in chosen]))
         if isinstance(r, S.RealScore) and r.timer is not None:  # timed lazily, by re-ranking
-            timer = r.timer
-            r = r.model_copy(update={"timer": lambda: with_ms(S.RealScore(fidelity=r.fidelity, latency_ratio=timer()))})
+            timer, fidelity = r.timer, r.fidelity
+            r = r.model_copy(update={"timer": lambda: with_ms(S.RealScore(fidelity=fidelity, latency_ratio=timer()))})
         return r
 
     def show(s):
         for row in s.meta.get("reranked", []):
             console.print(f"  re-rank at {s.budget_ms:.2f} ms: {len(row['chosen'])} replacement(s), proxy loss "
                           f"{row['proxy_loss']:.2f}, real fidelity {row['fidelity']:.4f}"
-                          + ("" if row["within_budget"] else " (not timed: a better one fits)"
-                             if row.get("timed") is False else " (over budget)"), highlight=False)
+                          + ("" if row["within_budget"] else " (over budget)" if row.get("timed", True)
+                             else " (not timed: predicted over budget)" if row["predicted_ms"] > s.budget_ms + S.EPS
+                             else " (not timed: a better one fits)"), highlight=False)
 
     out = []
     for s in solutions:
