@@ -19,14 +19,16 @@ It
    get Lite0's and Lite1's latency ratios to the teacher on this machine;
 2. runs the whole bespoke pipeline (build the house with successive halving, ``--halving``;
    then times the donors again, right before the search, for the budgets; profile, search,
-   fine-tune, export) at budgets 0.5, 0.7 and the two measured ratios; students
+   fine-tune -- BatchNorm recalibration only by default, ``--finetune-steps`` --, export) at budgets 0.5, 0.7 and the two measured ratios; students
    may run at the teacher's 260 px or at the ``--input-sizes`` (240, 224, 208 and 192 px by
    default: ``search.input_sizes``), each size searched with its own latency table; the final
    pick of a budget over the sizes counts agreement on the selection images plus
    ``--pick-train-images`` training images, and times again the finalists measured within 3 %
    of the budget;
 3. runs the baselines at the donors' latencies: a random search over the same house (same
-   fine-tuning, same sizes), the teacher itself at each of the input sizes, and with
+   fine-tuning, same sizes), each donor whole distilled from the teacher (fine-tuned against
+   it at its own size, ``--distilled-donor-steps``; ``--no-distilled-donors`` leaves it out),
+   the teacher itself at each of the input sizes, and with
    ``--uniform-pruning`` uniform channel pruning of the teacher with torch-pruning to the same
    latency (same fine-tuning);
 4. measures every model end to end, each in its own interleaved call beside the teacher (torch
@@ -108,9 +110,11 @@ def parse_args(argv=None):
                    help="images the block sources fit adapters and choose channels on")
     p.add_argument("--lowrank-fractions", type=float, nargs="+", default=[0.5], help="lowrank rank fractions")
     p.add_argument("--distill-epochs", type=int, default=1)
-    p.add_argument("--finetune-steps", type=int, default=150,
-                   help="fine-tuning steps per student (batch 16; 24 until 2026-12-04: too few for a student at a "
-                        "lower input size, whose output the teacher's KL recalibrates within about 150 steps)")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="fine-tuning steps per student (batch 16). 0 since 2026-12-04, eleventh session: "
+                        "BatchNorm recalibration only, kept when it does not lower held-out agreement. "
+                        "150 steps (the tenth run's) lowered every student's held-out agreement, at lr 1e-4 "
+                        "and 3e-5 alike (finetune_resolution.py --student DIR), and cost 29 of its 122 min")
     p.add_argument("--finetune-lr", type=float, default=1e-4)
     p.add_argument("--finetune-beta", type=float, default=3.0,
                    help="weight of the distillation terms against the label loss")
@@ -137,6 +141,11 @@ def parse_args(argv=None):
     p.add_argument("--uniform-pruning", action="store_true",
                    help="also the uniform channel-pruning baseline (torch-pruning; about 17 min; off by default "
                         "since 2026-12-04: it scored 0.2 and 18.3 %% at the donors' latencies in every run)")
+    p.add_argument("--no-distilled-donors", dest="distilled_donors", action="store_false",
+                   help="leave out the baseline of each donor whole distilled from the teacher (Lite0 and Lite1 "
+                        "fine-tuned against Lite2 at their own sizes, as the students are; about 17 min)")
+    p.add_argument("--distilled-donor-steps", type=int, default=150,
+                   help="fine-tuning steps of each distilled donor (batch 16, --finetune-lr, distillation only)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -409,10 +418,16 @@ def main(argv=None) -> int:
         for b, (model, budget, note) in (uniform_pruning(cfg, registry, at_donors, budget_names, measure, t_model,
                                                          t_size, out, console) if args.uniform_pruning else {}).items():
             baseline_models[b] = (model, budget, note, t_size)
+        for name, (model, budget, note, size) in (distilled_donors(cfg, at_donors, refs, t_model, t_size, out, console,
+                                                                   args.distilled_donor_steps)
+                                                  if args.distilled_donors else {}).items():
+            baseline_models[name] = (model, budget, note, size)
         for size in args.input_sizes:  # the teacher itself at a lower resolution, nothing replaced
             baseline_models[f"teacher@{size}px"] = (t_model, None, f"the teacher as is at {size} px", size)
         for name, (model, budget, _, size) in baseline_models.items():
-            baseline_metrics[name], preds[name] = evaluate(model, name, val_set(t_model, size), (1, 3, size, size),
+            # each network sees its own preprocessing (the Lite family shares the teacher's)
+            own = refs[name.split("+")[0]]["model"] if name.split("+")[0] in refs else t_model
+            baseline_metrics[name], preds[name] = evaluate(model, name, val_set(own, size), (1, 3, size, size),
                                                            teacher=teacher_pred)
 
     rss["baselines"] = peak_rss_mb()["self"]
@@ -505,6 +520,34 @@ def main(argv=None) -> int:
     plot(rows, out / "pareto.png")
     console.print(f"wrote {out / 'benchmark.json'} and {out / 'pareto.png'}")
     return 0
+
+
+def distilled_donors(cfg, at_donors, refs, teacher, size, out, console, steps):
+    """Each donor whole, at its own input size, fine-tuned against the teacher with the students'
+    fine-tune (``bespoke.finetune.finetune_student``: logits only, the KL target the teacher at its
+    own size, on the same distillation images, ``--distilled-donor-steps`` steps): knowledge
+    distillation into the donor, the obvious alternative a block-level student must beat next to
+    the donor as it comes."""
+    from bespoke import data as images
+    from bespoke.finetune import finetune_student
+    from bespoke.partition import Partition
+    from bespoke.student import assemble
+
+    partition = Partition.from_model(copy.deepcopy(teacher), (1, 3, size, size), name=TEACHER)
+    split = images.prepare(teacher, size, data=cfg.data, val_data=cfg.val_data, class_list=cfg.class_list,
+                           held_out=0, seed=cfg.seed)
+    train = images.eval_view(split, teacher, size)
+    ft = cfg.finetune.model_copy(update={"steps": steps})
+    found = {}
+    for d, budget in zip(DONORS, at_donors):
+        d_size = refs[d]["size"]
+        student = assemble(Partition.from_model(copy.deepcopy(refs[d]["model"]), (1, 3, size, size), name=d), [])
+        console.print(f"distilling {d} whole from the teacher at {d_size} px ({ft.steps} steps, lr {ft.lr:g})")
+        res = finetune_student(student, partition, train, ft, out / "baselines" / "distilled-donors" / d,
+                               seed=cfg.seed, console=console, input_size=d_size)
+        found[f"{d}+kd"] = (res.student.eval(), budget,
+                            f"{d} whole at {d_size} px, fine-tuned {ft.steps} steps against the teacher", d_size)
+    return found
 
 
 def uniform_pruning(cfg, registry, at_donors, budget_names, measure, teacher, size, out, console):
