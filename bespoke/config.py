@@ -28,6 +28,7 @@ class BuildConfig(Strict):
     segments: int = Field(12, ge=0, description="segments to sample from the teacher (0: none; then tiles or modules give the segments)")
     max_fraction: float = Field(0.3, gt=0, le=1, description="longest segment, as a fraction of the remaining cut points")
     tiles: int = Field(0, ge=0, description="also cut the network into this many consecutive segments, so one non-overlapping set covers all of it (0: sampling only)")
+    whole_sources: list[str] = Field(default_factory=list, description="also the whole network as one segment (image to logits), for these block sources only (e.g. [timm-donors]: each donor whole, its classes the teacher's, distilled from the teacher's logits like any alternative); a student may then be a donor distilled from the teacher, which the search weighs against the assembled ones. Empty: no whole-network segment (build.tiles 1 gives one for every source)")
     enumerate_max_len: int | None = Field(None, ge=1, description="instead of sampling, take every segment up to this many cut points")
     modules: bool = Field(False, description="also one segment per block and stage of the network (every submodule mapping a cut point to a cut point, up to max_fraction of the network): where skip, pruning and same-family donors fit best")
     epochs: int = Field(1, ge=0, description="passes over the training images distilling the alternatives (0: none; every alternative stays as its block source fitted it, in closed form, and is only profiled)")
@@ -51,9 +52,9 @@ class BuildConfig(Strict):
 
     @model_validator(mode="after")
     def _some_segments(self) -> "BuildConfig":
-        if not (self.segments or self.tiles or self.modules or self.enumerate_max_len):
-            raise ValueError("no segments would be made: set build.segments, build.tiles, build.modules "
-                             "or build.enumerate_max_len")
+        if not (self.segments or self.tiles or self.modules or self.enumerate_max_len or self.whole_sources):
+            raise ValueError("no segments would be made: set build.segments, build.tiles, build.modules, "
+                             "build.whole_sources or build.enumerate_max_len")
         return self
 
 
@@ -283,10 +284,26 @@ def check_plugin_selection(cfg: RunConfig, registry: Any) -> None:
     registry.get(sel.distill_loss, "distill-loss")
     registry.get(sel.latency, "latency")
     registry.get(sel.search, "search")
+    whole_sources(cfg)
     for name, opts in cfg.plugin_options.items():
         rec = registry.get(name)
         if rec.options_model is not None:
             validate_plugin_options(rec, opts)
+
+
+def whole_sources(cfg: RunConfig) -> set[str] | None:
+    """The block sources that may propose for the whole-network segment (None: every source,
+    as for any segment), checked against the run's block sources."""
+    wanted = list(cfg.build.whole_sources)
+    if not wanted:
+        return None
+    known = list(cfg.plugins.block_sources)
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise UsageError(f"build.whole_sources names {', '.join(map(repr, unknown))}, not among this run's "
+                         f"block sources ({', '.join(known) or 'none'}); name some of those, or add it to "
+                         "plugins.block_sources")
+    return set(wanted)
 
 
 def validate_plugin_options(record: Any, options: dict[str, Any]) -> Any:

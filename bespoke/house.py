@@ -410,8 +410,11 @@ def stable_seed(seed: int, key: str) -> int:
 
 def populate(house: House, partition: Any, ctx: Any, sources: dict[str, Any],
              segments: list[SegmentInfo], *, seed: int = 0,
-             warn: Any = None) -> list[AlternativeRecord]:
+             warn: Any = None, whole_sources: set[str] | None = None) -> list[AlternativeRecord]:
     """Ask every source for alternatives of every segment; create them; store them as pending.
+
+    ``whole_sources``: when given, only these sources are asked for the whole-network segment
+    (first cut point to last: image to logits; ``build.whole_sources``).
 
     Creation resumes: each (segment, source) pair is recorded in ``manifest.proposed`` once all
     its alternatives are stored, so a rerun skips it. Each pair is seeded on its own. Returns the
@@ -433,11 +436,13 @@ def populate(house: House, partition: Any, ctx: Any, sources: dict[str, Any],
             have.add(seg.id)
     house.save()
     done = set(house.manifest.proposed)
+    last = len(partition.cut_points) - 1
     for seg in segments:
         seg = segment_info(seg)
+        whole = seg.start == 0 and seg.end == last
         for name, source in sources.items():
             key = f"{seg.id}/{name}"
-            if key in done:
+            if key in done or (whole and whole_sources is not None and name not in whole_sources):
                 continue
             torch.manual_seed(stable_seed(seed, key))
             try:

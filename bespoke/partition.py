@@ -423,6 +423,10 @@ class Partition:
         return SegmentInfo(start=start, end=end, in_shape=a.shape, out_shape=b.shape,
                            in_stride=a.stride, out_stride=b.stride)
 
+    def whole_segment(self) -> SegmentInfo:
+        """The whole network as one segment: the first cut point (the input) to the last."""
+        return self.segment(0, len(self.cut_points) - 1)
+
     def segment_nodes(self, segment: SegmentInfo) -> list[fx.Node]:
         """The graph nodes computing the segment: ranked in (start, end], get_attr excluded."""
         self._check(segment.start, segment.end)

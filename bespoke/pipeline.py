@@ -15,7 +15,7 @@ from bespoke.console import make_console
 from bespoke import data as images
 from bespoke import search as S
 from bespoke.blocks import Context
-from bespoke.config import apply_preset
+from bespoke.config import apply_preset, whole_sources
 from bespoke.distill import DistEnv, Settings, calibration_batch, distill_house, source_for
 from bespoke.errors import UsageError
 from bespoke.export import check_formats, export_model
@@ -68,7 +68,8 @@ def build(cfg, registry, console=None, within_run=False):
         if dist.main:
             house = build_stage.open_house(cfg, root, existing, teacher, partition, split, size, weights, console)
             segments = build_stage.draw_segments(cfg, partition, house)
-            populate(house, partition, ctx, sources, segments, seed=cfg.seed, warn=warn)
+            populate(house, partition, ctx, sources, segments, seed=cfg.seed, warn=warn,
+                     whole_sources=whole_sources(cfg))
             build_stage.note_teacher_top1(house, partition, split, settings)
             pending = len(house.by_status("pending"))
             console.print(f"{len(house.manifest.segments)} segments, "

@@ -49,7 +49,7 @@ from pydantic import Field
 from torch import nn
 
 from bespoke.api import (AlternativeSpec, PluginOptions, PluginRecord, SegmentInfo, UsageError,
-                        count_parameters, fit_linear_adapter, hookimpl, identity_adapter,
+                        count_parameters, fit_linear_adapter, hookimpl,
                         linear_adapter, run_batched)
 
 NAME = "timm-donors"
@@ -299,11 +299,14 @@ class TimmDonors:
         if z.dim() != target.dim() or _spatial(tuple(z.shape)) != _spatial(tuple(target.shape)):
             raise UsageError(f"timm-donors: {spec.label} gives {tuple(z.shape[1:])} where segment "
                              f"{segment.id} of the teacher gives {tuple(target.shape[1:])}")
+        no_out_adapter = False
         if z.dim() == 2 and z.shape[1] == target.shape[1] and z.shape[0] < 4 * z.shape[1]:
             # Logits to logits (the segment ends at the classifier): far fewer images than
             # classes leave the least-squares map underdetermined, so it would interpolate the
-            # calibration images. The donor's classes are the teacher's: start from identity.
-            out_adapter = identity_adapter(z.shape[1])
+            # calibration images. The donor's classes are the teacher's: no output adapter (a
+            # 1000 x 1000 identity would add a million parameters and nothing the donor's own
+            # classifier, which trains, cannot do).
+            out_adapter, no_out_adapter = nn.Identity(), True
         else:
             out_adapter = fit_linear_adapter(z, target, ridge=self.options.ridge)
         module = DonorBlock(in_adapter, body, out_adapter).cpu().eval()
@@ -320,6 +323,7 @@ class TimmDonors:
             "relative_mse": err,
             "params": count_parameters(module),
             **pruned_update,
+            **({"out_adapter": "none"} if no_out_adapter else {}),
         }})
         return module, done
 
@@ -333,8 +337,8 @@ class TimmDonors:
             PrunedSelf.replay(body, self._body_example(tuple(int(v) for v in o["body_in_shape"])), o["pruned"])
         ndim = int(o["ndim"])
         out_ndim = int(o.get("out_ndim", ndim))  # houses written before out_ndim: same as input
-        return DonorBlock(linear_adapter(*o["in_channels"], ndim), body,
-                          linear_adapter(*o["out_channels"], out_ndim)).eval()
+        out = nn.Identity() if o.get("out_adapter") == "none" else linear_adapter(*o["out_channels"], out_ndim)
+        return DonorBlock(linear_adapter(*o["in_channels"], ndim), body, out).eval()
 
 
 @hookimpl

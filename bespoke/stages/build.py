@@ -167,6 +167,8 @@ def draw_segments(cfg: Any, partition: Partition, house: House) -> list[Any]:
         extra += partition.tile_segments(b.tiles)
     if b.modules:  # the network's own blocks and stages
         extra += partition.module_segments(b.max_fraction)
+    if b.whole_sources:  # image to logits, for the sources that offer whole networks
+        extra.append(partition.whole_segment())
     if extra:
         segments = sorted({(s.start, s.end): s for s in [*extra, *segments]}.values(),
                           key=lambda s: (s.start, s.end))
@@ -175,6 +177,7 @@ def draw_segments(cfg: Any, partition: Partition, house: House) -> list[Any]:
                          "build settings found none (build.modules finds only blocks and stages "
                          "mapping a cut point to a cut point); set build.segments or build.tiles")
     return segments
+
 
 
 def note_teacher_top1(house: House, partition: Partition, split: Any, settings: Any) -> None:
@@ -191,7 +194,7 @@ def segment_settings_changed(house: House, cfg: Any) -> list[str]:
         return []
     stored = house.manifest.build or {}
     now = {**{k: getattr(cfg.build, k) for k in ("segments", "tiles", "modules", "max_fraction",
-                                                  "enumerate_max_len")},
+                                                  "enumerate_max_len", "whole_sources")},
            "seed": cfg.seed}
     changed = [f"{'' if k == 'seed' else 'build.'}{k} {stored[k]!r} -> {v!r}"
                for k, v in now.items() if k in stored and stored[k] != v]

@@ -1,0 +1,99 @@
+"""``build.whole_sources``: the whole network (image to logits) as one more segment, offered to the
+named block sources only; a student may then be a donor whole, distilled from the teacher."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import run_cli  # noqa: E402
+
+ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+
+
+def _cfg(tmp_path, **build):
+    from bespoke.config import apply_preset, load_config
+    from bespoke.plugins import get_registry
+
+    return apply_preset(load_config(None, {"preset": "tiny", "out": str(tmp_path / "out"), "budgets": [0.5],
+                                           "build": {"epochs": 1, **build}}), get_registry())
+
+
+def test_the_whole_network_segment_goes_to_the_named_sources_only_and_its_donor_student_round_trips(tmp_path):
+    from bespoke import load_student, pipeline
+    from bespoke.partition import Partition
+    from bespoke.plugins import get_registry
+    from bespoke.student import StudentChoice, StudentRecipe, assemble, save_student
+    from bespoke.distill import source_for
+    from bespoke.blocks import Context
+    from bespoke import tiny
+
+    cfg = _cfg(tmp_path, whole_sources=["timm-donors"])
+    reg = get_registry()
+    house = pipeline.build(cfg, reg)
+    teacher = tiny.teacher()
+    size = tiny.INPUT_SIZE
+    partition = Partition.from_model(teacher, (1, 3, size, size), name=cfg.teacher)
+    whole = partition.whole_segment()
+    assert (whole.start, whole.end) == (0, len(partition.cut_points) - 1)
+    assert whole.id in {s.id for s in house.manifest.segments}
+    on_whole = [a for a in house.manifest.alternatives if a.segment == whole.id]
+    assert on_whole and {a.source for a in on_whole} == {"timm-donors"}  # pruned-self and lowrank were not asked
+    others = {a.source for a in house.manifest.alternatives if a.segment != whole.id}
+    assert {"pruned-self", "timm-donors"} <= others  # every source still proposes for the other segments
+    (rec,) = [a for a in on_whole if a.status == "trained"]
+
+    # the student made of the donor alone: it runs, is cheaper than the teacher, saves and reloads
+    ctx = Context(partition, cfg.teacher, (3, size, size), calibration=torch.randn(4, 3, size, size))
+    module = house.load_alternative(rec.id, ctx, source_for(rec.source, reg.block_sources(cfg), cfg, reg))
+    student = assemble(partition, [(whole, module)])
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        y = student.eval()(x)
+        assert y.shape == (2, 1000) and torch.allclose(y, module(x), atol=1e-5)  # nothing of the teacher left
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+    recipe = StudentRecipe(teacher=cfg.teacher, input_size=(3, size, size),
+                           choices=[StudentChoice(segment=whole, spec=rec.spec, alternative_id=rec.id)])
+    saved = save_student(student, recipe, tmp_path / "student")
+    with torch.no_grad():
+        assert torch.allclose(load_student(saved).eval()(x), y, atol=1e-5)
+
+
+def test_without_whole_sources_there_is_no_whole_network_segment(tmp_path):
+    from bespoke import tiny
+    from bespoke.partition import Partition
+    from bespoke.stages.build import draw_segments
+
+    cfg = _cfg(tmp_path)
+    size = tiny.INPUT_SIZE
+    partition = Partition.from_model(tiny.teacher(), (1, 3, size, size), name=cfg.teacher)
+    whole = partition.whole_segment().id
+    assert whole not in {s.id for s in draw_segments(cfg, partition, _EmptyHouse())}
+    with_whole = _cfg(tmp_path, whole_sources=["timm-donors"])
+    assert whole in {s.id for s in draw_segments(with_whole, partition, _EmptyHouse())}
+
+
+class _EmptyHouse:
+    class manifest:  # noqa: N801 - a new house's manifest: no segments yet
+        segments: list = []
+
+
+def test_whole_sources_naming_a_source_the_run_does_not_use_is_a_clear_error(tmp_path):
+    from bespoke.config import whole_sources
+    from bespoke.errors import UsageError
+
+    cfg = _cfg(tmp_path, whole_sources=["timm-donors", "no-such-source"])
+    with pytest.raises(UsageError, match="'no-such-source', not among this run's block sources"):
+        whole_sources(cfg)
+    assert whole_sources(_cfg(tmp_path)) is None
+    assert whole_sources(_cfg(tmp_path, whole_sources=["timm-donors"])) == {"timm-donors"}
+
+    conf = tmp_path / "run.yaml"
+    conf.write_text("preset: tiny\nbuild:\n  whole_sources: [skipp]\n")
+    proc = run_cli("run", str(conf), "--out", str(tmp_path / "cli"), env=ENV)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    assert "whole_sources" in proc.stderr + proc.stdout and "skipp" in proc.stderr + proc.stdout
