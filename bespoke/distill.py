@@ -143,6 +143,11 @@ class Job:
         return list(self.module.parameters())
 
     @property
+    def lr_scale(self) -> float:
+        """Its learning rate as a multiple of build.lr (the spec's ``lr_scale``)."""
+        return float(getattr(getattr(self.record, "spec", None), "lr_scale", 1.0))
+
+    @property
     def train_loss(self) -> float | None:
         """Mean loss of the last whole epoch; of the epoch so far when it stopped inside one."""
         return float(self.loss_sum) / self.loss_count if self.loss_count else self.last_epoch_loss
@@ -292,8 +297,9 @@ def _steps(data: ImageSet, stream: Stream, start: int, stop: int, workers: int,
         step = end
 
 
-def _optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer | None:
-    if not params:
+def _optimizer(params: list[nn.Parameter] | list[dict[str, Any]], lr: float) -> torch.optim.Optimizer | None:
+    """Adam over ``params``: parameters, or param groups (each alternative's own learning rate)."""
+    if not params or (isinstance(params[0], dict) and not any(g["params"] for g in params)):
         return None
     for kwargs in ({"fused": True}, {"foreach": True}, {}):
         try:
@@ -364,8 +370,12 @@ def train_bunch(partition: Any, jobs: list[Job], data: ImageSet, loss_fn: Callab
                     m.eval()
         if not isinstance(j.loss_sum, torch.Tensor):
             j.loss_sum = torch.tensor(float(j.loss_sum), device=device)
-    trainable = [p for j in active for p in j.trainable]
-    opt = _optimizer(trainable, settings.lr)
+    # one param group per learning rate: an alternative's spec may scale build.lr (lr_scale)
+    groups: dict[float, list[nn.Parameter]] = {}
+    for j in active:
+        groups.setdefault(j.lr_scale, []).extend(j.trainable)
+    opt = _optimizer([{"params": ps, "lr": settings.lr * scale} for scale, ps in sorted(groups.items())],
+                     settings.lr)
     if opt is not None:
         for j in active:
             _restore_optimizer(opt, j)

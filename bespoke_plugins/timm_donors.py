@@ -75,6 +75,8 @@ class TimmDonorsOptions(PluginOptions):
         None, gt=0, description="offer a donor segment only when it has at most this fraction of the teacher segment's parameters (same-family donors often repeat the teacher's own blocks at the same cost); null: any")
     prune_ratios: list[float] = Field(default_factory=list,
                                       description="also offer channel-pruned copies of each donor segment at these ratios (pruned-self's pruning; donor boundary channels kept)")
+    whole_lr_scale: float = Field(
+        0.1, gt=0, description="distillation learning rate of a donor offered whole (the teacher's whole-network segment, build.whole_sources), as a multiple of build.lr: a pretrained network is fine-tuned, not trained from its adapters (0.1 of the default 1e-3: the 1e-4 at which fine-tuning Lite0 against Lite2 raised its held-out agreement)")
     prune_importance: Literal["magnitude", "error"] = Field(
         "error", description="channel importance for pruned donors: magnitude (group L1) or error (measured on adapted calibration activations)")
 
@@ -207,11 +209,13 @@ class TimmDonors:
                 taken += 1
         found.sort()
         specs = []
+        whole = segment.start == 0 and segment.end == len(ctx.teacher.cut_points) - 1
         for tier, names, dist, name, u, w in found[: self.options.max_per_segment]:
             base = AlternativeSpec(
                 source=NAME, kind="donor", label=f"{name}[{u}-{w}]",
                 options={"donor": name, "donor_start": u, "donor_end": w,
-                         "same_stride": tier == 0, "name_matches": -names})
+                         "same_stride": tier == 0, "name_matches": -names},
+                lr_scale=self.options.whole_lr_scale if whole else 1.0)
             specs.append(base)
             specs.extend(self._pruned_specs(ctx, segment, base, weights))
         return specs

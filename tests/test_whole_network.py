@@ -23,7 +23,8 @@ def _cfg(tmp_path, **build):
                                            "build": {"epochs": 1, **build}}), get_registry())
 
 
-def test_the_whole_network_segment_goes_to_the_named_sources_only_and_its_donor_student_round_trips(tmp_path):
+def test_the_whole_network_segment_goes_to_the_named_sources_only_and_its_donor_student_round_trips(tmp_path,
+                                                                                                    monkeypatch):
     from bespoke import load_student, pipeline
     from bespoke.partition import Partition
     from bespoke.plugins import get_registry
@@ -32,6 +33,11 @@ def test_the_whole_network_segment_goes_to_the_named_sources_only_and_its_donor_
     from bespoke.blocks import Context
     from bespoke import tiny
 
+    from bespoke import distill
+
+    made = []  # each bunch's optimiser: the whole donor trains at a fine-tuning rate, in a group of its own
+    real = distill._optimizer
+    monkeypatch.setattr(distill, "_optimizer", lambda params, lr: made.append(real(params, lr)) or made[-1])
     cfg = _cfg(tmp_path, whole_sources=["timm-donors"])
     reg = get_registry()
     house = pipeline.build(cfg, reg)
@@ -46,6 +52,13 @@ def test_the_whole_network_segment_goes_to_the_named_sources_only_and_its_donor_
     others = {a.source for a in house.manifest.alternatives if a.segment != whole.id}
     assert {"pruned-self", "timm-donors"} <= others  # every source still proposes for the other segments
     (rec,) = [a for a in on_whole if a.status == "trained"]
+    assert rec.spec.lr_scale == 0.1 and {a.spec.lr_scale for a in house.manifest.alternatives if a is not rec} == {1.0}
+    lrs = sorted({g["lr"] for opt in made for g in opt.param_groups})
+    assert lrs == pytest.approx([0.1 * cfg.build.lr, cfg.build.lr])
+    whole_params = {id(p) for opt in made for g in opt.param_groups if g["lr"] < cfg.build.lr for p in g["params"]}
+    assert len(whole_params) == sum(1 for _ in house.load_alternative(
+        rec.id, Context(partition, cfg.teacher, (3, size, size)), source_for(rec.source, reg.block_sources(cfg), cfg,
+                                                                            reg)).parameters())
 
     # the student made of the donor alone: it runs, is cheaper than the teacher, saves and reloads
     ctx = Context(partition, cfg.teacher, (3, size, size), calibration=torch.randn(4, 3, size, size))
