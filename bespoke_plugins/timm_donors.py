@@ -17,8 +17,12 @@ Initialisation (``create``): on the calibration images, the input adapter maps t
 activation at ``u`` to the donor's own activation at its start (bilinearly resized when the
 strides differ), the output adapter maps the donor segment's output (fed through the input
 adapter) to the teacher's activation at ``w``; both solved in closed form
-(:func:`bespoke.blocks.fit_linear_adapter`). Adapters are always present, even where channel
-counts match: least squares then starts near the identity and training may use them.
+(:func:`bespoke.blocks.fit_linear_adapter`). Adapters are present even where channel counts
+match (least squares then starts near the identity and training may use them), with two
+exceptions: a donor segment that starts at the input sees exactly the teacher's input (no input
+adapter), and one that ends at the logits of the teacher's classes with far fewer calibration
+images than classes has no output adapter (its own classifier trains instead). A donor offered
+for the whole network (``build.whole_sources``) is then exactly the donor.
 
 Donor list: ``plugin_options.timm-donors.donors``; when not given, the run's ``donors``
 (:attr:`bespoke.config.RunConfig.donors`) are used: the build stage fills the ``donors`` option
@@ -284,7 +288,8 @@ class TimmDonors:
                 raise UsageError(f"timm-donors: {spec.label} has {y.shape[1]} tokens where the teacher has "
                                  f"{x.shape[1]}; token donors must match the teacher's patch grid")
             y = F.interpolate(y, size=x.shape[2:], mode="bilinear", align_corners=False)
-        in_adapter = fit_linear_adapter(x, y, ridge=self.options.ridge)
+        no_in_adapter = x.shape == y.shape and torch.equal(x, y)  # the donor starts where the teacher does
+        in_adapter = nn.Identity() if no_in_adapter else fit_linear_adapter(x, y, ridge=self.options.ridge)
         device = getattr(ctx, "device", "cpu")  # the donor runs where the context put it
         pruned_update: dict[str, Any] = {}
         if "prune_ratio" in spec.options:
@@ -327,6 +332,7 @@ class TimmDonors:
             "relative_mse": err,
             "params": count_parameters(module),
             **pruned_update,
+            **({"in_adapter": "none"} if no_in_adapter else {}),
             **({"out_adapter": "none"} if no_out_adapter else {}),
         }})
         return module, done
@@ -342,7 +348,8 @@ class TimmDonors:
         ndim = int(o["ndim"])
         out_ndim = int(o.get("out_ndim", ndim))  # houses written before out_ndim: same as input
         out = nn.Identity() if o.get("out_adapter") == "none" else linear_adapter(*o["out_channels"], out_ndim)
-        return DonorBlock(linear_adapter(*o["in_channels"], ndim), body, out).eval()
+        into = nn.Identity() if o.get("in_adapter") == "none" else linear_adapter(*o["in_channels"], ndim)
+        return DonorBlock(into, body, out).eval()
 
 
 @hookimpl

@@ -63,6 +63,10 @@ def test_the_whole_network_segment_goes_to_the_named_sources_only_and_its_donor_
     # the student made of the donor alone: it runs, is cheaper than the teacher, saves and reloads
     ctx = Context(partition, cfg.teacher, (3, size, size), calibration=torch.randn(4, 3, size, size))
     module = house.load_alternative(rec.id, ctx, source_for(rec.source, reg.block_sources(cfg), cfg, reg))
+    # exactly the donor (its weights distilled): no adapter in the way, the donor's every tensor
+    assert isinstance(module.in_adapter, torch.nn.Identity) and isinstance(module.out_adapter, torch.nn.Identity)
+    donor = tiny.donor()
+    assert sorted(p.shape for p in module.parameters()) == sorted(p.shape for p in donor.parameters())
     student = assemble(partition, [(whole, module)])
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
