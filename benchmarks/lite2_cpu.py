@@ -100,6 +100,10 @@ def parse_args(argv=None):
                    help="also cut the teacher into this many consecutive segments (guarantees coverage)")
     p.add_argument("--no-modules", dest="modules", action="store_false",
                    help="do not make a segment of every block and stage of the teacher (build.modules)")
+    p.add_argument("--whole-donors", action="store_true",
+                   help="build.whole_sources [timm-donors]: each donor whole is one more alternative (for the whole "
+                        "network), distilled from the teacher's logits at timm-donors' whole_lr_scale, so a "
+                        "student may be a distilled donor")
     p.add_argument("--max-fraction", type=float, default=0.12,
                    help="longest segment as a fraction of the cut points (0.12: Lite2's blocks, not its stages)")
     p.add_argument("--prune-ratios", type=float, nargs="+", default=[0.25, 0.5],
@@ -257,6 +261,7 @@ def run_config(args, layout: dict, selection_images: int, budgets: list[float]) 
             "lowrank": {"fractions": args.lowrank_fractions},
         },
         "build": {"segments": args.segments, "tiles": args.tiles, "modules": args.modules,
+                  "whole_sources": ["timm-donors"] if args.whole_donors else [],
                   "max_fraction": args.max_fraction, "epochs": args.distill_epochs, "batch_size": 16,
                   "calibration_images": args.calibration_images,
                   "validation_images": selection_images, "augment": True,
