@@ -626,6 +626,11 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
     # halving decides first on the untrained alternatives (step 0), then after every round
     bounds = ([0] if halving else []) + (stream.rounds(settings.halving, settings.halving_eta) if halving
                                          else [stream.total])
+    halving_bounds = set(bounds) if halving else set()
+    # an alternative's image cap (its spec's max_images) ends a round of its own there
+    caps = {min(stream.total, math.ceil(cap / settings.batch_size))
+            for cap in (_max_images(rec) for rec in mine) if cap and settings.epochs}
+    bounds = sorted(set(bounds) | caps)
     info = {rec.id: house.state_info(rec.id) or {} for rec in mine}
     resumed = {k: v["position"] for k, v in info.items() if v.get("position")}
     show = console is not None and dist.main
@@ -764,7 +769,8 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
                 if not final:  # the round's end: profiled, saved, on to the next round (or stopped)
                     for j in jobs:
                         prof = profiles.get(j.record.id)
-                        if prof is not None and prof.kl is not None:
+                        # halving's stall test compares its rounds: a cap's extra round is not one
+                        if prof is not None and prof.kl is not None and bound in halving_bounds:
                             j.kl_history.append(prof.kl)
                     save_states(jobs, profiles=profiles, at=bound)
                     for j in jobs:
@@ -784,11 +790,18 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
                 live = [rec for rec in live if rec.id not in gone]
                 del jobs
                 _free_memory(settings.device)
-            if final or not halving or not live:
+            if final or not live:
                 continue
+            profiled = [rec for rec in live if info[rec.id].get("profiled_at") == bound]
             # successive halving: stop the alternatives clearly not worth more images
-            stops = halving_stops(house, [rec for rec in live if info[rec.id].get("profiled_at") == bound],
-                                  info, settings, first=bound == 0)
+            stops = (halving_stops(house, profiled, info, settings, first=bound == 0)
+                     if bound in halving_bounds else {})
+            for rec in profiled:  # and those at their image cap
+                cap, seen = _max_images(rec), int(info[rec.id].get("images", 0))
+                if cap and seen >= cap and rec.id not in stops:
+                    stops[rec.id] = f"after {seen:,} images: reached its image cap ({cap:,}, max_images)"
+            if not stops and bound not in halving_bounds:
+                continue
             done = []
             for rec in live:
                 if rec.id not in stops:
@@ -802,14 +815,20 @@ def distill_house(house: House, partition: Any, make_module: Callable[[Alternati
             if show:
                 images = min(bound * settings.batch_size, stream.total * settings.batch_size)
                 nxt = bounds[r + 1] * settings.batch_size if r + 1 < len(bounds) else None
-                console.print(f"halving after {images:,} images: {len(stops)} stopped, {len(live)} go on"
-                              + (f" to {nxt:,}" if nxt else ""), highlight=False)
+                console.print(f"{'halving' if bound in halving_bounds else 'image caps'} after {images:,} images: "
+                              f"{len(stops)} stopped, {len(live)} go on" + (f" to {nxt:,}" if nxt else ""),
+                              highlight=False)
     report.seconds = time.perf_counter() - t_start
     report.images_per_second = total_images / train_seconds if train_seconds else 0.0
     report.trained = [r.id for r in finished if r.status == "trained"]
     report.failed = [r.id for r in finished if r.status == "failed"]
     report.stopped = [r.id for r in finished if r.stopped]
     return report
+
+
+def _max_images(rec: Any) -> int | None:
+    """An alternative's image cap (its spec's ``max_images``), if it has one."""
+    return getattr(getattr(rec, "spec", None), "max_images", None)
 
 
 def _trained(rec: AlternativeRecord, job: Job, prof: Profile, seconds: float | None,

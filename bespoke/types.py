@@ -93,6 +93,7 @@ class AlternativeSpec(BaseModel):
     kind: str
     label: str
     options: dict[str, Any] = Field(default_factory=dict)
+    max_images: int | None = Field(None, ge=1, description="distil it on at most about this many images (it stops at the first step past them, as successive halving stops one, profiled and kept as far as it got); None: as many as the build gives every alternative")
     lr_scale: float = Field(1.0, gt=0, description="its block-level distillation learning rate as a multiple of build.lr: a pretrained whole network (timm-donors on build.whole_sources) wants a fine-tuning rate, not a fresh block's")
 
 

@@ -114,3 +114,30 @@ def test_whole_sources_naming_a_source_the_run_does_not_use_is_a_clear_error(tmp
     proc = run_cli("run", str(conf), "--out", str(tmp_path / "cli"), env=ENV)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
     assert "whole_sources" in proc.stderr + proc.stdout and "skipp" in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("halving", [0, 32])
+def test_a_donor_offered_whole_stops_at_its_image_cap_and_the_others_train_on(tmp_path, halving):
+    """timm-donors' whole_max_images becomes the whole donor's max_images: it stops there (a
+    round of its own, halving or not), profiled and kept; every other alternative sees every
+    image of the build's epochs."""
+    from bespoke import pipeline
+    from bespoke.config import apply_preset, load_config
+    from bespoke.plugins import get_registry
+
+    reg = get_registry()
+    cfg = apply_preset(load_config(None, {
+        "preset": "tiny", "out": str(tmp_path / "out"), "budgets": [0.5],
+        "build": {"epochs": 3, "whole_sources": ["timm-donors"], "halving": halving, "steps_per_epoch": 2,
+                  "batch_size": 8},
+        "plugin_options": {"timm-donors": {"whole_max_images": 20}}}), reg)
+    house = pipeline.build(cfg, reg)
+    by_segment = {}
+    for a in house.manifest.alternatives:
+        by_segment.setdefault(a.segment, []).append(a)
+    last = max(s.end for s in house.manifest.segments)
+    (whole,) = by_segment[f"0-{last}"]
+    assert whole.spec.max_images == 20 and whole.status == "trained"
+    assert 20 <= whole.images < 20 + 8 and "image cap" in (whole.stopped or "")  # 3 steps of 8: 24 images
+    full = [a for a in house.manifest.alternatives if a is not whole and a.status == "trained" and not a.stopped]
+    assert full and all(a.images == 3 * 2 * 8 for a in full)
