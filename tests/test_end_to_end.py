@@ -242,7 +242,9 @@ def test_end_to_end_fine_tune_that_hurts_is_not_kept(tmp_path):
     s = json.loads((tmp_path / "out" / "report.json").read_text())["students"][0]
     assert s["finetune_kept"] is False and s["finetune_steps"] == 3
     assert s["agreement"] == s["agreement_before_finetune"]
-    assert "keeping the assembled student" in " ".join(proc.stdout.split())
+    said = " ".join(proc.stdout.split())
+    assert "keeping the assembled student" in said
+    assert "fine-tuning lowered" in said and "BatchNorm recalibration (no fine-tuning steps)" not in said
     # the saved weights are not the wrecked ones: they are the house's, finite and sane
     student = bespoke.load_student(s["student_dir"])
     with torch.no_grad():

@@ -271,7 +271,8 @@ class Students:
         if kept:
             student = result.student
         else:  # fine-tuning on these images made it agree less with the teacher: the assembled one
-            self.console.print(f"  {name}: fine-tuning lowered the held-out agreement with the teacher "
+            what = "fine-tuning" if result.steps else "BatchNorm recalibration (no fine-tuning steps)"
+            self.console.print(f"  {name}: {what} lowered the held-out agreement with the teacher "
                                f"({pct(before.agreement)} -> {pct(after.agreement)}); keeping the assembled "
                                "student (finetune.keep_best)", highlight=False)
             student, recipe = self.assemble(choices, view.size)  # afresh: nothing trained touches it
