@@ -147,7 +147,7 @@ def parse_args(argv=None):
                         "since 2026-12-04: it scored 0.2 and 18.3 %% at the donors' latencies in every run)")
     p.add_argument("--no-distilled-donors", dest="distilled_donors", action="store_false",
                    help="leave out the baseline of each donor whole distilled from the teacher (Lite0 and Lite1 "
-                        "fine-tuned against Lite2 at their own sizes, as the students are; about 17 min)")
+                        "fine-tuned against Lite2 at their own sizes; about 10 min)")
     p.add_argument("--distilled-donor-steps", type=int, default=150,
                    help="fine-tuning steps of each distilled donor (batch 16, --finetune-lr, distillation only)")
     p.add_argument("--seed", type=int, default=0)
@@ -423,16 +423,17 @@ def main(argv=None) -> int:
         for b, (model, budget, note) in (uniform_pruning(cfg, registry, at_donors, budget_names, measure, t_model,
                                                          t_size, out, console) if args.uniform_pruning else {}).items():
             baseline_models[b] = (model, budget, note, t_size)
-        for name, (model, budget, note, size) in (distilled_donors(cfg, at_donors, refs, t_model, t_size, out, console,
-                                                                   args.distilled_donor_steps)
-                                                  if args.distilled_donors else {}).items():
+        preprocessing = {}  # a baseline that is not the teacher sees its own network's preprocessing
+        for name, (model, budget, note, size, donor) in (distilled_donors(cfg, at_donors, refs, t_model, t_size, out,
+                                                                          console, args.distilled_donor_steps)
+                                                         if args.distilled_donors else {}).items():
             baseline_models[name] = (model, budget, note, size)
+            preprocessing[name] = refs[donor]["model"]
         for size in args.input_sizes:  # the teacher itself at a lower resolution, nothing replaced
             baseline_models[f"teacher@{size}px"] = (t_model, None, f"the teacher as is at {size} px", size)
         for name, (model, budget, _, size) in baseline_models.items():
-            # each network sees its own preprocessing (the Lite family shares the teacher's)
-            own = refs[name.split("+")[0]]["model"] if name.split("+")[0] in refs else t_model
-            baseline_metrics[name], preds[name] = evaluate(model, name, val_set(own, size), (1, 3, size, size),
+            baseline_metrics[name], preds[name] = evaluate(model, name, val_set(preprocessing.get(name, t_model), size),
+                                                           (1, 3, size, size),
                                                            teacher=teacher_pred)
 
     rss["baselines"] = peak_rss_mb()["self"]
@@ -551,7 +552,7 @@ def distilled_donors(cfg, at_donors, refs, teacher, size, out, console, steps):
         res = finetune_student(student, partition, train, ft, out / "baselines" / "distilled-donors" / d,
                                seed=cfg.seed, console=console, input_size=d_size)
         found[f"{d}+kd"] = (res.student.eval(), budget,
-                            f"{d} whole at {d_size} px, fine-tuned {ft.steps} steps against the teacher", d_size)
+                            f"{d} whole at {d_size} px, fine-tuned {ft.steps} steps against the teacher", d_size, d)
     return found
 
 

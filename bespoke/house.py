@@ -436,10 +436,9 @@ def populate(house: House, partition: Any, ctx: Any, sources: dict[str, Any],
             have.add(seg.id)
     house.save()
     done = set(house.manifest.proposed)
-    last = len(partition.cut_points) - 1
     for seg in segments:
         seg = segment_info(seg)
-        whole = seg.start == 0 and seg.end == last
+        whole = partition.is_whole(seg)
         for name, source in sources.items():
             key = f"{seg.id}/{name}"
             if key in done or (whole and whole_sources is not None and name not in whole_sources):

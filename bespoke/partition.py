@@ -427,6 +427,10 @@ class Partition:
         """The whole network as one segment: the first cut point (the input) to the last."""
         return self.segment(0, len(self.cut_points) - 1)
 
+    def is_whole(self, segment: Any) -> bool:
+        """Whether ``segment`` is the whole network (the input to the last cut point)."""
+        return segment.start == 0 and segment.end == len(self.cut_points) - 1
+
     def segment_nodes(self, segment: SegmentInfo) -> list[fx.Node]:
         """The graph nodes computing the segment: ranked in (start, end], get_attr excluded."""
         self._check(segment.start, segment.end)

@@ -215,7 +215,7 @@ class TimmDonors:
                 taken += 1
         found.sort()
         specs = []
-        whole = segment.start == 0 and segment.end == len(ctx.teacher.cut_points) - 1
+        whole = ctx.teacher.is_whole(segment)
         for tier, names, dist, name, u, w in found[: self.options.max_per_segment]:
             base = AlternativeSpec(
                 source=NAME, kind="donor", label=f"{name}[{u}-{w}]",

@@ -179,7 +179,6 @@ def draw_segments(cfg: Any, partition: Partition, house: House) -> list[Any]:
     return segments
 
 
-
 def note_teacher_top1(house: House, partition: Partition, split: Any, settings: Any) -> None:
     """The teacher's own top-1 on labelled held-out images, recorded once."""
     if house.manifest.teacher.val_top1 is None and split.labelled and len(split.val):
