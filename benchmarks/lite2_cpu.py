@@ -113,6 +113,10 @@ def parse_args(argv=None):
     p.add_argument("--calibration-images", type=int, default=32,
                    help="images the block sources fit adapters and choose channels on")
     p.add_argument("--lowrank-fractions", type=float, nargs="+", default=[0.5], help="lowrank rank fractions")
+    p.add_argument("--data-balance", choices=["none", "class", "root"], default="class",
+                   help="data_balance: the distillation draws give every class an equal share (default since "
+                        "2026-12-04, twelfth session): 98 %% of the pool is imagenet-extra's twenty classes, "
+                        "while the scoring images span ImageNet's. none: each image once per epoch")
     p.add_argument("--distill-epochs", type=int, default=1)
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="fine-tuning steps per student (batch 16). 0 since 2026-12-04, eleventh session: "
@@ -248,6 +252,7 @@ def run_config(args, layout: dict, selection_images: int, budgets: list[float]) 
     return {
         "teacher": TEACHER, "teacher_weights": "packaged", "donors": DONORS,
         "data": str(layout["distill"]), "val_data": str(layout["selection"]), "class_list": str(layout["class_list"]),
+        "data_balance": args.data_balance,
         "budgets": budgets, "out": str(out), "house": str(out / "house"), "seed": args.seed,
         "threads": args.threads, "preset": "full",
         "plugins": {"block_sources": ["timm-donors", "pruned-self", "lowrank", "skip"],
@@ -505,7 +510,7 @@ def main(argv=None) -> int:
                     "torch": torch.__version__, "python": platform.python_version()},
         "command": "python benchmarks/lite2_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "distill_images": data_summary["distill_images"],
+        "distill_images": data_summary["distill_images"], "data_balance": args.data_balance,
         "selection_images": data_summary["selection_images"],
         "scoring_images": data_summary["scoring_images"],
         "data": data_summary,
@@ -541,7 +546,7 @@ def distilled_donors(cfg, at_donors, refs, teacher, size, out, console, steps):
 
     partition = Partition.from_model(copy.deepcopy(teacher), (1, 3, size, size), name=TEACHER)
     split = images.prepare(teacher, size, data=cfg.data, val_data=cfg.val_data, class_list=cfg.class_list,
-                           held_out=0, seed=cfg.seed)
+                           held_out=0, seed=cfg.seed, balance=cfg.data_balance)
     train = images.eval_view(split, teacher, size)
     ft = cfg.finetune.model_copy(update={"steps": steps})
     found = {}
@@ -579,7 +584,7 @@ def uniform_pruning(cfg, registry, at_donors, budget_names, measure, teacher, si
 
     partition = Partition.from_model(copy.deepcopy(teacher), (1, 3, size, size), name=TEACHER)
     split = images.prepare(teacher, size, data=cfg.data, val_data=cfg.val_data, class_list=cfg.class_list,
-                           held_out=0, seed=cfg.seed)
+                           held_out=0, seed=cfg.seed, balance=cfg.data_balance)
     train = images.eval_view(split, teacher, size)
     found = {}
     for b in budgets:

@@ -41,6 +41,7 @@ from bespoke.errors import UsageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 WNID_RE = re.compile(r"^(n\d{8})")
+BALANCE = ("none", "class", "root")  # how the distillation images are drawn (ImageSet.balanced)
 
 # Colour photographs bundled with scikit-image (no download needed); grey ones are made RGB.
 SKIMAGE_SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "cat", "camera", "coins", "moon",
@@ -133,6 +134,46 @@ class ImageSet(Dataset):
                                            root=item.root)
                  for n, item in enumerate(self.items) for j in range(k)]
         return self._like(items, self.transform)
+
+    def balanced(self, by: str, seed: int = 0) -> "ImageSet":
+        """As many images as this set, drawn so that every group has an equal share: ``by``
+        ``class`` (each label; unlabelled images grouped by their root) or ``root``; ``none``
+        gives this set itself. Within a group the images are taken in a seeded order and again
+        from the start when its share is larger than the group (a small group's images repeat,
+        each time under its own augmentation seed); the draws come in one seeded order. One
+        group, or groups all of one size, give this set itself. A pool skewed to a few classes
+        (``imagenet-extra/distill`` is 98 % twenty classes) then trains the blocks on the
+        classes the network will see, not on those the folder holds most of."""
+        if by not in BALANCE:
+            raise UsageError(f"data_balance {by!r} is not one of {', '.join(BALANCE)}")
+        if by == "none" or not self.items:
+            return self
+        groups: dict[Any, list[int]] = {}
+        for i, item in enumerate(self.items):
+            key = ("label", item.label) if by == "class" and item.label >= 0 else ("root", item.root)
+            groups.setdefault(key, []).append(i)
+        if len({len(g) for g in groups.values()}) <= 1:
+            return self
+        g = torch.Generator().manual_seed(seed * 7_919 + 17)
+        n, k = len(self.items), len(groups)
+        drawn: list[int] = []
+        for j, members in enumerate(groups.values()):
+            share = n // k + (j < n % k)
+            order = [members[t] for t in torch.randperm(len(members), generator=g).tolist()]
+            drawn += [order[t % len(order)] for t in range(share)]
+        drawn = [drawn[t] for t in torch.randperm(len(drawn), generator=g).tolist()]
+        return self._like([self.items[i] for i in drawn], self.transform)
+
+    def distinct(self) -> "ImageSet":
+        """Each image once, in the order of its first appearance (a :meth:`balanced` set repeats
+        the images of small groups)."""
+        seen: set[int] = set()
+        keep = []
+        for i, item in enumerate(self.items):
+            if id(item) not in seen:
+                seen.add(id(item))
+                keep.append(i)
+        return self if len(keep) == len(self.items) else self.subset(keep)
 
     def __getitem__(self, i: int):
         item = self.items[i]
@@ -469,6 +510,8 @@ class DataSplit:
     val_views: int = 1  # each held-out image counted this many times, as fixed views of it
     per_root: dict[str, int] = field(default_factory=dict)  # images of data (and val_data) per root
     note: str = ""  # how its roots combined, when there is something to say
+    balance: str = "none"  # how train was drawn from the distillation images (ImageSet.balanced)
+    pool_images: int = 0  # the distillation images train was drawn from (the same when not balanced)
 
     @property
     def val_images(self) -> int:
@@ -494,21 +537,26 @@ def _select(images: ImageSet, val: ImageSet | None, held_out: int, seed: int) ->
 
 def prepare(model: torch.nn.Module, input_size: int, *, data: str | Sequence[str] | None,
             val_data: str | Sequence[str] | None = None, class_list: str | None = None, held_out: int = 64,
-            augment: bool = False, seed: int = 0, val_views: int = 1) -> DataSplit:
+            augment: bool = False, seed: int = 0, val_views: int = 1, balance: str = "none") -> DataSplit:
     """Open the training (and held-out) images and attach the teacher's transforms.
 
     Without ``val_data`` the held-out images are split off ``data`` deterministically.
     ``val_views``: each held-out image that many times, as fixed views (:meth:`ImageSet.views`).
+    ``balance``: the training images drawn with an equal share per class or root
+    (:meth:`ImageSet.balanced`), after the held-out images are taken off.
     """
     train_t = transforms_for(model, input_size, augment=augment)
     eval_t = transforms_for(model, input_size, augment=False)
     images = open_images(data, class_list)
     given = open_images(val_data, class_list, "val_data") if roots(val_data) else None
     train, val = _select(images, given, held_out, seed)
+    drawn = train.balanced(balance, seed)
+    balance, distinct, train = (balance if drawn is not train else "none"), len(train), drawn
     per_root = {**images.per_root(), **({f"held out: {k}": n for k, n in given.per_root().items()} if given else {})}
     return DataSplit(train=train.with_transform(train_t), val=val.views(val_views, seed).with_transform(eval_t),
                      labelled=images.labelled and val.labelled, source=images.source, val_views=max(1, val_views),
-                     per_root=per_root, note="; ".join(n for n in (images.note, given.note if given else "") if n))
+                     per_root=per_root, note="; ".join(n for n in (images.note, given.note if given else "") if n),
+                     balance=balance, pool_images=distinct)
 
 
 def eval_view(split: DataSplit, model: torch.nn.Module, input_size: int) -> ImageSet:

@@ -40,13 +40,18 @@ def prepare_images(cfg: Any, teacher: Any, size: int, console: Any, main: bool) 
     (and how many came from each root, when there are several)."""
     split = images.prepare(teacher, size, data=cfg.data, val_data=cfg.val_data,
                            class_list=cfg.class_list, held_out=cfg.build.validation_images,
-                           augment=cfg.build.augment, seed=cfg.seed, val_views=cfg.build.validation_views)
+                           augment=cfg.build.augment, seed=cfg.seed, val_views=cfg.build.validation_views,
+                           balance=cfg.data_balance)
     if main:
         console.print(f"images: {split.source}: {len(split.train)} for training, {split.val_images} held out"
                       + (f" (x{split.val_views} views)" if split.val_views > 1 else "")
                       + (", labelled" if split.labelled else ", unlabelled"))
         if len(split.per_root) > 1:
             console.print(escape(images.counts_line("images per root", split.per_root)), highlight=False)
+        if split.balance != "none":
+            console.print(f"data_balance {split.balance}: {len(split.train):,} draws from the "
+                          f"{split.pool_images:,} training images, {len(split.train.distinct()):,} of them "
+                          f"distinct, an equal share per {split.balance}", highlight=False)
         if split.note:
             console.print(f"[yellow]note:[/yellow] {escape(split.note)}", highlight=False)
         if cfg.data is None:
@@ -147,7 +152,8 @@ def open_house(cfg: Any, root: Path, existing: House | None, teacher: Any, parti
         flops=int(count_flops(teacher, (1, 3, size, size)) or 0),
         num_cut_points=len(partition.cut_points)),
         build=cfg.build.model_dump(mode="json") | {"seed": cfg.seed},
-        data={"source": split.source, "train_images": len(split.train),
+        data={"source": split.source, "train_images": len(split.train), "balance": split.balance,
+              "pool_images": split.pool_images,
               "val_images": split.val_images, "val_views": split.val_views, "labelled": split.labelled})
 
 

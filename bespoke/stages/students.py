@@ -83,7 +83,8 @@ class Students:
         self.sources = registry.block_sources(cfg)
         self.split = images.prepare(self.teacher, self.size, data=cfg.data, val_data=cfg.val_data,
                                     class_list=cfg.class_list, held_out=cfg.build.validation_images,
-                                    seed=cfg.seed, val_views=cfg.build.validation_views)
+                                    seed=cfg.seed, val_views=cfg.build.validation_views,
+                                    balance=cfg.data_balance)
         self.train = images.eval_view(self.split, self.teacher, self.size)  # flips are added per step
         self.loss = registry.distill_loss(cfg.plugins.distill_loss, cfg.plugin_options.get(cfg.plugins.distill_loss))
         self.teacher_metrics, self.teacher_pred = evaluate(self.teacher, t.name, self.split.val, self.shape)
@@ -197,8 +198,13 @@ class Students:
         pixels, normalize = split_normalize(images.transforms_for(self.teacher, size))
 
         def make():
-            order = torch.randperm(len(self.split.train), generator=torch.Generator().manual_seed(self.cfg.seed + 1))
-            train = self.split.train.subset(sorted(order[:n].tolist())).with_transform(pixels)
+            if self.split.balance != "none":  # the draws come shuffled: the first n distinct ones
+                distinct = self.split.train.distinct()
+                train = distinct.subset(range(min(n, len(distinct))))
+            else:
+                order = torch.randperm(len(self.split.train), generator=torch.Generator().manual_seed(self.cfg.seed + 1))
+                train = self.split.train.subset(sorted(order[:n].tolist()))
+            train = train.with_transform(pixels)
             val = self.split.val.with_transform(pixels)
             batches = (x for part in (val, train) if len(part) for x, _ in iter_batches(part, 32))
             return (to_pixels(x) for x in batches) if normalize is not None else batches
