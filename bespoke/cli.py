@@ -69,6 +69,8 @@ VAL_DATA_HELP = ("selection images, held out to profile, re-rank and pick (defau
 SCORE_DATA_HELP = ("scoring images, read once at the end to score the teacher and the saved students (report.json: "
                    "score_top1, score_agreement), never to choose; repeat for several")
 CLASS_LIST_HELP = "classes.txt of 'index wnid name' lines labelling images named by WordNet id (the config key class_list)"
+BALANCE_HELP = ("how the distillation images are drawn: none, class (an equal share per class, for a pool skewed "
+                "to a few classes) or root (per --data root) (the config key data_balance)")
 
 
 def _roots(values: Optional[List[str]]) -> str | list[str] | None:
@@ -144,6 +146,7 @@ def build(
     data: Optional[List[str]] = typer.Option(None, "--data", help=DATA_HELP),
     val_data: Optional[List[str]] = typer.Option(None, "--val-data", help=VAL_DATA_HELP),
     class_list: Optional[str] = typer.Option(None, "--class-list", help=CLASS_LIST_HELP),
+    data_balance: Optional[str] = typer.Option(None, "--data-balance", help=BALANCE_HELP),
     teacher: Optional[str] = typer.Option(None, "--teacher", help=TEACHER_HELP),
     plugin: Optional[List[str]] = PluginOpt,
 ) -> None:
@@ -151,7 +154,7 @@ def build(
     from bespoke import pipeline
 
     cfg, reg = _config(config, plugin, data=_roots(data), val_data=_roots(val_data), class_list=class_list,
-                       teacher=teacher, house=str(out) if out else None)
+                       data_balance=data_balance, teacher=teacher, house=str(out) if out else None)
     pipeline.build(cfg, reg, console=console)
 
 
@@ -227,6 +230,7 @@ def run(
     val_data: Optional[List[str]] = typer.Option(None, "--val-data", help=VAL_DATA_HELP),
     score_data: Optional[List[str]] = typer.Option(None, "--score-data", help=SCORE_DATA_HELP),
     class_list: Optional[str] = typer.Option(None, "--class-list", help=CLASS_LIST_HELP),
+    data_balance: Optional[str] = typer.Option(None, "--data-balance", help=BALANCE_HELP),
     teacher: Optional[str] = typer.Option(None, "--teacher", help=TEACHER_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help="quick (default; minutes), full (the documented defaults) or tiny (a tiny random-weight teacher and donor on generated images: every stage in about a minute, to try a plugin)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed of every stage (the config key seed)"),
@@ -238,7 +242,7 @@ def run(
 
     cfg, reg = _config(config, plugin, budgets=_parse_budgets(budget), out=str(out) if out else None,
                        data=_roots(data), val_data=_roots(val_data), score_data=_roots(score_data),
-                       class_list=class_list, teacher=teacher, preset=preset, seed=seed,
+                       class_list=class_list, data_balance=data_balance, teacher=teacher, preset=preset, seed=seed,
                        **{"search.input_sizes": _parse_sizes(input_sizes)})
     pipeline.run(cfg, reg, console=console)
 

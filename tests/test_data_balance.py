@@ -104,3 +104,9 @@ def test_a_run_says_how_it_drew_and_the_house_records_it(tmp_path):
     assert "data_balance root:" in line and "an equal share per root" in line
     manifest = json.loads((tmp_path / "out" / "house" / "manifest.json").read_text())
     assert manifest["data"]["balance"] == "root" and manifest["data"]["train_images"] == manifest["data"]["pool_images"]
+
+
+def test_the_command_line_option_reads_and_refuses_well():
+    proc = run_cli("build", "--data-balance", "classes", "--out", "unused", timeout=120)
+    assert proc.returncode == 2 and "data_balance" in proc.stderr and "class" in proc.stderr
+    assert "Traceback" not in proc.stderr
