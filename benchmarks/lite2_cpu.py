@@ -113,7 +113,9 @@ def parse_args(argv=None):
     p.add_argument("--calibration-images", type=int, default=32,
                    help="images the block sources fit adapters and choose channels on")
     p.add_argument("--lowrank-fractions", type=float, nargs="+", default=[0.5], help="lowrank rank fractions")
-    p.add_argument("--data-balance", choices=["none", "class", "root"], default="class",
+    from bespoke.data import BALANCE
+
+    p.add_argument("--data-balance", choices=list(BALANCE), default="class",
                    help="data_balance: the distillation draws give every class an equal share (default since "
                         "2026-12-04, twelfth session): 98 %% of the pool is imagenet-extra's twenty classes, "
                         "while the scoring images span ImageNet's. none: each image once per epoch")

@@ -550,13 +550,16 @@ def prepare(model: torch.nn.Module, input_size: int, *, data: str | Sequence[str
     images = open_images(data, class_list)
     given = open_images(val_data, class_list, "val_data") if roots(val_data) else None
     train, val = _select(images, given, held_out, seed)
+    pool_images = len(train)
     drawn = train.balanced(balance, seed)
-    balance, distinct, train = (balance if drawn is not train else "none"), len(train), drawn
+    if drawn is train:  # nothing to balance: the images as they are
+        balance = "none"
+    train = drawn
     per_root = {**images.per_root(), **({f"held out: {k}": n for k, n in given.per_root().items()} if given else {})}
     return DataSplit(train=train.with_transform(train_t), val=val.views(val_views, seed).with_transform(eval_t),
                      labelled=images.labelled and val.labelled, source=images.source, val_views=max(1, val_views),
                      per_root=per_root, note="; ".join(n for n in (images.note, given.note if given else "") if n),
-                     balance=balance, pool_images=distinct)
+                     balance=balance, pool_images=pool_images)
 
 
 def eval_view(split: DataSplit, model: torch.nn.Module, input_size: int) -> ImageSet:

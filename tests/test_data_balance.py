@@ -101,7 +101,7 @@ def test_a_run_says_how_it_drew_and_the_house_records_it(tmp_path):
                    env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "80"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("data_balance"))
-    assert "data_balance root:" in line and "an equal share per root" in line
+    assert "data_balance root:" in line and "equal per root" in line and len(line) <= 80
     manifest = json.loads((tmp_path / "out" / "house" / "manifest.json").read_text())
     assert manifest["data"]["balance"] == "root" and manifest["data"]["train_images"] == manifest["data"]["pool_images"]
 

@@ -49,9 +49,9 @@ def prepare_images(cfg: Any, teacher: Any, size: int, console: Any, main: bool) 
         if len(split.per_root) > 1:
             console.print(escape(images.counts_line("images per root", split.per_root)), highlight=False)
         if split.balance != "none":
-            console.print(f"data_balance {split.balance}: {len(split.train):,} draws from the "
-                          f"{split.pool_images:,} training images, {len(split.train.distinct()):,} of them "
-                          f"distinct, an equal share per {split.balance}", highlight=False)
+            console.print(f"data_balance {split.balance}: {len(split.train):,} draws of "
+                          f"{len(split.train.distinct()):,} distinct images, equal per {split.balance}",
+                          highlight=False)
         if split.note:
             console.print(f"[yellow]note:[/yellow] {escape(split.note)}", highlight=False)
         if cfg.data is None:
