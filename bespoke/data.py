@@ -18,10 +18,11 @@ Several sources (**roots**) combine into one :class:`ImageSet` (:func:`open_imag
 item names are prefixed by the root, and the set is labelled only when every root is, by labels
 that mean the same classes (:func:`combine`).
 
-A run's images play three **roles** that must not share an image (:func:`check_disjoint`):
-*distillation* (``data``), *selection* (``val_data``, or a slice held back from ``data``) and
-*scoring* (``score_data``, touched once at the end of a run). :func:`role_summary` checks them and
-gives their counts and digests.
+A run's images play three **roles** that must not share an image
+(:func:`bespoke.roles.check_disjoint`): *distillation* (``data``), *selection* (``val_data``, or a
+slice held back from ``data``) and *scoring* (``score_data``, touched once at the end of a run).
+:func:`bespoke.roles.role_summary` checks them and gives their counts and digests; ``bespoke.roles``
+imports this module, never the other way round.
 
 Images that fail to decode are skipped and counted (:attr:`ImageSet.skipped`); the caller reports
 them (:func:`skipped_line`). Batches are assembled with :func:`collate`, which drops them.
@@ -618,14 +619,3 @@ def skipped_line(names: Sequence[str], width: int = 71) -> str:
     names = sorted(set(names))
     return _fit(f"skipped {len(names)} undecodable image(s): ", [Path(n).name or n for n in names], width)
 
-
-# The roles' functions live in bespoke.roles; reachable from here too (bespoke.data.role_summary).
-_ROLE_API = ("Digest", "ROLES", "check_disjoint", "image_digests", "open_roles", "role_summary", "set_digest")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _ROLE_API:
-        from bespoke import roles
-
-        return getattr(roles, name)
-    raise AttributeError(f"module 'bespoke.data' has no attribute {name!r}")

@@ -6,7 +6,7 @@ the alternatives, re-rank candidates and pick students; *scoring* images (``scor
 touched once, at the end of ``bespoke run``, to score the teacher and the saved students. An image
 in two roles makes a score dishonest, so :func:`check_disjoint` refuses it, by file, by bytes and
 by pixels (:func:`image_digests`). :func:`role_summary` gives each role's count and digest, for
-report.json and for benchmarks. Everything here is also reachable as ``bespoke.data.<name>``.
+report.json and for benchmarks. This module builds on :mod:`bespoke.data`, which does not import it.
 """
 
 from __future__ import annotations

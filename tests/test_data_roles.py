@@ -15,7 +15,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import IMAGENET_SAMPLE, SAMPLE_MISSING, run_cli  # noqa: E402
 
-from bespoke import data  # noqa: E402
+from bespoke import data, roles as R  # noqa: E402
 from bespoke.errors import UsageError  # noqa: E402
 
 TENCH, GOLDFISH, SHARK = "n01440764", "n01443537", "n01484850"
@@ -164,7 +164,7 @@ def test_the_same_file_through_two_roots_is_an_error(tmp_path):
     score = _folder(tmp_path / "score", ["c.png"], 2)
     (score / "link").symlink_to(train)  # the same files through another path
     with pytest.raises(UsageError) as err:
-        data.check_disjoint({"distill": data.open_images(str(train)),
+        R.check_disjoint({"distill": data.open_images(str(train)),
                              "scoring": data.open_images(str(score / "link"))})
     text = str(err.value)
     assert "distillation images (data) and the scoring images (score_data) share 2 image(s)" in text
@@ -177,7 +177,7 @@ def test_the_same_pixels_under_another_name_is_an_error(tmp_path):
     shutil.copy(train / "b.png", val / "copy_of_b.png")  # the same bytes
     _photo(102).save(val / "c_again.bmp")  # the same pixels as train/c.png, another format
     with pytest.raises(UsageError) as err:
-        data.check_disjoint({"distill": data.open_images(str(train)), "selection": data.open_images(str(val))})
+        R.check_disjoint({"distill": data.open_images(str(train)), "selection": data.open_images(str(val))})
     text = str(err.value)
     assert "selection images" in text and "share 2 image(s)" in text
     train, val = train.resolve(), val.resolve()
@@ -193,16 +193,16 @@ def test_a_copy_re_encoded_at_another_jpeg_quality_is_caught(tmp_path):
     _save(score / "again.jpg", 11, quality=40)  # train/t1.jpg at quality 40
     roles = {"distill": data.open_images(str(train)), "scoring": data.open_images(str(score))}
     with pytest.raises(UsageError, match=r"t1\.jpg = .*again\.jpg \(the same pixels\)"):
-        data.check_disjoint(roles)
+        R.check_disjoint(roles)
     (score / "again.jpg").unlink()
     roles["scoring"] = data.open_images(str(score))
-    assert set(data.check_disjoint(roles)) == {"distill", "scoring"}
+    assert set(R.check_disjoint(roles)) == {"distill", "scoring"}
 
 
 def test_an_overlap_names_at_most_five_pairs_and_counts_them_all(tmp_path):
     train = _folder(tmp_path / "train", [f"{i}.png" for i in range(8)], 1)
     with pytest.raises(UsageError) as err:
-        data.check_disjoint({"distill": data.open_images(str(train)), "scoring": data.open_images(str(train))})
+        R.check_disjoint({"distill": data.open_images(str(train)), "scoring": data.open_images(str(train))})
     lines = str(err.value).splitlines()
     assert "share 8 image(s)" in lines[0] and lines[6] == "  and 3 more" and len(lines) == 8
 
@@ -215,21 +215,21 @@ def test_a_dataset_without_files_is_compared_by_its_decoded_pixels(tmp_path):
     tiny.images()[5].save(score / "generated.png")
     roles = {"distill": data.open_images("bespoke.tiny:images"), "scoring": data.open_images(str(score))}
     with pytest.raises(UsageError, match=r"bespoke\.tiny:images\[5\] = .*generated\.png \(the same pixels\)"):
-        data.check_disjoint(roles)
+        R.check_disjoint(roles)
 
 
 def test_role_summary_counts_and_digests_each_role(tmp_path):
     train = _folder(tmp_path / "train", ["a.png", "b.png", "c.png"], 1)
     val = _folder(tmp_path / "val", ["d.png"], 2)
-    summary = data.role_summary({"distill": data.open_images(str(train)), "selection": data.open_images(str(val))})
+    summary = R.role_summary({"distill": data.open_images(str(train)), "selection": data.open_images(str(val))})
     assert summary["distill_images"] == 3 and summary["selection_images"] == 1
     assert summary["scoring_images"] == 0 and summary["scoring_digest"] is None
     assert len(summary["distill_digest"]) == 16 and summary["distill_digest"] != summary["selection_digest"]
     # the digest is of the images, not of their order or names
     renamed = _folder(tmp_path / "renamed", ["z.png", "y.png", "x.png"], 1)  # a.png, b.png, c.png's pixels
-    assert data.role_summary({"distill": data.open_images(str(renamed))})["distill_digest"] == summary["distill_digest"]
+    assert R.role_summary({"distill": data.open_images(str(renamed))})["distill_digest"] == summary["distill_digest"]
     other = _folder(tmp_path / "other", ["a.png", "b.png", "c.png"], 3)
-    assert data.role_summary({"distill": data.open_images(str(other))})["distill_digest"] != summary["distill_digest"]
+    assert R.role_summary({"distill": data.open_images(str(other))})["distill_digest"] != summary["distill_digest"]
 
 
 def test_roles_split_as_the_run_splits_and_only_given_selection_images_are_checked_against_data(tmp_path):
@@ -239,7 +239,7 @@ def test_roles_split_as_the_run_splits_and_only_given_selection_images_are_check
     from bespoke.stages.build import check_roles
 
     train = _folder(tmp_path / "train", [f"{i}.png" for i in range(10)], 1)
-    roles = data.open_roles(str(train), held_out=3, seed=4)
+    roles = R.open_roles(str(train), held_out=3, seed=4)
     split = data.prepare(torch.nn.Conv2d(3, 3, 1), 32, data=str(train), held_out=3, seed=4)
     assert [it.name for it in roles["distill"].items] == [it.name for it in split.train.items]
     assert [it.name for it in roles["selection"].items] == [it.name for it in split.val.items]
@@ -342,5 +342,5 @@ def test_imagenet_sample_and_extra_combine_with_a_class_list_and_share_no_image(
     assert score.labelled and len(score) == 1200
     tench = [it for it in distill.items if it.name.startswith(f"distill/{TENCH}/")]
     assert tench and {it.label for it in tench} == {0}
-    summary = data.role_summary({"distill": distill.subset(range(500)), "scoring": score})
+    summary = R.role_summary({"distill": distill.subset(range(500)), "scoring": score})
     assert summary["distill_images"] == 500 and summary["scoring_images"] == 1200
