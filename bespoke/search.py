@@ -9,7 +9,9 @@ What lives here (strategies themselves are plugins, see ``bespoke_plugins/search
   :func:`exact_front` / :func:`optimum` (an exact Pareto dynamic programme over cut points),
   :func:`exhaustive` (brute force, for tests), :func:`finalize` (the no-violation guarantee).
 - :func:`check_solution`, :func:`rerank`; the on-disk report (:class:`SearchReport`) and its
-  table live in :mod:`bespoke.search_report` and are re-exported here.
+  table live in :mod:`bespoke.search_report`, the problem's fingerprint and the Pareto front of
+  chosen sets (:func:`problem_fingerprint`, :func:`pareto_of`, :data:`EPS`) in
+  :mod:`bespoke.problem`; both are re-exported here.
 
 Latency and loss are additive over chosen pairs (the model in ``SearchProblem``), so the set of
 non-overlapping pairs is a weighted interval selection with one extra additive constraint; the
@@ -18,7 +20,6 @@ exact front below solves it by keeping only non-dominated (saving, loss) points 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
@@ -26,13 +27,13 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from bespoke.errors import UsageError
+from bespoke.problem import EPS, pareto_of, problem_fingerprint  # noqa: F401 (re-exported)
 from bespoke.search_report import (SEARCH_SCHEMA_VERSION, BudgetResult, ChoiceRecord,  # noqa: F401 (re-exported)
                                    FrontPoint, SearchReport, make_report, read_report, report_table, SEARCH_LEGEND,
                                    write_report)
 from bespoke.types import Candidate, SearchProblem, Solution
 
 Proxy = Literal["replace-one", "replace-one-kl", "distill-error"]
-EPS = 1e-9
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,15 +170,6 @@ def problem_from_house(house: Any, segment_ms: Mapping[str, float], alt_ms: Mapp
     if not alts:
         raise UsageError("the house has no trained, profiled alternatives; run bespoke build first")
     return build_problem(teacher_ms, segment_ms, alts, alt_ms, losses, lam=lam)
-
-
-def problem_fingerprint(problem: SearchProblem) -> str:
-    """Stable hash of a problem (candidates, latencies, losses): studies are keyed by it."""
-    h = hashlib.sha256()
-    h.update(f"{problem.teacher_ms:.6g}|{problem.lam:.6g}".encode())
-    for c in problem.candidates:
-        h.update(f"|{c.segment}:{c.alternative}:{c.saving_ms:.6g}:{c.loss:.6g}".encode())
-    return h.hexdigest()[:16]
 
 
 def problem_to_dict(problem: SearchProblem) -> dict[str, Any]:
@@ -615,15 +607,3 @@ def run_strategy(strategy: Any, problem: SearchProblem, budgets_ms: Sequence[flo
 def fastest_latency(problem: SearchProblem) -> float:
     return problem.latency(fastest_solution(problem))
 
-
-def pareto_of(problem: SearchProblem, sets: Iterable[Sequence[int]]) -> list[tuple[float, float, list[int]]]:
-    """Non-dominated (latency, loss, chosen) among ``sets``, fastest first."""
-    pts = sorted({tuple(sorted(s)) for s in sets}, key=lambda s: (problem.latency(s), problem.loss(s)))
-    out = []
-    best = math.inf
-    for s in pts:
-        l = problem.loss(s)
-        if l < best - EPS:
-            out.append((problem.latency(s), l, list(s)))
-            best = l
-    return out

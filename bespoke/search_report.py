@@ -1,7 +1,8 @@
 """The search report: what ``bespoke search`` writes (``search.json`` and one recipe per budget
 beside it, each the input of ``bespoke finetune``), read back, and shown as a table.
 
-Re-exported by :mod:`bespoke.search`, where the rest of the code finds it.
+Re-exported by :mod:`bespoke.search`, where the rest of the code finds it; it imports
+:mod:`bespoke.problem`, never :mod:`bespoke.search`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bespoke.errors import UsageError
 from bespoke.files import atomic_write_text
+from bespoke.problem import pareto_of, problem_fingerprint
 from bespoke.types import SearchProblem, Solution
 
 SEARCH_SCHEMA_VERSION = 1
@@ -75,8 +77,6 @@ def make_report(problem: SearchProblem, budgets: Sequence[float], solutions: Seq
                 teacher: str | None = None) -> SearchReport:
     """The report of one search: each budget's solution as a recipe, and the latency/loss Pareto
     front over every chosen set the strategy reported."""
-    from bespoke.search import pareto_of, problem_fingerprint  # the engine imports this module
-
     results = []
     sets: list[Sequence[int]] = []
     for b, s in zip(budgets, solutions):
