@@ -33,11 +33,11 @@ def test_the_whole_network_segment_goes_to_the_named_sources_only_and_its_donor_
     from bespoke.blocks import Context
     from bespoke import tiny
 
-    from bespoke import distill
+    from bespoke.distill import training  # where train_bunch makes each bunch's optimiser
 
     made = []  # each bunch's optimiser: the whole donor trains at a fine-tuning rate, in a group of its own
-    real = distill._optimizer
-    monkeypatch.setattr(distill, "_optimizer", lambda params, lr: made.append(real(params, lr)) or made[-1])
+    real = training._optimizer
+    monkeypatch.setattr(training, "_optimizer", lambda params, lr: made.append(real(params, lr)) or made[-1])
     cfg = _cfg(tmp_path, whole_sources=["timm-donors"])
     reg = get_registry()
     house = pipeline.build(cfg, reg)
