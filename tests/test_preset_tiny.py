@@ -69,6 +69,32 @@ def test_bespoke_run_preset_tiny_runs_every_stage(tiny_out):
         assert (out / product).exists(), product
 
 
+def test_bespoke_build_builds_the_house_bespoke_run_builds_from_the_same_configuration(tiny_out, tmp_path):
+    """`preset: tiny` given to `bespoke build` builds the house `bespoke run --preset tiny` built
+    (issue 35: build applied no preset and built the default Lite2 house). Every field of the two
+    manifests is compared -- segments, proposals, each alternative with its spec and profile, the
+    build settings, the data, the teacher -- except two clock readings that differ between any two
+    builds: ``updated`` (when the manifest was last written) and each alternative's ``seconds``
+    (the wall time of its profiling). The manifest holds no paths; the houses' folders differ."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("preset: tiny\n")
+    proc = run_cli("build", str(cfg), "--out", str(tmp_path / "house"), env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def manifest(house):
+        m = json.loads((house / "manifest.json").read_text())
+        m.pop("updated")
+        for a in m["alternatives"]:
+            a.pop("seconds")
+        return m
+
+    built, ran = manifest(tmp_path / "house"), manifest(tiny_out / "house")
+    assert built["teacher"]["name"] == "bespoke.tiny:teacher" and built["data"]["source"] == "bespoke.tiny:images"
+    assert built["segments"] == ran["segments"] and built["build"] == ran["build"] and built["data"] == ran["data"]
+    assert [(a["id"], a["spec"]) for a in built["alternatives"]] == [(a["id"], a["spec"]) for a in ran["alternatives"]]
+    assert built == ran
+
+
 def test_a_student_over_budget_as_saved_is_replaced_by_the_next_finalist_in_the_report(tmp_path, monkeypatch):
     """The whole run on the tiny preset, with the first saved student judged over its budget:
     the next finalist is made, timed and reported (no prediction of its own)."""

@@ -11,6 +11,7 @@ from typing import Any
 from rich.markup import escape
 
 from bespoke import data as images
+from bespoke.config import apply_preset
 from bespoke.counting import count_flops, count_params
 from bespoke.distill import HOUSE_LEGEND, summary_table, teacher_top1
 from bespoke.errors import UsageError
@@ -135,6 +136,21 @@ def few_image_recipe(cfg: Any, given: Any = None, console: Any = None) -> Any:
     return cfg.model_copy(update=update)
 
 
+def resolve_config(cfg: Any, registry: Any, console: Any = None, *, images: bool = True) -> Any:
+    """The configuration as every command runs it, from the configuration as given: its preset
+    (:func:`bespoke.config.apply_preset`) filled in wherever the configuration leaves a key unset,
+    then, when ``images`` (the commands that read the distillation images: ``build``,
+    ``finetune``, ``run``), the few-image recipe (:func:`few_image_recipe`, said in one line on
+    ``console``). ``profile`` and ``search`` read no images and take the preset only.
+
+    The one place this happens, so that one configuration builds one house whichever command
+    builds it. Resolving a resolved configuration gives it back unchanged (the preset fills only
+    unset keys; the recipe sees its keys set); ``bespoke run`` resolves once and hands the result
+    to the stages."""
+    resolved = apply_preset(cfg, registry)
+    return few_image_recipe(resolved, cfg, console) if images else resolved
+
+
 def open_house(cfg: Any, root: Path, existing: House | None, teacher: Any, partition: Partition,
                split: Any, size: int, weights: str, console: Any) -> House:
     """The house at ``root``: ``existing`` resumed (a killed torchrun build's shards merged), or a
@@ -227,4 +243,4 @@ def summarise(house: House, root: Path, split: Any, report: Any, console: Any, s
 
 
 __all__ = ["FEW_IMAGE_RECIPE", "check_roles", "draw_segments", "few_image_recipe", "house_dir", "training_images", "load_teacher", "note_teacher_top1", "open_house",
-           "prepare_images", "segment_settings_changed", "summarise"]
+           "prepare_images", "resolve_config", "segment_settings_changed", "summarise"]
