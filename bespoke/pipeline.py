@@ -19,6 +19,7 @@ from bespoke.config import whole_sources
 from bespoke.distill import DistEnv, Settings, calibration_batch, distill_house, source_for
 from bespoke.errors import UsageError
 from bespoke.export import check_formats, export_model
+from bespoke.files import claim_folder, tidy_on_failure
 from bespoke.house import House, populate
 from bespoke.stages import build as build_stage
 from bespoke.stages import pct, pick, warner
@@ -29,6 +30,7 @@ from bespoke.stages.students import Students, read_search_recipe
 from bespoke.student import load_student, save_student
 
 
+@tidy_on_failure()  # a failed command removes the folders it made while they are empty
 def build(cfg, registry, console=None, within_run=False):
     """Build (or resume) the model house: partition the teacher, sample segments, create every
     enabled block source's alternatives, distil them, profile them. Returns the :class:`House`.
@@ -49,7 +51,7 @@ def build(cfg, registry, console=None, within_run=False):
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        root = build_stage.house_dir(cfg)
+        root = claim_folder(build_stage.house_dir(cfg))
         existing = House.open(root) if House.exists(root) else None  # a bad manifest fails early
         settings = Settings.from_build(cfg.build, seed=cfg.seed, device=cfg.device)
 
@@ -105,6 +107,7 @@ def build(cfg, registry, console=None, within_run=False):
         dist.close()
 
 
+@tidy_on_failure()
 def profile(cfg, registry, output, console=None, size=None):
     """Measure every alternative and teacher segment of the house (and the whole teacher) with
     the configured measuring estimator, at input resolution ``size`` (default: the teacher's
@@ -113,9 +116,11 @@ def profile(cfg, registry, output, console=None, size=None):
     This is how a vendor builds the table their device plugin ships. Returns the table.
     """
     cfg = build_stage.resolve_config(cfg, registry, images=False)  # the preset's estimator options
+    claim_folder(Path(output).parent)
     return profile_stage.measure(cfg, registry, Path(output), console or make_console(), size=size)
 
 
+@tidy_on_failure()
 def search(cfg, registry, output, storage=None, study=None, console=None, evaluate=None, size=None,
            size_ratio=None):
     """Search which segments to replace under each of ``cfg.budgets``; write the report (recipes
@@ -134,6 +139,7 @@ def search(cfg, registry, output, storage=None, study=None, console=None, evalua
     console = console or make_console()
     cfg = build_stage.resolve_config(cfg, registry, images=False)  # the preset's proxy, trials, budgets
     output = Path(output)
+    claim_folder(output.parent)
     if not cfg.house:
         raise UsageError("give the model house directory (bespoke search HOUSE) or set `house` in the config")
     problem, teacher = search_stage.search_problem(cfg, registry, console, size)
@@ -155,6 +161,7 @@ def search(cfg, registry, output, storage=None, study=None, console=None, evalua
                                      size=size, reference_ms=reference_ms)
 
 
+@tidy_on_failure()
 def finetune(cfg, registry, recipe, out, console=None):
     """Assemble the student a search recipe describes (``bespoke search`` writes one per budget),
     recalibrate its BatchNorm, fine-tune it with distillation, and save it to ``OUT/student``.
@@ -172,13 +179,14 @@ def finetune(cfg, registry, recipe, out, console=None):
         raise UsageError(f"recipe {str(recipe)!r} points at model house {str(root)!r}, which does not exist; "
                          "set `house` in the config (--config) to where the house is")
     stage = Students(cfg, registry, House.open(root), console)
-    made = stage.make(plan, Path(out))
+    made = stage.make(plan, claim_folder(out))
     console.print(f"student saved to {made.student_dir} ({made.finetune.steps} fine-tuning steps; "
                   f"agreement with the teacher {pct(made.before.agreement)} -> {pct(made.after.agreement)} "
                   f"on {made.after.images} held-out images)")
     return made.student_dir
 
 
+@tidy_on_failure()
 def export(student, out, formats, console=None, dynamic_batch=False):
     """Export a saved student directory to ``out`` in ``formats`` (onnx, torch-export,
     safetensors); the ONNX file is checked against PyTorch with onnxruntime and the saved
@@ -188,6 +196,7 @@ def export(student, out, formats, console=None, dynamic_batch=False):
     console = console or make_console()
     formats = check_formats(formats)
     model = load_student(Path(student))
+    claim_folder(out)
     shape = (1, *model.recipe.input_size)
     with model.taps(False):
         res = export_model(model, shape, Path(out), formats,
@@ -206,6 +215,7 @@ def export(student, out, formats, console=None, dynamic_batch=False):
     return res
 
 
+@tidy_on_failure()
 def run(cfg, registry, console=None):
     """Everything, for each budget: build (or reuse) the house, profile, search, fine-tune,
     evaluate, export, score, report. Writes ``OUT/report.json`` and ``OUT/pareto.png``; returns
@@ -222,7 +232,7 @@ def run(cfg, registry, console=None):
     console = console or make_console()
     cfg = build_stage.resolve_config(cfg, registry, console)  # the preset, the few-image recipe
     registry.preflight(cfg)  # every plugin option and file it names, before anything is built or written
-    out = Path(cfg.out)
+    out = claim_folder(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"house": cfg.house or str(out / "house")})
     clock = Clock()

@@ -268,6 +268,42 @@ def test_end_to_end_unknown_teacher(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_failed_command_leaves_no_output_folder_it_made(tmp_path):
+    """Issue 35: `bespoke run` with a teacher that does not load exits 2 with a clear message and
+    leaves no empty `bespoke-out/` (nor a given --out, nor `bespoke build`'s house folder); a
+    folder that was there before the command is kept, and so is what was in it."""
+    run = run_cli("run", "--teacher", "not_a_model_xyz", cwd=tmp_path, env=OFFLINE)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "not_a_model_xyz" in " ".join(run.stderr.split())
+    assert not (tmp_path / "bespoke-out").exists()
+    build = run_cli("build", "--teacher", "not_a_model_xyz", "--out", str(tmp_path / "new" / "house"), env=OFFLINE)
+    assert build.returncode == 2 and "not_a_model_xyz" in " ".join(build.stderr.split())
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    (mine / "empty").mkdir(parents=True)
+    kept = run_cli("run", "--teacher", "not_a_model_xyz", "--out", str(mine), env=OFFLINE)
+    assert kept.returncode == 2
+    assert (mine / "empty").is_dir()
+
+
+def test_tidy_on_failure_removes_only_the_empty_folders_the_command_made(tmp_path):
+    from bespoke.files import claim_folder, tidy_on_failure
+
+    (tmp_path / "there").mkdir()
+    with pytest.raises(ValueError), tidy_on_failure():
+        claim_folder(tmp_path / "a" / "b").mkdir(parents=True)  # made: a and a/b, both left empty
+        claim_folder(tmp_path / "there")  # existed before: never the command's
+        claim_folder(tmp_path / "wrote" / "house").mkdir(parents=True)
+        (tmp_path / "wrote" / "house" / "manifest.json").write_text("{}")  # what a rerun resumes from
+        raise ValueError("bad input")
+    assert not (tmp_path / "a").exists() and (tmp_path / "there").is_dir()
+    assert (tmp_path / "wrote" / "house" / "manifest.json").is_file()
+    with tidy_on_failure():  # success: nothing removed
+        claim_folder(tmp_path / "ok").mkdir()
+    assert (tmp_path / "ok").is_dir()
+    claim_folder(tmp_path / "outside")  # no command running: nothing noted, nothing fails
+
+
 def test_end_to_end_bad_recipe_and_student(tmp_path):
     ft = run_cli("finetune", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o"), env=OFFLINE)
     assert ft.returncode == 2 and "does not exist" in " ".join(ft.stderr.split())
