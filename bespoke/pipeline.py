@@ -122,7 +122,7 @@ def profile(cfg, registry, output, console=None, size=None):
 
 @tidy_on_failure()
 def search(cfg, registry, output, storage=None, study=None, console=None, evaluate=None, size=None,
-           size_ratio=None):
+           size_ratio=None, tighten=None):
     """Search which segments to replace under each of ``cfg.budgets``; write the report (recipes
     per budget and the Pareto front) to ``output`` and show a table. Returns the report.
 
@@ -134,7 +134,9 @@ def search(cfg, registry, output, storage=None, study=None, console=None, evalua
     ``cfg.search.rerank_top_k`` candidates per budget by real scores. ``size`` searches students
     that run at that input resolution (latencies of the house rebuilt at that size); budgets stay
     ratios of the teacher at its own size, which runs ``1 / size_ratio`` times as long as at
-    ``size`` (measured side by side), and ``evaluate``'s latency ratios are to it.
+    ``size`` (measured side by side), and ``evaluate``'s latency ratios are to it. ``tighten``
+    (> 1): the strategy searches at the budgets divided by it and re-ranking holds its candidates
+    to the budgets as given (a fallback's second look, :meth:`bespoke.stages.students.Students.hold_budgets`).
     """
     console = console or make_console()
     cfg = build_stage.resolve_config(cfg, registry, images=False)  # the preset's proxy, trials, budgets
@@ -148,8 +150,11 @@ def search(cfg, registry, output, storage=None, study=None, console=None, evalua
     name = cfg.plugins.search
     strategy = registry.search_strategy(name, cfg.plugin_options.get(name), storage=storage, study=study,
                                         warn=warner(console))
-    solutions = S.run_strategy(strategy, problem, budgets_ms, seed=cfg.seed,
+    solutions = S.run_strategy(strategy, problem, [b / (tighten or 1) for b in budgets_ms], seed=cfg.seed,
                                workdir=str(output.resolve().parent), name=name)
+    if tighten:  # searched at tighter budgets, re-ranked against the budgets as given
+        for s, b in zip(solutions, budgets_ms):
+            s.budget_ms = b
     if evaluate is not None:
         def search_again(budget_ms):  # the same strategy at another budget (re-ranking's second look)
             return S.run_strategy(strategy, problem, [budget_ms], seed=cfg.seed,
@@ -265,7 +270,8 @@ def run(cfg, registry, console=None):
         students = [stage.make(r.model_dump(), out / "students" / f"budget-{r.budget:g}") for r in met]
     with clock("evaluate"):
         measured = stage.measure(students)  # as saved: what ships is what is timed
-        students = stage.hold_budgets(students)
+        students = stage.hold_budgets(students, search=lambda c, o, **kw: search(c, registry, o, console=console, **kw),
+                                      configs={stage.size: search_cfg, **sized_cfgs})  # a fallback's second look
         measured.update({m.name: m.after.latency_ms for m in students})
         # what the table at the teacher's size predicted (a fallback's prediction is not recorded)
         at_own_size = [m for m in students if m.size == stage.size and m.plan.get("latency_ms") is not None]

@@ -97,7 +97,8 @@ def test_bespoke_build_builds_the_house_bespoke_run_builds_from_the_same_configu
 
 def test_a_student_over_budget_as_saved_is_replaced_by_the_next_finalist_in_the_report(tmp_path, monkeypatch):
     """The whole run on the tiny preset, with the first saved student judged over its budget:
-    the next finalist is made, timed and reported (no prediction of its own)."""
+    the next finalist, within search.fallback_max_drop (3 points) of the pick on the pick's own
+    images, is made, timed and reported (no prediction of its own) without a second search."""
     from bespoke import pipeline
     from bespoke.config import load_config
     from bespoke.plugins import get_registry
@@ -105,16 +106,78 @@ def test_a_student_over_budget_as_saved_is_replaced_by_the_next_finalist_in_the_
 
     verdicts = iter([True])
     monkeypatch.setattr(stage, "over_budget", lambda *a, **k: next(verdicts, False))
+    monkeypatch.setattr(stage.Students, "agreement_at_pick", lambda self, plan: 0.80)
+    real = stage.finalists
+    monkeypatch.setattr(stage, "finalists", lambda plan: [f if i == 0 else {**f, "fidelity": 0.79}
+                                                          for i, f in enumerate(real(plan))])
     cfg = load_config(None, {"preset": "tiny", "out": str(tmp_path / "out"), "budgets": [0.95],
                              "search": {"rerank_top_k": 3}})
     report = pipeline.run(cfg, get_registry())
     (s,) = report.students
+    budget = tmp_path / "out" / "students" / "budget-0.95"
+    assert not (budget / "search-tighter.json").exists()  # 1 point below the pick: no second look
     if s.fallback is None:  # the pick had no other finalist within the budget: flagged instead
         assert s.over_budget and report.unmet_budgets[-1]["reason"] == "the saved student measures over it"
     else:
         assert s.fallback == 1 and not s.over_budget and s.latency_ms_predicted is None
         assert "fallback-1" in s.student_dir and not report.unmet_budgets
+        detail = json.loads((budget / "fallback.json").read_text())
+        assert detail["kept"] == "finalist 1" and "outcome" not in detail
+        assert detail["agreement_pick"] == 0.80 and detail["agreement_fallback"] == 0.79
     assert json.loads((tmp_path / "out" / "report.json").read_text())["students"][0]["fallback"] == s.fallback
+
+
+def test_a_fallback_much_worse_than_the_pick_searches_again_at_a_tighter_budget_first(tmp_path, monkeypatch):
+    """Issue 35: at budget 0.5 an at-scale run saved a fallback finalist at 57.75 % agreement in
+    place of a pick at 78.5 %. Here the tiny run's pick measures 1.3x its budget as saved and its
+    next finalist agrees far less on the pick's images: the budget is searched again at 1/1.3 of
+    it, that search's best is better than the finalist, is made, stays within the budget and is
+    kept; the plan, fallback.json and one console line say so."""
+    import io
+
+    from rich.console import Console
+
+    from bespoke import pipeline
+    from bespoke.config import load_config
+    from bespoke.plugins import get_registry
+    from bespoke.stages import students as stage
+
+    real_finalists, real_time = stage.finalists, stage.Students.time_students
+
+    def finalists(plan):  # the next finalist agrees with the teacher on nothing
+        found = real_finalists(plan)
+        return [found[0], *({**f, "fidelity": -1.0} for f in (found[1:] or found[:1]))]
+
+    timed = []
+
+    def time_students(self, made):  # the pick, as saved, measures 1.3x its budget; the rest within
+        ms = real_time(self, made)
+        timed.append([m.plan.get("fallback_detail") for m in made])
+        for m in made:
+            first = len(timed) == 1
+            m.latency_ratio = m.budget_ratio * 1.3 if first else min(m.latency_ratio, m.budget_ratio)
+            m.over_budget = first
+        return ms
+
+    monkeypatch.setattr(stage, "finalists", finalists)
+    monkeypatch.setattr(stage.Students, "time_students", time_students)
+    cfg = load_config(None, {"preset": "tiny", "out": str(tmp_path / "out"), "budgets": [0.9],
+                             "search": {"rerank_top_k": 3}})
+    log = io.StringIO()
+    report = pipeline.run(cfg, get_registry(), console=Console(file=log, width=80, color_system=None))
+    (s,) = report.students
+    budget = tmp_path / "out" / "students" / "budget-0.9"
+    assert (budget / "search-tighter.json").is_file()
+    detail = json.loads((budget / "fallback.json").read_text())
+    assert detail["kept"] == "search" and detail["outcome"] == "kept its best", detail
+    assert detail["tightened_by"] == pytest.approx(1.3) and detail["agreement_fallback"] == -1.0
+    assert detail["agreement_search"] > detail["agreement_fallback"] and detail["agreement_drop"] > 0.03
+    assert detail["tightened_budget_ms"] == pytest.approx(s.budget_ms / 1.3)
+    assert timed[1] == [detail]  # the second look's student was made and timed with its record
+    assert "search-tighter" in s.student_dir and s.fallback is None and not s.over_budget
+    assert not any(f"fallback-{k}" in s.student_dir for k in (1, 2))
+    line = next(x for x in log.getvalue().splitlines() if "searched at" in x)
+    assert line.startswith("student-0.9: fallback -") and line.endswith(": kept its best") and len(line) <= 80
 
 
 def _board_table(measured: dict, name: str, cheap: str) -> dict:

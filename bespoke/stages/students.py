@@ -21,6 +21,7 @@ from bespoke.distill import source_for
 from bespoke.errors import UsageError
 from bespoke.evaluate import evaluate, measure_ratios, over_budget
 from bespoke.export import export_model
+from bespoke.files import atomic_write_text
 from bespoke.finetune import finetune_student, iter_batches
 from bespoke.models import load_model
 from bespoke.partition import Partition
@@ -89,6 +90,7 @@ class Students:
         self.loss = registry.distill_loss(cfg.plugins.distill_loss, cfg.plugin_options.get(cfg.plugins.distill_loss))
         self.teacher_metrics, self.teacher_pred = evaluate(self.teacher, t.name, self.split.val, self.shape)
         self._at = {}
+        self._size_ratios = {}  # the teacher at other sizes over itself at its own, as the pick timed it
         self._pick_cache, self._pick_teacher, self._last_finalist = DecodedBatches(), None, (None, None)  # the final pick's
 
     def at(self, size=None):
@@ -239,6 +241,7 @@ class Students:
                 raise UsageError(f"the latency estimator {self.cfg.plugins.latency!r} cannot measure the teacher at "
                                  f"{s} px; search.input_sizes needs one that measures whole models")
             out[s] = ratios[f"{s}px"]
+        self._size_ratios.update(out)
         return out
 
     def _estimators(self):
@@ -334,21 +337,40 @@ class Students:
                 m.latency_ratio, m.latency_interval, m.budget_ratio, self.cfg.search.budget_tolerance)
         return {m.name: ms[m.name] for m in made}
 
-    def hold_budgets(self, made):
+    def hold_budgets(self, made, search=None, configs=None):
         """Each saved student within its budget as timed by :meth:`time_students`, or the next of
         its budget's finalists (:func:`bespoke.stages.pick.finalists`) that is, made in turn (up
-        to ``search.pick_fallbacks``); when none is, the first student, flagged over budget."""
+        to ``search.pick_fallbacks``); when none is, the first student, flagged over budget.
+
+        A finalist that agreed with the teacher on the pick's own images more than
+        ``search.fallback_max_drop`` less than the pick did is not taken at once when ``search``
+        is given (:func:`bespoke.pipeline.search` bound to the run, ``configs`` its search
+        configuration by input size): the budget is searched again first, tighter
+        (:meth:`search_tighter`), and that search's student is kept when it agrees better than the
+        finalist and stays within the budget once saved. The plan of a student kept in place of
+        the pick says why (``fallback_detail``), and so does ``fallback.json`` beside it."""
         kept = []
         for m in made:
+            first = m
             if m.over_budget and self.cfg.search.pick_fallbacks:
+                searched = None if search is not None and configs else {}  # the second look, once
                 for k, alt in enumerate(finalists(m.plan)[1:1 + self.cfg.search.pick_fallbacks], start=1):
+                    detail = self.fallback_detail(m, alt)
+                    drop = detail.get("agreement_drop")
+                    if searched is None and drop is not None and drop > self.cfg.search.fallback_max_drop:
+                        searched, other = self.search_tighter(m, alt, detail, search, configs)
+                        if other is not None:
+                            m = other
+                            break
+                    detail.update(searched or {})
                     self.console.print(f"{m.name}: measures {m.latency_ratio:.3f} of the teacher as saved, over "
                                        f"its budget {m.budget_ratio:.3f}; trying the next finalist "
                                        f"({len(alt['choices'])} replaced"
                                        + (f" at {alt['input_size']} px" if alt["input_size"] else "") + ")",
                                        highlight=False)
                     plan = {**m.plan, "choices": alt["choices"], "input_size": alt["input_size"], "latency_ms": None,
-                            "ratio_at_pick": alt.get("measured_ratio"), "fallback": k}
+                            "ratio_at_pick": alt.get("measured_ratio"), "fallback": k,
+                            "fallback_detail": {**detail, "kept": f"finalist {k}"}}
                     other = self.make(plan, m.workdir / f"fallback-{k}")
                     self.time_students([other])
                     if not other.over_budget:
@@ -359,8 +381,87 @@ class Students:
                                    f"teacher as saved, over its budget {m.budget_ratio:.3f} (listed in "
                                    "unmet_budgets); give a larger budget, or build cheaper alternatives",
                                    highlight=False)
+            elif m is not first:
+                atomic_write_text(first.workdir / "fallback.json", json.dumps(m.plan["fallback_detail"], indent=2))
             kept.append(m)
         return kept
+
+    def agreement_at_pick(self, plan):
+        """The agreement with the teacher (its fidelity) that the pick measured on its own images
+        for the student ``plan`` kept: its row of the pick over input sizes, else of re-ranking;
+        None when it measured none for it."""
+        meta = plan.get("meta") or {}
+        size = plan.get("input_size") or self.size
+        alts = [c["alternative"] for c in plain(plan.get("choices", []))]
+
+        def same(row):
+            return [c["alternative"] for c in plain(row.get("choices") or [])] == alts
+
+        rows = meta.get("input_sizes")
+        if rows is not None:
+            return next((r.get("fidelity") for r in rows if r.get("input_size") == size and same(r)), None)
+        table = meta.get("reranked") or []
+        row = table[meta.get("picked", 0)] if table else {}
+        return row.get("fidelity") if row and same(row) else None
+
+    def fallback_detail(self, m, alt):
+        """Why student ``m`` falls back to finalist ``alt``, and how the two compare on the pick's
+        own images: the record a fallback's plan keeps (``fallback_detail``)."""
+        pick, other = self.agreement_at_pick(m.plan), alt.get("fidelity")
+        return {"reason": f"the saved student measured {m.latency_ratio:.3f} of the teacher, over its budget "
+                          f"{m.budget_ratio:.3f}",
+                "agreement_pick": pick, "agreement_fallback": other,
+                "agreement_drop": pick - other if pick is not None and other is not None else None,
+                "max_drop": self.cfg.search.fallback_max_drop}
+
+    def search_tighter(self, m, alt, detail, search, configs):
+        """The second look of :meth:`hold_budgets` for student ``m``, over its budget as saved, whose
+        finalist ``alt`` agrees much less than it: the same strategy at ``m``'s input size searches
+        at the budget divided by how much ``m`` measured over it (at least
+        ``1 + search.budget_tolerance``), its candidates re-ranked against the budget as given
+        (``search(cfg, output, evaluate=..., tighten=...)``; the report lands in
+        ``search-tighter.json`` beside the student). When its best within the budget agrees with
+        the teacher better than ``alt`` (on the images ``alt`` was scored on), it is made, saved
+        and timed. Returns (what the look found, for the record; the student when it stays within
+        the budget, else None), and says it in one line."""
+        factor = max(m.latency_ratio / m.budget_ratio, 1 + self.cfg.search.budget_tolerance)
+        info = {"tightened_by": factor}
+        size, scfg = m.size, configs.get(m.size)
+        if scfg is None or (size != self.size and size not in self._size_ratios):
+            return self._looked(m, detail, info, "no search there", f"no search at {size} px to repeat"), None
+        kw = {} if size == self.size else {"size": size, "size_ratio": self._size_ratios[size]}
+        output = m.workdir / "search-tighter.json"
+        report = search(scfg.model_copy(update={"budgets": [m.plan["budget"]]}), output,
+                        evaluate=lambda c: self.fidelity(c, size), tighten=factor, **kw)
+        (result,) = report.results
+        rows = result.meta.get("reranked") or []
+        row = rows[result.meta.get("picked", 0)] if rows else {}
+        info.update(tightened_budget_ms=result.budget_ms / factor, search_report=str(output))
+        chosen = [c["alternative"] for c in plain(result.choices)]
+        if not row.get("within_budget"):
+            return self._looked(m, detail, info, "none within budget", "it found no student within the budget"), None
+        if chosen == [c["alternative"] for c in plain(m.plan.get("choices", []))]:
+            return self._looked(m, detail, info, "found the pick", "it found the pick again"), None
+        refined = self.cfg.search.pick_train_images and (m.plan.get("meta") or {}).get("input_sizes") is not None
+        info["agreement_search"] = agreement = (self.pick_fidelity(result.choices, size) if refined
+                                                else row.get("fidelity"))
+        if alt.get("fidelity") is not None and agreement <= alt["fidelity"]:
+            return self._looked(m, detail, info, "finalist better", "its best agreed no better than the finalist"), None
+        plan = {**result.model_dump(), "fallback": None,
+                "fallback_detail": {**detail, **info, "outcome": "kept its best", "kept": "search"}}
+        other = self.make(plan, m.workdir / "search-tighter")
+        self.time_students([other])
+        if other.over_budget:
+            return self._looked(m, detail, info, "its best too slow", "its best measured over the budget as saved"), None
+        self._looked(m, detail, info, "kept its best", "kept its best")
+        return info, other
+
+    def _looked(self, m, detail, info, short, outcome):
+        """Record the second look's ``outcome`` in ``info`` and say it in one line (80 columns)."""
+        info["outcome"] = outcome
+        self.console.print(f"{m.name}: fallback -{100 * detail['agreement_drop']:.1f} pts vs pick; searched at "
+                           f"{m.budget_ratio / info['tightened_by']:.3f}x: {short}", highlight=False)
+        return info
 
     def score(self, made, scoring):
         """The teacher and each saved student (reloaded from its directory, as it ships) on the
