@@ -186,22 +186,19 @@ def test_finalists_are_the_pick_then_the_others_within_budget_best_first():
     assert ratio_at_pick(_plan()) == 0.79
 
 
-def test_a_student_over_budget_as_saved_falls_back_to_the_next_finalist_that_fits():
+def _holding(cfg, measured, made):
+    """A bare students stage whose make and time_students only record and look up ``measured``."""
     import types
 
-    from bespoke.config import RunConfig
     from bespoke.stages.students import Made, Students
 
     stage = Students.__new__(Students)
-    stage.cfg = RunConfig.model_validate({"search": {"pick_fallbacks": 2}})
-    stage.console = types.SimpleNamespace(print=lambda *a, **k: None)
-    measured = {"a1": 0.86, "c1": 0.84, "b1": 0.76}  # as saved; the budget is 0.8
-    made = []
+    stage.cfg, stage.size, stage._size_ratios = cfg, 64, {}
+    stage.console = types.SimpleNamespace(print=lambda *a, **k: made.append(("said", a[0])))
 
     def make(plan, workdir):
-        m = Made(name="student-0.8", plan=plan, workdir=workdir, after=types.SimpleNamespace(latency_ms=None))
         made.append(plan["choices"][0]["alternative"])
-        return m
+        return Made(name="student-0.8", plan=plan, workdir=workdir, size=64, after=types.SimpleNamespace(latency_ms=None))
 
     def time_students(ms):
         for m in ms:
@@ -211,18 +208,79 @@ def test_a_student_over_budget_as_saved_falls_back_to_the_next_finalist_that_fit
             m.over_budget = over_budget(m.latency_ratio, m.latency_interval, 0.8, 0.02)
 
     stage.make, stage.time_students = make, time_students
-    first = make(_plan(), tmp := __import__("pathlib").Path("/nonexistent"))
-    time_students([first])
-    (kept,) = stage.hold_budgets([first])
-    assert made == ["a1", "c1", "b1"] and not kept.over_budget
+    return stage
+
+
+def test_a_student_over_budget_as_saved_falls_back_to_the_next_finalist_that_fits(tmp_path):
+    import json
+
+    from bespoke.config import RunConfig
+
+    measured = {"a1": 0.86, "c1": 0.84, "b1": 0.76}  # as saved; the budget is 0.8
+    made = []
+    stage = _holding(RunConfig.model_validate({"search": {"pick_fallbacks": 2}}), measured, made)
+    first = stage.make(_plan(), tmp_path)
+    stage.time_students([first])
+    (kept,) = stage.hold_budgets([first])  # no search to look again with: the finalists, as before
+    assert [x for x in made if isinstance(x, str)] == ["a1", "c1", "b1"] and not kept.over_budget
     assert kept.plan["fallback"] == 2 and kept.plan["ratio_at_pick"] == 0.75
+    detail = kept.plan["fallback_detail"]
+    assert detail["agreement_pick"] == 0.9 and detail["agreement_fallback"] == 0.85 and detail["kept"] == "finalist 2"
+    assert json.loads((tmp_path / "fallback.json").read_text()) == detail
 
     stage.cfg = RunConfig.model_validate({"search": {"pick_fallbacks": 1}})  # c1 is over too: flagged
     made.clear()
-    first = make(_plan(), tmp)
-    time_students([first])
+    first = stage.make(_plan(), tmp_path)
+    stage.time_students([first])
     (kept,) = stage.hold_budgets([first])
-    assert made == ["a1", "c1"] and kept.over_budget and kept.plan["choices"][0]["alternative"] == "a1"
+    assert [x for x in made if isinstance(x, str)] == ["a1", "c1"] and kept.over_budget
+    assert kept.plan["choices"][0]["alternative"] == "a1"
+
+
+@pytest.mark.parametrize("found, kept_alt, outcome", [
+    ((0.87, True, 0.79), "d1", "kept its best"),  # better than b1 (0.85), within the budget as saved
+    ((0.80, True, 0.79), "b1", "its best agreed no better than the finalist"),
+    ((0.87, False, 0.79), "b1", "it found no student within the budget"),
+    ((0.87, True, 0.83), "b1", "its best measured over the budget as saved"),
+])
+def test_a_finalist_much_worse_than_the_pick_is_taken_only_after_a_tighter_search(tmp_path, found, kept_alt, outcome):
+    """The pick a1 agreed 0.90 on its images; c1 (0.88, 2 points below) is made at once and is over
+    too; b1 (0.85, 5 points below: more than search.fallback_max_drop) waits for a second search at
+    the budget over 0.86 / 0.8 of it, whose best (d1) is kept only when it agrees better than b1
+    and stays within the budget as saved."""
+    import json
+    import types
+
+    from bespoke.config import RunConfig
+    from bespoke.search_report import BudgetResult, ChoiceRecord
+
+    fidelity, within, ratio = found
+    measured = {"a1": 0.86, "c1": 0.84, "b1": 0.76, "d1": ratio}
+    made, asked = [], []
+    cfg = RunConfig.model_validate({"search": {"pick_fallbacks": 2}})
+    stage = _holding(cfg, measured, made)
+
+    def search(scfg, output, *, evaluate, tighten):
+        asked.append((scfg.budgets, output.name, tighten))
+        row = {"chosen": [0], "choices": [{"segment": "1-3", "start": 1, "end": 3, "alternative": "d1"}],
+               "fidelity": fidelity, "within_budget": within, "measured_ratio": 0.7}
+        return types.SimpleNamespace(results=[BudgetResult(
+            budget=0.8, budget_ms=8.0, feasible=True, latency_ms=6.0, loss=0.1, score=1.0, speedup=1.3,
+            choices=[ChoiceRecord(segment="1-3", start=1, end=3, alternative="d1", saving_ms=2.0, loss=0.1)],
+            meta={"reranked": [row], "picked": 0})])
+
+    first = stage.make(_plan(), tmp_path)
+    stage.time_students([first])
+    (kept,) = stage.hold_budgets([first], search=search, configs={64: cfg})
+    assert asked == [([0.8], "search-tighter.json", pytest.approx(0.86 / 0.8))]  # once, for b1 only
+    assert kept.plan["choices"][0]["alternative"] == kept_alt and not kept.over_budget
+    detail = json.loads((tmp_path / "fallback.json").read_text())
+    assert detail["outcome"] == outcome and detail["tightened_budget_ms"] == pytest.approx(8.0 / (0.86 / 0.8))
+    assert detail["kept"] == ("search" if kept_alt == "d1" else "finalist 2")
+    assert kept.plan["fallback"] == (None if kept_alt == "d1" else 2)
+    said = [x[1] for x in made if isinstance(x, tuple) and "searched at" in x[1]]
+    assert len(said) == 1 and said[0].startswith("student-0.8: fallback -5.0 pts vs pick; searched at 0.744x: ")
+    assert len(said[0]) <= 80
 
 
 def test_two_modules_with_one_architecture_are_both_timed():

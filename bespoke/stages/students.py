@@ -391,7 +391,7 @@ class Students:
         for the student ``plan`` kept: its row of the pick over input sizes, else of re-ranking;
         None when it measured none for it."""
         meta = plan.get("meta") or {}
-        size = plan.get("input_size") or self.size
+        size = plan.get("input_size")  # None: the teacher's own, read as ratio_at_pick reads it
         alts = [c["alternative"] for c in plain(plan.get("choices", []))]
 
         def same(row):
@@ -399,7 +399,7 @@ class Students:
 
         rows = meta.get("input_sizes")
         if rows is not None:
-            return next((r.get("fidelity") for r in rows if r.get("input_size") == size and same(r)), None)
+            return next((r.get("fidelity") for r in rows if size in (None, r.get("input_size")) and same(r)), None)
         table = meta.get("reranked") or []
         row = table[meta.get("picked", 0)] if table else {}
         return row.get("fidelity") if row and same(row) else None
