@@ -28,6 +28,9 @@ console = make_console()
 err_console = make_console(stderr=True)
 
 TEACHER_HELP = "timm model name, package.module:attribute, or a checkpoint path (the config key teacher)"
+TEACHER_WEIGHTS_HELP = ("the teacher's own weights: a local .safetensors or .pth state dict, e.g. your model fine-tuned "
+                        "on your classes (its classifier's size is read from it), or 'packaged' (the config key "
+                        "teacher_weights; default: the best real weights available)")
 CONFIG_HELP = "YAML/TOML run configuration"
 PluginOpt = typer.Option(None, "--plugin", "-p", help="Use this plugin (repeatable); its category says what it replaces. See `bespoke plugins`.")
 
@@ -128,7 +131,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Show the cut points of MODEL: where it splits into single-input/single-output segments."""
-    from bespoke.partition import inspect_model
+    from bespoke.models import inspect_model
 
     info = inspect_model(model, input_size)
     if as_json:
@@ -150,6 +153,7 @@ def build(
     class_list: Optional[str] = typer.Option(None, "--class-list", help=CLASS_LIST_HELP),
     data_balance: Optional[str] = typer.Option(None, "--data-balance", help=BALANCE_HELP),
     teacher: Optional[str] = typer.Option(None, "--teacher", help=TEACHER_HELP),
+    teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights", help=TEACHER_WEIGHTS_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP + "; applied as `bespoke run` applies it"),
     plugin: Optional[List[str]] = PluginOpt,
 ) -> None:
@@ -157,7 +161,8 @@ def build(
     from bespoke import pipeline
 
     cfg, reg = _config(config, plugin, data=_roots(data), val_data=_roots(val_data), class_list=class_list,
-                       data_balance=data_balance, teacher=teacher, preset=preset, house=str(out) if out else None)
+                       data_balance=data_balance, teacher=teacher, teacher_weights=teacher_weights, preset=preset,
+                       house=str(out) if out else None)
     pipeline.build(cfg, reg, console=console)
 
 
@@ -235,6 +240,7 @@ def run(
     class_list: Optional[str] = typer.Option(None, "--class-list", help=CLASS_LIST_HELP),
     data_balance: Optional[str] = typer.Option(None, "--data-balance", help=BALANCE_HELP),
     teacher: Optional[str] = typer.Option(None, "--teacher", help=TEACHER_HELP),
+    teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights", help=TEACHER_WEIGHTS_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed of every stage (the config key seed)"),
     input_sizes: Optional[str] = typer.Option(None, "--input-sizes",
@@ -245,7 +251,8 @@ def run(
 
     cfg, reg = _config(config, plugin, budgets=_parse_budgets(budget), out=str(out) if out else None,
                        data=_roots(data), val_data=_roots(val_data), score_data=_roots(score_data),
-                       class_list=class_list, data_balance=data_balance, teacher=teacher, preset=preset, seed=seed,
+                       class_list=class_list, data_balance=data_balance, teacher=teacher,
+                       teacher_weights=teacher_weights, preset=preset, seed=seed,
                        **{"search.input_sizes": _parse_sizes(input_sizes)})
     pipeline.run(cfg, reg, console=console)
 

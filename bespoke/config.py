@@ -30,6 +30,7 @@ class BuildConfig(Strict):
     tiles: int = Field(0, ge=0, description="also cut the network into this many consecutive segments, so one non-overlapping set covers all of it (0: sampling only)")
     whole_sources: list[str] = Field(default_factory=list, description="also the whole network as one segment (image to logits), for these block sources only (e.g. [timm-donors]: each donor whole, its classes the teacher's, distilled from the teacher's logits like any alternative); a student may then be a donor distilled from the teacher, which the search weighs against the assembled ones. Empty: no whole-network segment (build.tiles 1 gives one for every source)")
     enumerate_max_len: int | None = Field(None, ge=1, description="instead of sampling, take every segment up to this many cut points")
+    stitch_sources: list[str] = Field(default_factory=list, description="stitched stages: at each point where the teacher's stages meet (for each stride but the last, the cut point with the smallest activation: Partition.stitch_points), the network before it and the network after it become two more segments, offered to these block sources only (e.g. [timm-donors]: a donor's early stages then the teacher's later ones, or the teacher's early stages then a donor's later ones, joined by one adapter fitted in closed form and then distilled). They fill the space between the donors; the search takes them like any alternative. Empty: none")
     modules: bool = Field(False, description="also one segment per block and stage of the network (every submodule mapping a cut point to a cut point, up to max_fraction of the network): where skip, pruning and same-family donors fit best")
     epochs: int = Field(1, ge=0, description="passes over the training images distilling the alternatives (0: none; every alternative stays as its block source fitted it, in closed form, and is only profiled)")
     few_images: int = Field(300, ge=0, description="with fewer training images than this, a run switches to the few-image recipe wherever the configuration leaves the keys unset: no block distillation by SGD (build.epochs 0; the block sources' closed-form fits on build.calibration_images augmented views of the images), no fine-tuning and no BatchNorm recalibration (finetune.epochs, steps, bn_recalibration_batches 0). SGD on a few images overfits and destroys the student (issue 23). 0: never")
@@ -52,9 +53,10 @@ class BuildConfig(Strict):
 
     @model_validator(mode="after")
     def _some_segments(self) -> "BuildConfig":
-        if not (self.segments or self.tiles or self.modules or self.enumerate_max_len or self.whole_sources):
+        if not (self.segments or self.tiles or self.modules or self.enumerate_max_len or self.whole_sources
+                or self.stitch_sources):
             raise ValueError("no segments would be made: set build.segments, build.tiles, build.modules, "
-                             "build.whole_sources or build.enumerate_max_len")
+                             "build.whole_sources, build.stitch_sources or build.enumerate_max_len")
         return self
 
 
@@ -90,6 +92,7 @@ class SearchConfig(Strict):
     budget_tolerance: float = Field(0.02, ge=0, lt=1, description="after saving, each student is timed again as saved, beside the teacher; it is over its budget when it measures more than this relative margin above it, or when it measures above it and so does its whole 95 % interval (the measured noise). An over-budget student is flagged in the table and listed in report.json's unmet_budgets")
     usable_agreement: float = Field(0.6, ge=0, le=1, description="a student whose agreement with the teacher on the held-out images is surely below this (its whole 95 % interval) is marked unusable in the table and report.json (usable: false), one whose interval straddles it unproven (usable: null)")
     check_repeats: int = Field(3, ge=1, description="after saving, each student is timed beside the teacher in this many separate calls and judged by the median ratio (bespoke.evaluate.measure_ratios, repeats): two single calls can put the same student 5-9 % apart on a busy CPU, so one call cannot check a budget to a few per cent. The pick's pick_remeasure times its finalists the same way (1 + pick_remeasure calls)")
+    zoo: bool = Field(True, description="in `bespoke run`, the networks the run already holds compete in the final pick of every budget, as they are: each donor (its own weights, input size and preprocessing; offered only when its outputs are the teacher's classes) and the teacher at each searched input size, timed as shipped and judged on the selection images like the mixed students; the answer is the best within the budget, so it is never worse on those images than a donor that fits, and the best mixed student is saved and reported beside it. Needs held-out images (rerank)")
     pick_fallbacks: int = Field(2, ge=0, description="when a saved student measures over its budget, make (fine-tune, save, time) up to this many of the budget's other finalists that the pick measured within it, best held-out agreement first, and keep the first that stays within; 0: keep the over-budget student and only flag it")
     fallback_max_drop: float = Field(0.03, ge=0, le=1, description="when the finalist that would replace a saved student over its budget (search.pick_fallbacks) agreed with the teacher on the pick's own images more than this much less than the pick did (0.03: 3 points), first search again with the same strategy at the budget divided by how much the student measured over it (the candidates re-ranked against the budget as given), and keep that search's best student within the budget when it agrees better than the finalist and stays within the budget once saved; else fall back to the finalist. The student's plan records what happened (fallback_detail; also OUT/students/budget-B/fallback.json). 1: always take the finalist")
     input_sizes: list[int] = Field(default_factory=list, description="in `bespoke run`, also search students that run at these input resolutions (px, square): each size gets its own latency table and search, budgets stay ratios of the teacher at its own size, and re-ranking picks per budget the best candidate over all sizes (fine-tuned against the teacher at its own size). Needs rerank and held-out images; empty: the teacher's size only")
@@ -287,6 +290,7 @@ def check_plugin_selection(cfg: RunConfig, registry: Any) -> None:
     registry.get(sel.latency, "latency")
     registry.get(sel.search, "search")
     whole_sources(cfg)
+    stitch_sources(cfg)
     for name, opts in cfg.plugin_options.items():
         rec = registry.get(name)
         if rec.options_model is not None:
@@ -296,13 +300,23 @@ def check_plugin_selection(cfg: RunConfig, registry: Any) -> None:
 def whole_sources(cfg: RunConfig) -> set[str] | None:
     """The block sources that may propose for the whole-network segment (None: every source,
     as for any segment), checked against the run's block sources."""
-    wanted = list(cfg.build.whole_sources)
+    return _named_sources(cfg, "whole_sources")
+
+
+def stitch_sources(cfg: RunConfig) -> set[str] | None:
+    """The block sources that propose for the stitched segments (``build.stitch_sources``; None:
+    no stitched segments), checked against the run's block sources."""
+    return _named_sources(cfg, "stitch_sources")
+
+
+def _named_sources(cfg: RunConfig, key: str) -> set[str] | None:
+    wanted = list(getattr(cfg.build, key))
     if not wanted:
         return None
     known = list(cfg.plugins.block_sources)
     unknown = [n for n in wanted if n not in known]
     if unknown:
-        raise UsageError(f"build.whole_sources names {', '.join(map(repr, unknown))}, not among this run's "
+        raise UsageError(f"build.{key} names {', '.join(map(repr, unknown))}, not among this run's "
                          f"block sources ({', '.join(known) or 'none'}); name some of those, or add it to "
                          "plugins.block_sources")
     return set(wanted)

@@ -49,6 +49,7 @@ class TeacherInfo(BaseModel):
     flops: int = 0
     num_cut_points: int = 0
     val_top1: float | None = None  # on the held-out images, when labelled
+    num_classes: int | None = None  # its classifier's classes, when not its architecture's default (fine-tuned)
 
 
 class SegmentRecord(SegmentInfo):
@@ -410,11 +411,13 @@ def stable_seed(seed: int, key: str) -> int:
 
 def populate(house: House, partition: Any, ctx: Any, sources: dict[str, Any],
              segments: list[SegmentInfo], *, seed: int = 0,
-             warn: Any = None, whole_sources: set[str] | None = None) -> list[AlternativeRecord]:
+             warn: Any = None, whole_sources: set[str] | None = None,
+             offered: dict[str, set[str]] | None = None) -> list[AlternativeRecord]:
     """Ask every source for alternatives of every segment; create them; store them as pending.
 
     ``whole_sources``: when given, only these sources are asked for the whole-network segment
-    (first cut point to last: image to logits; ``build.whole_sources``).
+    (first cut point to last: image to logits; ``build.whole_sources``). ``offered``: segment id
+    -> the only sources asked for that segment (the stitched segments, ``build.stitch_sources``).
 
     Creation resumes: each (segment, source) pair is recorded in ``manifest.proposed`` once all
     its alternatives are stored, so a rerun skips it. Each pair is seeded on its own. Returns the
@@ -441,7 +444,8 @@ def populate(house: House, partition: Any, ctx: Any, sources: dict[str, Any],
         whole = partition.is_whole(seg)
         for name, source in sources.items():
             key = f"{seg.id}/{name}"
-            if key in done or (whole and whole_sources is not None and name not in whole_sources):
+            if key in done or (whole and whole_sources is not None and name not in whole_sources) \
+                    or (offered and seg.id in offered and name not in offered[seg.id]):
                 continue
             torch.manual_seed(stable_seed(seed, key))
             try:

@@ -46,7 +46,7 @@ def _load_callable(ref: str) -> nn.Module:
     return model
 
 
-def _timm_create(name: str, pretrained: bool) -> nn.Module:
+def _timm_create(name: str, pretrained: bool, num_classes: int | None = None) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
@@ -54,7 +54,7 @@ def _timm_create(name: str, pretrained: bool) -> nn.Module:
         hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models()."
         raise UsageError(f"timm does not know a model named {name!r}.{hint}")
     try:
-        return timm.create_model(name, pretrained=pretrained)
+        return timm.create_model(name, pretrained=pretrained, **({"num_classes": num_classes} if num_classes else {}))
     except Exception as exc:
         if pretrained:
             raise UsageError(
@@ -112,15 +112,35 @@ def load_positional(model: nn.Module, state: dict[str, torch.Tensor], source: st
     model.load_state_dict(mapped, strict=True)
 
 
-def load_model(ref: str, weights: str | None = "auto") -> nn.Module:
-    """Build the model ``ref`` (see module docstring) in eval mode."""
+def num_classes(model: nn.Module) -> int | None:
+    """How many classes a timm model's classifier gives (None when it is not a timm model)."""
+    n = getattr(model, "num_classes", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def _checkpoint_classes(model: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """The number of classes of the classifier in ``state`` (by the model's timm classifier
+    name), when it is not the model's: a network fine-tuned on its own classes."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    key = cfg.get("classifier") if isinstance(cfg, dict) else None
+    weight = state.get(f"{key}.weight") if isinstance(key, str) else None
+    if weight is None or weight.ndim != 2 or weight.shape[0] == num_classes(model):
+        return None
+    return int(weight.shape[0])
+
+
+def load_model(ref: str, weights: str | None = "auto", classes: int | None = None) -> nn.Module:
+    """Build the model ``ref`` (see module docstring) in eval mode. A local checkpoint whose
+    classifier has other classes than timm's default (a network fine-tuned on its own task) gets
+    a classifier of that many classes; ``classes`` asks for that many with ``weights=None``
+    (what a saved student of such a teacher records)."""
     if _is_callable_ref(ref):
         model = _load_callable(ref)
         if weights not in (None, "auto", "hub", "packaged"):
             model.load_state_dict(load_state_dict_file(weights), strict=True)
         return model.eval()
     if weights is None:
-        return _timm_create(ref, pretrained=False).eval()
+        return _timm_create(ref, pretrained=False, num_classes=classes).eval()
     if weights in ("auto", "packaged"):
         path = packaged_weights_path(ref)
         if path is not None:
@@ -136,6 +156,9 @@ def load_model(ref: str, weights: str | None = "auto") -> nn.Module:
         return _timm_create(ref, pretrained=True).eval()
     model = _timm_create(ref, pretrained=False)
     sd = load_state_dict_file(weights)
+    own = _checkpoint_classes(model, sd)
+    if own is not None:  # fine-tuned on its own classes
+        model = _timm_create(ref, pretrained=False, num_classes=own)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError:
@@ -158,3 +181,18 @@ def data_config(model: nn.Module, input_size: int | None = None) -> dict[str, An
     if input_size:
         cfg["input_size"] = (3, input_size, input_size)
     return cfg
+
+
+def inspect_model(ref: str, input_size: int | None = None) -> dict:
+    """Partition the model ``ref`` (architecture only, random weights) and describe its cut
+    points; what ``bespoke inspect`` prints."""
+    from bespoke.partition import Partition, _native_size
+
+    model = load_model(ref, weights=None)
+    native = _native_size(model)
+    size = int(input_size) if input_size else (native[-1] if native else default_input_size(model))
+    if size <= 0:
+        raise UsageError(f"--input-size {size} must be positive")
+    chans = int(native[0]) if native else 3
+    part = Partition.from_model(model, (1, chans, size, size), name=ref)
+    return part.inspect()

@@ -45,7 +45,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from bespoke.errors import UsageError
 from bespoke.types import SegmentInfo
 
-__all__ = ["CutPoint", "Partition", "inspect_model", "trace"]
+__all__ = ["CutPoint", "Partition", "trace"]
 
 _COMPUTE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                     nn.ConvTranspose3d, nn.Linear, nn.Bilinear)
@@ -427,6 +427,22 @@ class Partition:
         """The whole network as one segment: the first cut point (the input) to the last."""
         return self.segment(0, len(self.cut_points) - 1)
 
+    def stitch_points(self) -> list[int]:
+        """Where the stages meet: per stride but the last, the cut point of the smallest activation
+        at that stride (a block's output, not an expanded one inside a block; the last on a tie)."""
+        last = len(self.cut_points) - 1
+        by_stride: dict[int, list[int]] = {}
+        for k in range(1, last):
+            by_stride.setdefault(self.cut_points[k].stride, []).append(k)
+        size = lambda k: math.prod(self.cut_points[k].shape[1:])  # noqa: E731
+        return [max(ks, key=lambda k: (-size(k), k)) for _, ks in sorted(by_stride.items())[:-1]]
+
+    def stitched_segments(self) -> list[SegmentInfo]:
+        """Input to each stitch point, and each stitch point to the output (stitched stages)."""
+        last = len(self.cut_points) - 1
+        segs = [seg for b in self.stitch_points() for seg in (self.segment(0, b), self.segment(b, last))]
+        return [seg for seg in segs if self.has_compute(seg)]
+
     def is_whole(self, segment: Any) -> bool:
         """Whether ``segment`` is the whole network (the input to the last cut point)."""
         return segment.start == 0 and segment.end == len(self.cut_points) - 1
@@ -609,8 +625,6 @@ class Partition:
         out.update(zip(want, values))
         return out
 
-    # -- reporting -----------------------------------------------------------------------------
-
     def inspect(self) -> dict:
         return {
             "model": self.name,
@@ -633,18 +647,3 @@ def _native_size(model: nn.Module) -> tuple[int, ...] | None:
     if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(v, int) for v in img):
         return ((chw[0] if chw else 3), int(img[0]), int(img[1]))
     return chw
-
-
-def inspect_model(ref: str, input_size: int | None = None) -> dict:
-    """Partition the model ``ref`` (architecture only, random weights) and describe its cut
-    points; what ``bespoke inspect`` prints."""
-    from bespoke.models import default_input_size, load_model
-
-    model = load_model(ref, weights=None)
-    native = _native_size(model)
-    size = int(input_size) if input_size else (native[-1] if native else default_input_size(model))
-    if size <= 0:
-        raise UsageError(f"--input-size {size} must be positive")
-    chans = int(native[0]) if native else 3
-    part = Partition.from_model(model, (1, chans, size, size), name=ref)
-    return part.inspect()

@@ -53,6 +53,7 @@ class StudentRecipe(BaseModel):
     teacher: str  # model reference: timm name or package.module:attribute
     teacher_weights: str | None = None  # what the teacher was loaded with (informational)
     input_size: tuple[int, int, int]  # (C, H, W)
+    num_classes: int | None = None  # the teacher's classes when not its architecture's default (fine-tuned)
     choices: list[StudentChoice] = Field(default_factory=list)
     meta: dict[str, Any] = Field(default_factory=dict)
 
@@ -325,7 +326,7 @@ def build_student(recipe: StudentRecipe, registry: Any = None,
 
     registry = registry if registry is not None else get_registry()
     if teacher is None:
-        model = load_model(recipe.teacher, weights=None)
+        model = load_model(recipe.teacher, weights=None, classes=recipe.num_classes)
         teacher = Partition.from_model(model, (1, *recipe.input_size), name=recipe.teacher)
     try:
         from bespoke.blocks import Context

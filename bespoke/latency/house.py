@@ -53,7 +53,7 @@ def house_modules(house: Any, registry: Any, cfg: Any = None, *, batch: int = 1,
         cfg = RunConfig()
     t = house.manifest.teacher
     size = int(size or t.input_size)
-    model = load_model(t.name, weights=None).eval()
+    model = load_model(t.name, weights=None, classes=t.num_classes).eval()
     partition = Partition.from_model(model, (1, 3, t.input_size, t.input_size), name=t.name)
     if size != t.input_size:
         partition = partition.resized(size)

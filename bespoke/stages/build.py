@@ -11,7 +11,7 @@ from typing import Any
 from rich.markup import escape
 
 from bespoke import data as images
-from bespoke.config import apply_preset
+from bespoke.config import apply_preset, stitch_sources
 from bespoke.counting import count_flops, count_params
 from bespoke.distill import HOUSE_LEGEND, summary_table, teacher_top1
 from bespoke.errors import UsageError
@@ -166,7 +166,7 @@ def open_house(cfg: Any, root: Path, existing: House | None, teacher: Any, parti
     return House.create(root, TeacherInfo(
         name=cfg.teacher, weights=weights, input_size=size, params=count_params(teacher),
         flops=int(count_flops(teacher, (1, 3, size, size)) or 0),
-        num_cut_points=len(partition.cut_points)),
+        num_cut_points=len(partition.cut_points), num_classes=own_classes(cfg.teacher, teacher)),
         build=cfg.build.model_dump(mode="json") | {"seed": cfg.seed},
         data={"source": split.source, "train_images": len(split.train), "balance": split.balance,
               "pool_images": split.pool_images,
@@ -191,6 +191,8 @@ def draw_segments(cfg: Any, partition: Partition, house: House) -> list[Any]:
         extra += partition.module_segments(b.max_fraction)
     if b.whole_sources:  # image to logits, for the sources that offer whole networks
         extra.append(partition.whole_segment())
+    if b.stitch_sources:  # before and after each point where stages meet: stitched stages
+        extra += partition.stitched_segments()
     if extra:
         segments = sorted({(s.start, s.end): s for s in [*extra, *segments]}.values(),
                           key=lambda s: (s.start, s.end))
@@ -199,6 +201,30 @@ def draw_segments(cfg: Any, partition: Partition, house: House) -> list[Any]:
                          "build settings found none (build.modules finds only blocks and stages "
                          "mapping a cut point to a cut point); set build.segments or build.tiles")
     return segments
+
+
+def own_classes(ref: str, model: Any) -> int | None:
+    """The teacher's classes when its classifier is not its architecture's default (a network
+    fine-tuned on its own task): what rebuilding it without weights needs."""
+    from bespoke.models import num_classes
+
+    n = num_classes(model)
+    if n is None:
+        return None
+    try:
+        default = num_classes(load_model(ref, weights=None))
+    except Exception:
+        return None
+    return n if n != default else None
+
+
+def offered_sources(cfg: Any, partition: Partition) -> dict[str, set[str]]:
+    """Which block sources may propose for which segment, where not every source may: the
+    stitched segments (``build.stitch_sources``) go to the sources named there only."""
+    named = stitch_sources(cfg)
+    if not named:
+        return {}
+    return {seg.id: named for seg in partition.stitched_segments()}
 
 
 def note_teacher_top1(house: House, partition: Partition, split: Any, settings: Any) -> None:
@@ -215,7 +241,7 @@ def segment_settings_changed(house: House, cfg: Any) -> list[str]:
         return []
     stored = house.manifest.build or {}
     now = {**{k: getattr(cfg.build, k) for k in ("segments", "tiles", "modules", "max_fraction",
-                                                  "enumerate_max_len", "whole_sources")},
+                                                  "enumerate_max_len", "whole_sources", "stitch_sources")},
            "seed": cfg.seed}
     changed = [f"{'' if k == 'seed' else 'build.'}{k} {stored[k]!r} -> {v!r}"
                for k, v in now.items() if k in stored and stored[k] != v]
