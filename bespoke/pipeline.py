@@ -24,6 +24,7 @@ from bespoke.house import House, populate
 from bespoke.stages import build as build_stage
 from bespoke.stages import pct, pick, warner
 from bespoke.stages import profile as profile_stage
+from bespoke.stages import zoo
 from bespoke.stages import search as search_stage
 from bespoke.stages.report import Clock, write_run_report
 from bespoke.stages.students import Students, read_search_recipe
@@ -75,7 +76,7 @@ def build(cfg, registry, console=None, within_run=False):
             house = build_stage.open_house(cfg, root, existing, teacher, partition, split, size, weights, console)
             segments = build_stage.draw_segments(cfg, partition, house)
             populate(house, partition, ctx, sources, segments, seed=cfg.seed, warn=warn,
-                     whole_sources=whole_sources(cfg))
+                     whole_sources=whole_sources(cfg), offered=build_stage.offered_sources(cfg, partition))
             build_stage.note_teacher_top1(house, partition, split, settings)
             pending = len(house.by_status("pending"))
             console.print(f"{len(house.manifest.segments)} segments, "
@@ -264,17 +265,23 @@ def run(cfg, registry, console=None):
         if sizes:
             found = pick.search_sizes(cfg, stage, found, sized_cfgs, out, console,
                                       search=lambda c, o, **kw: search(c, registry, o, console=console, **kw))
+        if cfg.search.zoo and rerank:  # the donors and the teacher at each size, as they are, compete
+            found = zoo.pick(cfg, stage, found, sizes, console)
+            S.write_report(found, out / "search.json")
         stage.release_pick_images()
     met = search_stage.require_feasible(found, console)
-    with clock("finetune"):
+    with clock("finetune"):  # each budget's answer, and its best mixed student when that is not the answer
         students = [stage.make(r.model_dump(), out / "students" / f"budget-{r.budget:g}") for r in met]
+        students += [stage.make(plan, out / "students" / f"budget-{r.budget:g}" / "mixed")
+                     for r in met if (plan := zoo.mixed_plan(r)) is not None]
     with clock("evaluate"):
         measured = stage.measure(students)  # as saved: what ships is what is timed
         students = stage.hold_budgets(students, search=lambda c, o, **kw: search(c, registry, o, console=console, **kw),
                                       configs={stage.size: search_cfg, **sized_cfgs})  # a fallback's second look
         measured.update({m.name: m.after.latency_ms for m in students})
         # what the table at the teacher's size predicted (a fallback's prediction is not recorded)
-        at_own_size = [m for m in students if m.size == stage.size and m.plan.get("latency_ms") is not None]
+        at_own_size = [m for m in students if m.size == stage.size and m.plan.get("latency_ms") is not None
+                       and not (m.plan.get("meta") or {}).get("zoo")]
         if at_own_size:
             profile_stage.calibrate_lut(search_cfg, stage, at_own_size, measured, out / "latency.json", console)
     with clock("export"):

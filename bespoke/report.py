@@ -7,7 +7,7 @@ the teacher's top-1 (which needs no labels; the teacher scores 1.0 by definition
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -31,6 +31,9 @@ class StudentEntry(BaseModel):
     budget: float = Field(..., description="the budget as given: a ratio of the teacher (<= 1) or ms")
     budget_ms: float
     name: str
+    role: Literal["answer", "mixed"] = Field("answer", description="answer: what the run hands back for this budget (the best within it on the selection images, from the mixed students and the zoo: search.zoo); mixed: the budget's best mixed student, saved beside an answer that came from the zoo, so the report shows what mixing gained or cost")
+    kind: Literal["mixed", "donor", "teacher"] = Field("mixed", description="mixed: the teacher with segments replaced; donor: a donor network as it is (its own weights, input size and preprocessing); teacher: the teacher with nothing replaced, at input_size")
+    what: str | None = Field(None, description="what the student is, in words (e.g. 'tf_efficientnet_lite0 as it is', 'the teacher at 208 px', '3 segment(s) replaced at 208 px')")
     params: int
     flops: float | None = None
     latency_ms_predicted: float | None = Field(None, description="additive prediction the search used")
@@ -156,9 +159,9 @@ def summary_table(report: Report) -> Any:
         budget = f"{s.budget:g}" + ("" if s.feasible else "!") + ("*" if s.over_budget else "")
         measured = f"{s.latency_ratio:.3f}" if s.latency_ratio is not None else ratio(s.latency_ms_measured)
         name = s.name + {False: " (unusable)", None: " (unproven)"}.get(s.usable, "")
+        repl = "donor" if s.kind == "donor" else str(len(s.replaced)) + (f"@{s.input_size}px" if s.input_size else "")
         table.add_row(name, budget, f"{s.params / 1e6:.2f}", ms(s.latency_ms_predicted), ms(s.latency_ms_measured),
-                      measured, pc(s.top1), pc(s.agreement),
-                      str(len(s.replaced)) + (f"@{s.input_size}px" if s.input_size else ""))
+                      measured, pc(s.top1), pc(s.agreement), repl)
     for r in report.references:
         table.add_row(r.name, "-", f"{r.params / 1e6:.2f}", "-", ms(r.latency_ms), ratio(r.latency_ms), pc(r.top1),
                       pc(r.agreement), "-")
@@ -183,6 +186,23 @@ def score_table(report: Report) -> Any:
     return table
 
 
+def answer_lines(report: Report) -> list[str]:
+    """One line per budget: what its answer is and, when the zoo gave it, how the best mixed
+    student compares (held-out agreement and latency ratio)."""
+    pc = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+    rt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = []
+    for s in report.students:
+        if s.role != "answer":
+            continue
+        line = f"budget {s.budget:g}: {s.name} is {s.what or s.kind} (agreement {pc(s.agreement)} at {rt(s.latency_ratio)})"
+        mixed = next((m for m in report.students if m.role == "mixed" and m.budget == s.budget), None)
+        if mixed is not None:
+            line += f"; the best mixed student, {mixed.name}: {pc(mixed.agreement)} at {rt(mixed.latency_ratio)}"
+        lines.append(line)
+    return lines
+
+
 def summary_legend(report: Report) -> str:
     """One line under :func:`summary_table` that says what its columns mean."""
     marks = []
@@ -192,4 +212,5 @@ def summary_legend(report: Report) -> str:
         marks.append("* measured over its budget as saved (report.json: unmet_budgets)")
     return ("params: millions; budget and ratio: latency over the teacher's; pred: the search's "
             "predicted ms; ms: measured, batch 1; top-1 and agree (with the teacher's top-1): % of "
-            "held-out images; repl: segments replaced (@ input size)" + "".join(f"; {m}" for m in marks))
+            "held-out images; repl: segments replaced (@ input size), donor: a donor as it is"
+            + "".join(f"; {m}" for m in marks))

@@ -141,3 +141,60 @@ def test_a_donor_offered_whole_stops_at_its_image_cap_and_the_others_train_on(tm
     assert 20 <= whole.images < 20 + 8 and "image cap" in (whole.stopped or "")  # 3 steps of 8: 24 images
     full = [a for a in house.manifest.alternatives if a is not whole and a.status == "trained" and not a.stopped]
     assert full and all(a.images == 3 * 2 * 8 for a in full)
+
+
+# --------------------------------------------------------------------------------------------
+# Stitched stages (build.stitch_sources)
+# --------------------------------------------------------------------------------------------
+
+
+def test_stitch_points_are_where_stages_meet_at_a_block_output():
+    from bespoke import tiny
+    from bespoke.partition import Partition
+
+    part = Partition.from_model(tiny.teacher(), (1, 3, 64, 64))
+    points = part.stitch_points()
+    strides = [part.cut_points[k].stride for k in points]
+    assert strides == sorted(set(strides)) and len(points) >= 3  # one per stride, the last stride left out
+    last = len(part.cut_points) - 1
+    for k in points:  # the smallest activation at its stride: a block's output, not an expanded one
+        same = [j for j in range(1, last) if part.cut_points[j].stride == part.cut_points[k].stride]
+        size = lambda j: torch.Size(part.cut_points[j].shape[1:]).numel()  # noqa: E731
+        assert size(k) == min(size(j) for j in same)
+    segs = part.stitched_segments()
+    assert {(s.start, s.end) for s in segs} == {p for k in points for p in ((0, k), (k, last))}
+
+
+def test_stitched_segments_are_offered_to_the_named_sources_only(tmp_path):
+    from bespoke.config import load_config
+    from bespoke.plugins import get_registry
+    from bespoke import pipeline
+
+    cfg = load_config(None, {"preset": "tiny", "out": str(tmp_path / "out"), "house": str(tmp_path / "house"),
+                             "build": {"stitch_sources": ["timm-donors"], "epochs": 0, "modules": False,
+                                       "segments": 0, "tiles": 0}})
+    house = pipeline.build(cfg, get_registry())
+    segs = {s.id for s in house.manifest.segments}
+    from bespoke.models import load_model
+    from bespoke.partition import Partition
+    from bespoke import tiny
+
+    part = Partition.from_model(load_model(tiny.TEACHER), (1, 3, tiny.INPUT_SIZE, tiny.INPUT_SIZE))
+    assert segs == {s.id for s in part.stitched_segments()}
+    sources = {a.source for a in house.manifest.alternatives}
+    assert sources == {"timm-donors"}
+    last = len(part.cut_points) - 1
+    for a in house.manifest.alternatives:  # stage-long donor pieces: capped like a whole donor
+        assert a.spec.max_images == 2400
+        start, end = map(int, a.segment.split("-"))
+        assert start == 0 or end == last
+
+
+def test_stitch_sources_must_name_a_block_source_of_the_run():
+    from bespoke.config import check_plugin_selection, load_config
+    from bespoke.errors import UsageError
+    from bespoke.plugins import get_registry
+
+    cfg = load_config(None, {"build": {"stitch_sources": ["timm-donor"]}})
+    with pytest.raises(UsageError, match="build.stitch_sources names 'timm-donor'"):
+        check_plugin_selection(cfg, get_registry())

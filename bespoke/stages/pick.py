@@ -154,16 +154,25 @@ class Normalized:
 __all__ = ["PICK_CACHE_BYTES", "DecodedBatches", "Normalized", "split_normalize", "to_pixels", "refine_finalists", "scored_pick", "search_sizes"]
 
 
-def finalists(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """A budget's finalists (``input_size``, ``choices``, ``fidelity``, ``measured_ratio``), the
-    pick first, then the others the pick measured within the budget, best fidelity first: where
-    the pick falls back to when the student it made measures over the budget once saved."""
+def finalists(result: dict[str, Any], zoo: bool = True) -> list[dict[str, Any]]:
+    """A budget's finalists (``input_size``, ``choices``, ``fidelity``, ``measured_ratio`` and,
+    for the zoo's entries, ``zoo``), the pick first, then the others the pick measured within the
+    budget, best fidelity first: where the pick falls back to when the student it made measures
+    over the budget once saved. ``zoo=False``: the mixed students only."""
     meta = result.get("meta") or {}
     rows = meta.get("input_sizes")
     if rows is None:
         rows = [{**row, "input_size": result.get("input_size")} for row in meta.get("reranked") or []]
-    first = {"input_size": result.get("input_size"), "choices": plain(result.get("choices", []))}
-    key = lambda r: (r.get("input_size"), tuple(tuple(sorted(c.items())) for c in plain(r.get("choices", []))))  # noqa: E731
+    if zoo:
+        rows = [*rows, *({**z, "zoo": {"kind": z["kind"], "model": z.get("model"), "what": z.get("what")}}
+                         for z in meta.get("zoo_rows") or [])]
+    first = {"input_size": result.get("input_size"), "choices": plain(result.get("choices", [])),
+             "zoo": result["zoo"] if "zoo" in result else meta.get("zoo")}
+
+    def key(r):
+        z = r.get("zoo") or {}
+        return (r.get("input_size"), z.get("model"), tuple(tuple(sorted(c.items())) for c in plain(r.get("choices", []))))
+
     others = sorted((r for r in rows if r.get("within_budget") and r.get("choices") is not None and key(r) != key(first)),
                     key=lambda r: -float(r.get("fidelity", float("-inf"))))
     seen, out = set(), []
@@ -171,7 +180,8 @@ def finalists(result: dict[str, Any]) -> list[dict[str, Any]]:
         if key(r) not in seen:
             seen.add(key(r))
             out.append({"input_size": r.get("input_size"), "choices": plain(r["choices"]),
-                        "fidelity": r.get("fidelity"), "measured_ratio": r.get("measured_ratio")})
+                        "fidelity": r.get("fidelity"), "measured_ratio": r.get("measured_ratio"),
+                        "zoo": r.get("zoo")})
     return out
 
 
@@ -179,6 +189,8 @@ def ratio_at_pick(result: dict[str, Any]) -> float | None:
     """The latency ratio (to the teacher at its own size) the pick measured for the student it
     kept, or None when it measured none."""
     meta = result.get("meta") or {}
+    if meta.get("zoo") and result.get("zoo", meta["zoo"]) and meta.get("answer"):
+        return meta["answer"].get("measured_ratio")  # the zoo entry the pick timed
     for row in meta.get("input_sizes") or []:
         if row.get("input_size") == (result.get("input_size") or row.get("input_size")) and \
                 [c.get("alternative") for c in plain(row.get("choices", []))] == \

@@ -17,8 +17,8 @@ from rich.markup import escape
 from bespoke import __version__
 from bespoke.data import skipped_line
 from bespoke.evaluate import proportion_interval, usability
-from bespoke.report import (ModelEntry, Report, StudentEntry, pareto_plot, score_table, summary_legend,
-                            summary_table, write_report)
+from bespoke.report import (ModelEntry, Report, StudentEntry, answer_lines, pareto_plot, score_table,
+                            summary_legend, summary_table, write_report)
 
 
 def cpu_seconds() -> float:
@@ -96,9 +96,11 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
         distinct = a.images // stage.split.val_views  # intervals count images, not views of them
         usable, note = usability(a.agreement, distinct, cfg.search.usable_agreement)
         alts = {rec.id: rec for rec in stage.house.manifest.alternatives}
+        zoo = r["zoo"] if "zoo" in r else (r.get("meta") or {}).get("zoo")
         students.append(StudentEntry(
-            budget=r["budget"], budget_ms=r["budget_ms"], name=m.name, params=a.params, flops=a.flops,
-            latency_ms_predicted=r["latency_ms"], latency_ms_measured=a.latency_ms,
+            budget=r["budget"], budget_ms=r["budget_ms"], name=m.name, role=r.get("role", "answer"),
+            kind=m.recipe.meta.get("kind", "mixed"), what=m.recipe.meta.get("what"), params=a.params, flops=a.flops,
+            latency_ms_predicted=None if zoo else r["latency_ms"], latency_ms_measured=a.latency_ms,
             speedup=(teacher.latency_ms / a.latency_ms) if teacher.latency_ms and a.latency_ms else None,
             top1=a.top1, top5=a.top5, agreement=a.agreement, top1_before_finetune=m.before.top1,
             agreement_before_finetune=m.before.agreement, feasible=r["feasible"],
@@ -145,6 +147,8 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
     write_report(report, out)
     stage.console.print(summary_table(report))
     stage.console.print(summary_legend(report), highlight=False)
+    for line in answer_lines(report):
+        stage.console.print(line, highlight=False)
     if score_table(report) is not None:
         stage.console.print(score_table(report))
     for s in students:

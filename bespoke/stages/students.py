@@ -22,8 +22,8 @@ from bespoke.errors import UsageError
 from bespoke.evaluate import evaluate, measure_ratios, over_budget
 from bespoke.export import export_model
 from bespoke.files import atomic_write_text
-from bespoke.finetune import finetune_student, iter_batches
-from bespoke.models import load_model
+from bespoke.finetune import FinetuneResult, finetune_student, iter_batches
+from bespoke.models import default_input_size, load_model
 from bespoke.partition import Partition
 from bespoke.search import RealScore
 from bespoke.stages import pct, plain, warner
@@ -66,6 +66,12 @@ def budget_ratio(plan: dict[str, Any], teacher_ms: float | None) -> float | None
     return float(plan["budget_ms"]) / teacher_ms if teacher_ms else None
 
 
+def _zoo_of(plan: dict[str, Any]) -> dict[str, Any] | None:
+    """The zoo entry a plan makes (a donor, or the teacher at a size, as it is), or None for a
+    mixed student: ``plan["zoo"]`` when set (a fallback), else the pick's ``meta.zoo``."""
+    return plan["zoo"] if "zoo" in plan else (plan.get("meta") or {}).get("zoo")
+
+
 class Students:
     """The student stage for one house: teacher, data, block sources; assemble, fine-tune,
     evaluate, measure, export."""
@@ -92,6 +98,7 @@ class Students:
         self._at = {}
         self._size_ratios = {}  # the teacher at other sizes over itself at its own, as the pick timed it
         self._pick_cache, self._pick_teacher, self._last_finalist = DecodedBatches(), None, (None, None)  # the final pick's
+        self._zoo = {}  # the donors as they are, by name (donor_as_is)
 
     def at(self, size=None):
         """The teacher's partition, block-source context and held-out images at input ``size``
@@ -126,7 +133,7 @@ class Students:
             recipe_choices.append(StudentChoice(segment=seg, spec=rec.spec, alternative_id=rec.id))
         t = self.house.manifest.teacher
         recipe = StudentRecipe(teacher=t.name, teacher_weights=t.weights, input_size=(3, view.size, view.size),
-                               choices=recipe_choices)
+                               num_classes=t.num_classes, choices=recipe_choices)
         return assemble(view.partition, picked), recipe
 
     def fidelity(self, candidates, size=None):
@@ -136,6 +143,11 @@ class Students:
         The latency ratio is to the teacher at its own size."""
         view = self.at(size)
         student, _ = self.assemble(plain(candidates), view.size)
+        return self.fidelity_of(student, view)
+
+    def fidelity_of(self, student, view):
+        """:meth:`fidelity` of any module ``student`` fed ``view.val`` (the held-out images under
+        its own preprocessing): agreement minus KL / 1000, and a lazy timer."""
         student.to(self.cfg.device).eval()
         agree, kl, n = 0.0, 0.0, 0
         with torch.no_grad(), student.taps(False):
@@ -182,22 +194,27 @@ class Students:
         the eval transforms), for the final pick of a budget over input sizes. The images are
         decoded once per size and kept as 8-bit pixels, up to
         :data:`bespoke.stages.pick.PICK_CACHE_BYTES` over all sizes."""
-        view = self.at(size)
-        student = self._finalist(choices, size)
+        return self.pick_agreement(self._finalist(choices, size), self.at(size).size)
+
+    def pick_agreement(self, student, size, base=None):
+        """:meth:`pick_fidelity` of any module ``student`` at input ``size``, its images made with
+        the preprocessing of ``base`` (a model with timm's pretrained config; default: the
+        teacher's)."""
         targets = torch.cat([t.argmax(-1) for t in self._teacher_on_pick_images()])
         agree, n = 0, 0
         with torch.no_grad(), student.taps(False):
-            for x in self._pick_images(view.size):
+            for x in self._pick_images(size, base):
                 s = student(x.to(self.cfg.device)).argmax(-1).cpu()
                 agree += int((s == targets[n:n + len(s)]).sum())
                 n += len(s)
         return agree / max(n, 1)
 
-    def _pick_images(self, size):
-        """Batches of the held-out images and the pick's training subset at input ``size``."""
+    def _pick_images(self, size, base=None):
+        """Batches of the held-out images and the pick's training subset at input ``size``,
+        preprocessed as ``base`` (default: the teacher) preprocesses them."""
         n = min(self.cfg.search.pick_train_images, len(self.split.train))
-
-        pixels, normalize = split_normalize(images.transforms_for(self.teacher, size))
+        base = self.teacher if base is None else base
+        pixels, normalize = split_normalize(images.transforms_for(base, size))
 
         def make():
             if self.split.balance != "none":  # the draws come shuffled: the first n distinct ones
@@ -212,7 +229,8 @@ class Students:
             return (to_pixels(x) for x in batches) if normalize is not None else batches
 
         nbytes = (len(self.split.val) + n) * 3 * size * size * (1 if normalize is not None else 4)
-        kept = self._pick_cache.get(size, make, nbytes)
+        key = size if base is self.teacher else (size, id(base))
+        kept = self._pick_cache.get(key, make, nbytes)
         return Normalized(kept, normalize) if normalize is not None else kept
 
     def release_pick_images(self):
@@ -260,12 +278,48 @@ class Students:
         self._made_estimators = (estimator, fallback)
         return self._made_estimators
 
+    def donor_as_is(self, name):
+        """Donor ``name`` as it is -- its own weights, input size and preprocessing, no training --
+        as a student with nothing replaced (its flat traced graph, timed, saved and exported like
+        any student), with its held-out images; made once. Raises :class:`UsageError` when its
+        outputs are not the teacher's classes (it cannot answer for the teacher then)."""
+        if name not in self._zoo:
+            model = load_model(name, weights="auto").eval()
+            size = default_input_size(model, self.size)
+            shape = (1, 3, size, size)
+            partition = Partition.from_model(model, shape, name=name)
+            mine, theirs = self.partition.cut_points[-1].shape, partition.cut_points[-1].shape
+            if tuple(mine) != tuple(theirs):
+                raise UsageError(f"donor {name} gives outputs of shape {tuple(theirs)[1:]}, the teacher "
+                                 f"{tuple(mine)[1:]}: not the teacher's classes, so it is not offered as it is")
+            self._zoo[name] = Made(size=size, shape=shape, partition=partition, base=model, name=name,
+                                   val=self.split.val.with_transform(images.transforms_for(model, size)))
+        return self._zoo[name]
+
+    def as_is(self, zoo, size=None):
+        """The student a zoo entry (``{"kind": "donor", "model": name}``, or ``{"kind":
+        "teacher"}`` at input ``size``) is: ``(student, recipe, view)``, nothing replaced, fresh."""
+        if zoo.get("kind") == "donor":
+            view = self.donor_as_is(zoo["model"])
+            recipe = StudentRecipe(teacher=zoo["model"], teacher_weights="auto", input_size=(3, view.size, view.size),
+                                   meta={"kind": "donor", "what": f"{zoo['model']} as it is"})
+            return assemble(view.partition, []), recipe, view
+        view = self.at(size)
+        student, recipe = self.assemble([], view.size)
+        recipe.meta.update(kind="teacher", what=f"the teacher at {view.size} px")
+        return student, recipe, view
+
     def make(self, plan, workdir):
-        """Assemble, evaluate, fine-tune (resumable), evaluate again, save ``workdir/student``."""
+        """Assemble, evaluate, fine-tune (resumable), evaluate again, save ``workdir/student``. A
+        plan from the zoo (``plan["zoo"]``: a donor, or the teacher at an input size, as it is) is
+        saved as it is: no fine-tuning, no BatchNorm recalibration."""
         choices = plan.get("choices", [])
+        zoo = _zoo_of(plan)
+        name = plan.get("name") or f"student-{plan.get('budget', 0):g}"
+        if zoo:
+            return self._make_as_is(plan, zoo, name, workdir)
         view = self.at(plan.get("input_size"))
         student, recipe = self.assemble(choices, view.size)
-        name = f"student-{plan.get('budget', 0):g}"
         px = f" at {view.size} px" if view.size != self.size else ""
         self.console.print(f"[bold]{name}[/bold]{px}: {len(choices)} segment(s) replaced: "
                            + (", ".join(c["alternative"] for c in choices) or "none"), highlight=False)
@@ -286,10 +340,22 @@ class Students:
                                "student (finetune.keep_best)", highlight=False)
             student, recipe = self.assemble(choices, view.size)  # afresh: nothing trained touches it
             after = before
+        recipe.meta.update(kind="mixed" if choices else "teacher",
+                           what=f"{len(choices)} segment(s) replaced{px}" if choices else f"the teacher at {view.size} px")
         student_dir = save_student(student, recipe, workdir / "student")
         return Made(name=name, plan=plan, student=student, recipe=recipe, before=before, after=after,
                     finetune=result, student_dir=student_dir, workdir=workdir, size=view.size, shape=view.shape,
-                    finetune_kept=kept)
+                    finetune_kept=kept, base=None)
+
+    def _make_as_is(self, plan, zoo, name, workdir):
+        student, recipe, view = self.as_is(zoo, plan.get("input_size"))
+        self.console.print(f"[bold]{name}[/bold]: {recipe.meta['what']} (from the zoo: no training)", highlight=False)
+        metrics, _ = evaluate(student, name, view.val, view.shape, teacher=self.teacher_pred)
+        student_dir = save_student(student, recipe, workdir / "student")
+        return Made(name=name, plan=plan, student=student, recipe=recipe, before=metrics, after=metrics,
+                    finetune=FinetuneResult(student=student, steps=0, resumed_from=0, bn_images=0, seconds=0.0),
+                    student_dir=student_dir, workdir=workdir,
+                    size=view.size, shape=view.shape, finetune_kept=True, base=getattr(view, "base", None))
 
     def measure(self, made):
         """End-to-end latency of the teacher, every reference model and every student with the
@@ -357,7 +423,8 @@ class Students:
                 for k, alt in enumerate(finalists(m.plan)[1:1 + self.cfg.search.pick_fallbacks], start=1):
                     detail = self.fallback_detail(m, alt)
                     drop = detail.get("agreement_drop")
-                    if searched is None and drop is not None and drop > self.cfg.search.fallback_max_drop:
+                    if searched is None and drop is not None and drop > self.cfg.search.fallback_max_drop \
+                            and not _zoo_of(m.plan):  # a network from the zoo is not searched again
                         searched, other = self.search_tighter(m, alt, detail, search, configs)
                         if other is not None:
                             m = other
@@ -369,7 +436,7 @@ class Students:
                                        + (f" at {alt['input_size']} px" if alt["input_size"] else "") + ")",
                                        highlight=False)
                     plan = {**m.plan, "choices": alt["choices"], "input_size": alt["input_size"], "latency_ms": None,
-                            "ratio_at_pick": alt.get("measured_ratio"), "fallback": k,
+                            "zoo": alt.get("zoo"), "ratio_at_pick": alt.get("measured_ratio"), "fallback": k,
                             "fallback_detail": {**detail, "kept": f"finalist {k}"}}
                     other = self.make(plan, m.workdir / f"fallback-{k}")
                     self.time_students([other])
@@ -391,6 +458,9 @@ class Students:
         for the student ``plan`` kept: its row of the pick over input sizes, else of re-ranking;
         None when it measured none for it."""
         meta = plan.get("meta") or {}
+        if _zoo_of(plan):  # a network of the zoo: the score the pick gave it
+            row = meta.get("answer") if meta.get("zoo") == _zoo_of(plan) else None
+            return (row or {}).get("fidelity")
         size = plan.get("input_size")  # None: the teacher's own, read as ratio_at_pick reads it
         alts = [c["alternative"] for c in plain(plan.get("choices", []))]
 
@@ -471,8 +541,8 @@ class Students:
         teacher's under ``teacher``."""
         device = self.cfg.device
 
-        def at(size):
-            return scoring.with_transform(images.transforms_for(self.teacher, size))
+        def at(size, base=None):
+            return scoring.with_transform(images.transforms_for(self.teacher if base is None else base, size))
 
         self.teacher.to(device).eval()
         teacher, pred = evaluate(self.teacher, "teacher", at(self.size), self.shape, device=device)
@@ -480,7 +550,8 @@ class Students:
         for m in made:
             student = load_student(m.student_dir, self.registry).to(device).eval()
             with student.taps(False):
-                out[m.name], _ = evaluate(student, m.name, at(m.size), m.shape, teacher=pred, device=device)
+                out[m.name], _ = evaluate(student, m.name, at(m.size, getattr(m, "base", None)), m.shape,
+                                          teacher=pred, device=device)
         self.console.print(f"scored the teacher and {len(made)} student(s) on {teacher.images} scoring images"
                            + ("" if teacher.top1 is not None else " (unlabelled: agreement only)"), highlight=False)
         return out

@@ -1,0 +1,160 @@
+"""The zoo in the pick: what the user already has competes with the mixed students.
+
+Per budget, the final pick weighs the best *mixed* student (search, re-rank, input sizes:
+:mod:`bespoke.stages.pick`) against the networks the run holds, as they are: each donor
+(``donors``: its own weights, input size and preprocessing; no training) and the teacher at each
+searched input size. Each is timed as shipped the way a finalist is (beside the teacher; again,
+``search.pick_remeasure`` times, when it lies within ``search.pick_margin`` of a budget, judged by
+the median) and judged on the selection images by the same criterion as the mixed student
+(agreement with the teacher on the held-out images plus ``search.pick_train_images`` training
+images; without those, the re-ranking score). The **answer** of a budget is the best one within
+it; the best mixed student is kept beside it (``meta["mixed"]``), so the report says what mixing
+gained or cost. A donor whose outputs are not the teacher's classes is not offered, and the run
+says so. ``search.zoo`` (on by default) turns it off.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from bespoke.errors import UsageError
+from bespoke.stages import plain
+from bespoke.stages.pick import scored_pick
+
+
+def entries(cfg: Any, stage: Any, sizes: list[int], warn: Any) -> list[dict[str, Any]]:
+    """The zoo: the teacher at its own and at each searched input size, then each donor that
+    gives the teacher's classes, as it is."""
+    out = [{"kind": "teacher", "input_size": s, "what": f"the teacher at {s} px"}
+           for s in sorted({stage.size, *sizes}, reverse=True)]
+    for name in cfg.donors:
+        try:
+            view = stage.donor_as_is(name)
+        except UsageError as exc:
+            warn(str(exc))
+            continue
+        out.append({"kind": "donor", "model": name, "input_size": view.size, "what": f"{name} as it is"})
+    return out
+
+
+def _judge(cfg: Any, stage: Any, entry: dict[str, Any]) -> dict[str, Any]:
+    """An entry's row: its score by the pick's criterion and its ratio, timed once beside the
+    teacher (the teacher at its own size is 1.0 by definition)."""
+    student, _, view = stage.as_is(entry, entry["input_size"])
+    student.to(cfg.device).eval()
+    base = getattr(view, "base", None)
+    if cfg.search.pick_train_images:
+        fidelity = stage.pick_agreement(student, view.size, base)
+    else:
+        fidelity = stage.fidelity_of(student, view).fidelity
+    own = entry["kind"] == "teacher" and view.size == stage.size
+    ratio = 1.0 if own else stage._pair_ratio(student, view)
+    return {**entry, "choices": [], "fidelity": fidelity, "measured_ratios": [ratio],
+            "measured_ratio": ratio, "student": student, "view": view}
+
+
+def _remeasure(cfg: Any, stage: Any, row: dict[str, Any], budget: float) -> None:
+    """Time an entry near ``budget`` again, as the pick times its finalists (``pick_remeasure``)."""
+    s = cfg.search
+    near = row["measured_ratio"] is not None and abs(row["measured_ratio"] - budget) <= s.pick_margin * budget
+    if not (s.pick_remeasure and near) or len(row["measured_ratios"]) > 1 or row["measured_ratio"] == 1.0:
+        return
+    more = [stage._pair_ratio(row["student"], row["view"]) for _ in range(s.pick_remeasure)]
+    row["measured_ratios"] += [t for t in more if t is not None]
+    row["measured_ratio"] = float(statistics.median(row["measured_ratios"]))
+
+
+def _mixed_row(cfg: Any, stage: Any, result: Any, teacher_ms: float) -> dict[str, Any]:
+    """The budget's mixed pick as a row judged by the zoo's criterion."""
+    meta = result.meta
+    rows = meta.get("input_sizes")
+    row = None
+    if rows:  # the pick over input sizes already judged it
+        key = (result.input_size or stage.size, [c["alternative"] for c in plain(result.choices)])
+        row = next((dict(r) for r in rows if (r.get("input_size"), [c["alternative"] for c in plain(r.get("choices", []))])
+                    == key), None)
+    if row is None:
+        row = scored_pick(result, teacher_ms)
+    if cfg.search.pick_train_images and "proxy_fidelity" not in row and result.feasible:
+        row["proxy_fidelity"] = row["fidelity"]
+        row["fidelity"] = stage.pick_fidelity(plain(result.choices), result.input_size)
+    return row
+
+
+def pick(cfg: Any, stage: Any, found: Any, sizes: list[int], console: Any) -> Any:
+    """Each budget's answer: its mixed pick or a zoo entry, the best within the budget; writes
+    what won into each result's ``meta`` (``answer``, ``mixed``, ``zoo``) and returns the report
+    with the answers as its results."""
+    warn = lambda m: console.print(f"[yellow]warning:[/yellow] {m}", highlight=False)  # noqa: E731
+    zoo = [_judge(cfg, stage, e) for e in entries(cfg, stage, sizes, warn)]
+    console.print("the zoo, as it is: " + ", ".join(
+        f"{z['what']} {z['fidelity']:.4f} at {z['measured_ratio']:.3f}" for z in zoo), highlight=False)
+    results = []
+    for result in found.results:
+        budget = result.budget if result.budget <= 1 else result.budget_ms / found.teacher_ms
+        mixed = _mixed_row(cfg, stage, result, found.teacher_ms)
+        rows = []
+        for z in zoo:
+            _remeasure(cfg, stage, z, budget)
+            rows.append({k: v for k, v in z.items() if k not in ("student", "view")}
+                        | {"within_budget": z["measured_ratio"] <= budget * (1 + 1e-9)})
+        results.append(_answer(result, mixed, rows, found.teacher_ms, console))
+    return found.model_copy(update={"results": results})
+
+
+def _answer(result: Any, mixed: dict[str, Any], zoo: list[dict[str, Any]], teacher_ms: float, console: Any) -> Any:
+    """The result of one budget with its answer chosen between ``mixed`` and the ``zoo`` rows."""
+    mixed_ok = bool(mixed.get("within_budget")) and result.feasible
+    best = max((z for z in zoo if z["within_budget"]), default=None,
+               key=lambda z: (z["fidelity"], -z["measured_ratio"]))
+    mixed_info = {"choices": plain(result.choices), "input_size": result.input_size,
+                  "fidelity": mixed.get("fidelity"), "measured_ratio": mixed.get("measured_ratio"),
+                  "within_budget": mixed_ok, "latency_ms": result.latency_ms}
+    out = result.model_copy(deep=True)
+    out.meta["zoo"] = None
+    out.meta["zoo_rows"] = zoo  # every entry as judged for this budget: finalists too (pick.finalists)
+    # a tie goes to the zoo: on the selection images the mixed student is then no better than what the user has
+    if best is not None and (not mixed_ok or best["fidelity"] >= (mixed.get("fidelity") or float("-inf"))):
+        out.choices, out.input_size = [], best["input_size"]
+        out.feasible, out.loss, out.score = True, 0.0, 0.0
+        out.latency_ms = best["measured_ratio"] * teacher_ms  # measured, not predicted: the answer's meta says so
+        out.speedup = 1.0 / best["measured_ratio"] if best["measured_ratio"] else out.speedup
+        out.meta["zoo"] = {"kind": best["kind"], "model": best.get("model"), "what": best["what"]}
+        out.meta["answer"] = {"kind": best["kind"], "what": best["what"], "fidelity": best["fidelity"],
+                              "measured_ratio": best["measured_ratio"]}
+        out.meta["mixed"] = mixed_info if result.choices else None
+        out.meta["ratio_at_pick"] = best["measured_ratio"]
+        console.print(f"budget {result.budget:g}: the answer is {best['what']} ({best['fidelity']:.4f} at "
+                      f"{best['measured_ratio']:.3f}); the best mixed student "
+                      + (f"{mixed_info['fidelity']:.4f} at {mixed_info['measured_ratio'] or float('nan'):.3f}"
+                         + ("" if mixed_ok else ", over the budget") if result.choices else "replaces nothing"),
+                      highlight=False)
+    else:
+        kind = "mixed" if result.choices else "teacher"
+        what = (f"{len(result.choices)} segment(s) replaced" if result.choices
+                else f"the teacher at {result.input_size or 'its own size'} px")
+        out.meta["answer"] = {"kind": kind, "what": what, "fidelity": mixed.get("fidelity"),
+                              "measured_ratio": mixed.get("measured_ratio")}
+        out.meta["mixed"] = None  # the answer is the mixed student itself
+        console.print(f"budget {result.budget:g}: the answer is the mixed pick ({what}); the best of the zoo "
+                      + (f"is {best['what']} ({best['fidelity']:.4f})" if best else "does not fit the budget"),
+                      highlight=False)
+    return out
+
+
+def mixed_plan(result: Any) -> dict[str, Any] | None:
+    """The plan of a budget's best mixed student when the answer is a zoo entry (``None`` when the
+    answer is the mixed student itself): made, timed and scored beside the answer, named
+    ``mixed-<budget>``; it falls back among the mixed finalists only."""
+    mixed = result.meta.get("mixed")
+    if not mixed:
+        return None
+    plan = result.model_dump()
+    plan.update(choices=mixed["choices"], input_size=mixed["input_size"], latency_ms=mixed["latency_ms"],
+                name=f"mixed-{result.budget:g}", role="mixed", zoo=None, ratio_at_pick=mixed["measured_ratio"])
+    plan["meta"] = {**plan["meta"], "zoo": None, "zoo_rows": [], "answer": None}
+    return plan
+
+
+__all__ = ["entries", "mixed_plan", "pick"]

@@ -1,0 +1,241 @@
+"""The zoo in the pick (bespoke.stages.zoo): the donors as they are and the teacher at each
+searched input size compete with the mixed students; the answer is the best within the budget,
+and the report names it and keeps the best mixed student beside it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+class Net(nn.Module):
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+class Stage:
+    """A students stage whose scores and timings are given: the zoo's decision, nothing else."""
+
+    size = 260
+
+    def __init__(self, scores: dict[str, float], ratios: dict[str, float], classes_ok=("lite0", "lite1")):
+        self.scores, self.ratios, self.classes_ok = scores, ratios, classes_ok
+        self.timed: list[str] = []
+
+    def donor_as_is(self, name):
+        from bespoke.errors import UsageError
+
+        if name not in self.classes_ok:
+            raise UsageError(f"donor {name} gives outputs of shape (10,), the teacher (1000,): not the teacher's "
+                             "classes, so it is not offered as it is")
+        return SimpleNamespace(size={"lite0": 224, "lite1": 240}[name], base=name)
+
+    def as_is(self, entry, size=None):
+        key = entry.get("model") or f"teacher@{size}"
+        return Net(), None, SimpleNamespace(size=size, base=key, key=key)
+
+    def pick_agreement(self, student, size, base=None):
+        return self.scores[base]
+
+    def _pair_ratio(self, student, view):
+        self.timed.append(view.key)
+        return self.ratios[view.key]
+
+    def pick_fidelity(self, choices, size=None):
+        return self.scores["mixed"]
+
+
+def cfg(**search):
+    from bespoke.config import load_config
+
+    return load_config(None, {"donors": ["lite0", "lite1"],
+                              "search": {"pick_train_images": 100, "pick_remeasure": 0, **search}})
+
+
+def found(budgets=(0.6, 0.8), feasible=True, mixed_ratio=0.55):
+    from bespoke.search_report import BudgetResult, ChoiceRecord, SearchReport
+
+    results = []
+    for b in budgets:
+        choice = ChoiceRecord(segment="3-7", start=3, end=7, alternative="3-7.skip.skip", saving_ms=1.0, loss=0.1)
+        results.append(BudgetResult(
+            budget=b, budget_ms=b * 10.0, feasible=feasible, latency_ms=mixed_ratio * 10.0, loss=0.1, score=0.1,
+            speedup=1 / mixed_ratio, choices=[choice],
+            meta={"reranked": [{"chosen": [0], "fidelity": 0.7, "measured_ratio": mixed_ratio,
+                                "within_budget": mixed_ratio <= b, "predicted_ms": 5.5}], "picked": 0}))
+    return SearchReport(strategy="exact", proxy="replace-one-kl", lam=0.1, teacher_ms=10.0, n_candidates=1,
+                        problem_fingerprint="x", results=results, front=[])
+
+
+class Console:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def print(self, text, **kw):
+        self.lines.append(str(text))
+
+
+def test_a_donor_as_it_is_wins_where_it_is_the_best_within_the_budget():
+    from bespoke.stages import zoo
+
+    stage = Stage({"mixed": 0.80, "lite0": 0.85, "lite1": 0.90, "teacher@260": 1.0, "teacher@224": 0.88},
+                  {"lite0": 0.58, "lite1": 0.79, "teacher@224": 0.81})
+    console = Console()
+    out = zoo.pick(cfg(), stage, found(), [224], console)
+    at_06, at_08 = out.results
+    assert at_06.meta["answer"]["kind"] == "donor" and at_06.meta["zoo"]["model"] == "lite0"
+    assert at_06.choices == [] and at_06.input_size == 224 and at_06.feasible
+    assert at_06.meta["mixed"]["choices"][0]["alternative"] == "3-7.skip.skip"  # kept beside the answer
+    assert at_06.meta["mixed"]["fidelity"] == 0.80
+    assert at_08.meta["zoo"]["model"] == "lite1"  # lite1 fits 0.8 and agrees best; the teacher at 224 does not fit
+    assert any("the answer is lite0 as it is" in line for line in console.lines)
+    plan = zoo.mixed_plan(at_06)
+    assert plan["name"] == "mixed-0.6" and plan["role"] == "mixed" and plan["zoo"] is None
+    assert plan["choices"] == at_06.meta["mixed"]["choices"] and plan["meta"]["zoo_rows"] == []
+    # each entry is timed once for every budget, not once per budget
+    assert sorted(stage.timed) == ["lite0", "lite1", "teacher@224"]
+
+
+def test_the_mixed_student_keeps_the_pick_where_it_agrees_better():
+    from bespoke.stages import zoo
+    from bespoke.stages.pick import finalists
+
+    stage = Stage({"mixed": 0.92, "lite0": 0.85, "lite1": 0.90, "teacher@260": 1.0},
+                  {"lite0": 0.58, "lite1": 0.79})
+    out = zoo.pick(cfg(), stage, found(), [], Console())
+    for r in out.results:
+        assert r.meta["answer"]["kind"] == "mixed" and r.meta["mixed"] is None and r.meta["zoo"] is None
+        assert r.choices and zoo.mixed_plan(r) is None
+    # the zoo entries within the budget are finalists the answer may fall back to, best first
+    rows = finalists(out.results[1].model_dump())
+    assert rows[0]["zoo"] is None and [r["zoo"]["model"] for r in rows[1:]] == ["lite1", "lite0"]
+    assert finalists(out.results[1].model_dump(), zoo=False) == rows[:1]
+
+
+def test_a_tie_and_an_over_budget_mixed_pick_go_to_the_zoo():
+    from bespoke.stages import zoo
+
+    stage = Stage({"mixed": 0.85, "lite0": 0.85, "lite1": 0.0, "teacher@260": 1.0}, {"lite0": 0.58, "lite1": 0.79})
+    tie = zoo.pick(cfg(), stage, found(budgets=(0.6,)), [], Console()).results[0]
+    assert tie.meta["zoo"]["model"] == "lite0"
+    stage = Stage({"mixed": 0.99, "lite0": 0.50, "lite1": 0.0, "teacher@260": 1.0}, {"lite0": 0.58, "lite1": 0.79})
+    over = zoo.pick(cfg(), stage, found(budgets=(0.6,), mixed_ratio=0.65), [], Console()).results[0]
+    assert over.meta["zoo"]["model"] == "lite0" and over.meta["mixed"]["within_budget"] is False
+    # nothing fits: the mixed pick stays (the students stage flags or falls back)
+    stage = Stage({"mixed": 0.99, "lite0": 0.50, "lite1": 0.0, "teacher@260": 1.0}, {"lite0": 0.7, "lite1": 0.79})
+    none = zoo.pick(cfg(), stage, found(budgets=(0.6,), mixed_ratio=0.65), [], Console()).results[0]
+    assert none.meta["answer"]["kind"] == "mixed" and none.choices
+
+
+def test_a_donor_of_other_classes_is_not_offered_and_the_run_says_so():
+    from bespoke.stages import zoo
+
+    stage = Stage({"mixed": 0.80, "lite0": 0.99, "teacher@260": 1.0}, {"lite0": 0.58}, classes_ok=("lite0",))
+    console = Console()
+    out = zoo.pick(cfg(), stage, found(budgets=(0.6,)), [], console)
+    assert [z.get("model") for z in out.results[0].meta["zoo_rows"]] == [None, "lite0"]
+    assert any("lite1" in line and "not the teacher's classes" in line for line in console.lines)
+
+
+def test_near_the_budget_an_entry_is_timed_again_and_judged_by_the_median():
+    from bespoke.stages import zoo
+
+    stage = Stage({"mixed": 0.80, "lite0": 0.85, "lite1": 0.0, "teacher@260": 1.0}, {"lite0": 0.605, "lite1": 0.9})
+    seq = iter([0.605, 0.59, 0.595])
+    stage._pair_ratio = lambda student, view: next(seq) if view.key == "lite0" else 0.9
+    out = zoo.pick(cfg(pick_remeasure=2, pick_margin=0.03), stage, found(budgets=(0.6,)), [], Console())
+    row = next(z for z in out.results[0].meta["zoo_rows"] if z.get("model") == "lite0")
+    assert row["measured_ratios"] == [0.605, 0.59, 0.595] and row["measured_ratio"] == 0.595
+    assert out.results[0].meta["zoo"]["model"] == "lite0"
+
+
+def test_the_zoo_is_on_by_default_and_can_be_turned_off():
+    from bespoke.config import load_config
+
+    assert load_config(None, {}).search.zoo is True
+    assert load_config(None, {"search": {"zoo": False}}).search.zoo is False
+
+
+def test_report_names_the_answer_and_the_best_mixed_student_beside_it():
+    import io
+
+    from rich.console import Console as Rich
+
+    from bespoke.report import Report, ModelEntry, StudentEntry, answer_lines, summary_table
+
+    t = ModelEntry(name="teacher", params=1)
+    s = [StudentEntry(budget=0.6, budget_ms=6, name="student-0.6", params=1, kind="donor",
+                      what="tf_efficientnet_lite0 as it is", agreement=0.885, latency_ratio=0.58),
+         StudentEntry(budget=0.6, budget_ms=6, name="mixed-0.6", params=1, role="mixed", kind="mixed",
+                      what="3 segment(s) replaced", agreement=0.86, latency_ratio=0.57)]
+    report = Report(bespoke_version="x", created="now", teacher=t, students=s, timings_s={})
+    lines = answer_lines(report)
+    assert lines == ["budget 0.6: student-0.6 is tf_efficientnet_lite0 as it is (agreement 88.5 % at 0.580); "
+                     "the best mixed student, mixed-0.6: 86.0 % at 0.570"]
+    buf = io.StringIO()
+    Rich(file=buf, width=80).print(summary_table(report))
+    text = buf.getvalue()
+    assert "donor" in text and "mixed-0.6" in text and "…" not in text
+
+
+@pytest.fixture(scope="module")
+def donor_wins(tmp_path_factory):
+    """`bespoke run` on the tiny preset where the zoo gives the answer: a donor that is the
+    teacher's twin (it agrees with it on every image) and, here, times as fast as the budget."""
+    from bespoke import pipeline
+    from bespoke.config import load_config
+    from bespoke.plugins import get_registry
+    from bespoke.stages import zoo
+
+    out = tmp_path_factory.mktemp("zoo") / "out"
+    cfg = load_config(None, {"preset": "tiny", "out": str(out), "budgets": [0.8],
+                             "donors": ["bespoke.tiny:donor", "bespoke.tiny:teacher"],
+                             "search": {"pick_fallbacks": 0},
+                             "plugin_options": {"measured-latency": {"runs": 3}}})
+    judge = zoo._judge
+
+    def fast_twin(cfg_, stage, entry):
+        row = judge(cfg_, stage, entry)
+        if entry.get("model") == "bespoke.tiny:teacher":
+            row.update(measured_ratio=0.5, measured_ratios=[0.5])
+        return row
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(zoo, "_judge", fast_twin)
+    try:
+        report = pipeline.run(cfg, get_registry())
+    finally:
+        mp.undo()
+    return out, report
+
+
+def test_a_run_whose_answer_is_a_donor_saves_it_and_its_mixed_student_beside_it(donor_wins):
+    from bespoke import load_student, tiny
+
+    out, report = donor_wins
+    answer = next(s for s in report.students if s.role == "answer")
+    assert answer.kind == "donor" and answer.what == "bespoke.tiny:teacher as it is" and answer.replaced == []
+    assert answer.latency_ms_predicted is None and answer.finetune_steps == 0
+    twin = load_student(answer.student_dir)
+    x = torch.randn(2, 3, tiny.INPUT_SIZE, tiny.INPUT_SIZE)
+    with torch.no_grad():
+        assert torch.allclose(twin(x), tiny.teacher()(x), atol=1e-5)  # exactly the donor, untrained
+    mixed = [s for s in report.students if s.role == "mixed"]
+    assert [m.name for m in mixed] == ["mixed-0.8"] and mixed[0].kind in ("mixed", "teacher")
+    saved = json.loads((out / "report.json").read_text())
+    assert {s["role"] for s in saved["students"]} == {"answer", "mixed"}
+    search = json.loads((out / "search.json").read_text())
+    assert search["results"][0]["meta"]["answer"]["kind"] == "donor"
