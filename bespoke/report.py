@@ -60,6 +60,7 @@ class StudentEntry(BaseModel):
     budget_ratio: float | None = Field(None, description="the budget as a ratio of the teacher at its own size")
     over_budget: bool = Field(False, description="true: the saved student measures over its budget by more than search.budget_tolerance or the measured noise (listed in unmet_budgets)")
     fallback: int | None = Field(None, description="n: the budget's pick measured over budget as saved, and this is its n-th other finalist (search.pick_fallbacks)")
+    fallback_detail: dict[str, Any] | None = Field(None, description="why this student stands in for the budget's pick, when it does: the pick's and the finalist's agreement on the pick's images, and what a second, tighter search found (search.fallback_max_drop); also OUT/students/budget-B/fallback.json")
     images: int = Field(0, description="held-out images top1 and agreement were measured on")
     agreement_interval: list[float] | None = Field(None, description="95 % (Wilson) interval of agreement over those images")
     usable: bool | None = Field(None, description="true: its agreement with the teacher is not surely below search.usable_agreement; false: it is (not worth keeping, see usable_note); null: too few held-out images to tell")

@@ -174,6 +174,7 @@ def test_a_fallback_much_worse_than_the_pick_searches_again_at_a_tighter_budget_
     assert detail["agreement_search"] > detail["agreement_fallback"] and detail["agreement_drop"] > 0.03
     assert detail["tightened_budget_ms"] == pytest.approx(s.budget_ms / 1.3)
     assert timed[1] == [detail]  # the second look's student was made and timed with its record
+    assert s.fallback_detail == detail  # and report.json says it
     assert "search-tighter" in s.student_dir and s.fallback is None and not s.over_budget
     assert not any(f"fallback-{k}" in s.student_dir for k in (1, 2))
     line = next(x for x in log.getvalue().splitlines() if "searched at" in x)
