@@ -42,7 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=None,
                    help="input sizes (px) to run the network at (default: 224, or a saved student's own)")
     p.add_argument("--variant", nargs="*", default=["150:1e-4:0"],
-                   help="fine-tunes as STEPS:LR:LABEL_WEIGHT (label weight 0: distillation from the teacher only)")
+                   help="fine-tunes as STEPS:LR:LABEL_WEIGHT[:MIXUP[:CROP_SCALE[:FREEZE_CLASSIFIER]]] (label weight "
+                        "0: distillation from the teacher only; mixup: finetune.mixup, e.g. 0.2; crop scale: "
+                        "finetune.crop_scale, e.g. 0.35, the teacher seeing the same mixed crops: function matching; "
+                        "freeze classifier 1: finetune.freeze_classifier)")
     p.add_argument("--student", default=None,
                    help="the network fine-tuned (packaged weights; default: the teacher itself)")
     p.add_argument("--bn-batches", type=int, default=8,
@@ -69,10 +72,14 @@ def main(argv=None) -> int:
     variants = []
     for v in args.variant:
         try:
-            steps, lr, lw = v.split(":")
-            variants.append((int(steps), float(lr), float(lw)))
+            parts = v.split(":")
+            if not 3 <= len(parts) <= 6:
+                raise ValueError(v)
+            steps, lr, lw, mixup, crop, frozen = (parts + ["0", "1", "0"][len(parts) - 3:])[:6]
+            variants.append((int(steps), float(lr), float(lw), float(mixup), float(crop), bool(int(frozen))))
         except ValueError:
-            print(f"error: --variant {v!r} is not STEPS:LR:LABEL_WEIGHT (e.g. 150:1e-4:0)", file=sys.stderr)
+            print(f"error: --variant {v!r} is not STEPS:LR:LABEL_WEIGHT[:MIXUP[:CROP_SCALE[:FREEZE_CLASSIFIER]]] "
+                  "(e.g. 150:1e-4:0 or 300:1e-4:0:0.2:0.35:1)", file=sys.stderr)
             return 2
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -117,22 +124,26 @@ def main(argv=None) -> int:
 
     row("teacher", teacher, size0)
     split = prepare(teacher, size0, data=str(layout["distill"]), class_list=str(layout["class_list"]),
-                    held_out=0, seed=args.seed)
+                    held_out=0, seed=args.seed)  # lite2_cpu's pool: imagenet-sample/train and broad/
     train = eval_view(split, teacher, size0)
     partition = Partition.from_model(copy.deepcopy(teacher), (1, 3, size0, size0), name=lite2_cpu.TEACHER)
     for size in sizes:
         row("as is", base, size)
-        for steps, lr, lw in variants:
+        for steps, lr, lw, mixup, crop, frozen in variants:
             cfg = FinetuneConfig(epochs=100, steps=steps, batch_size=16, lr=lr, beta=3.0, label_weight=lw,
-                                 bn_recalibration_batches=args.bn_batches)
+                                 bn_recalibration_batches=args.bn_batches, mixup=mixup, crop_scale=crop,
+                                 freeze_classifier=frozen)
             t0 = time.perf_counter()
             student = copy.deepcopy(base) if saved else assemble(
                 Partition.from_model(copy.deepcopy(base), (1, 3, size0, size0), name=args.student or lite2_cpu.TEACHER), [])
             tag = Path(args.student).parent.name if saved else (args.student or "teacher")
-            workdir = out / f"ft-{tag}-{size}-{steps}-{lr:g}-{lw:g}-bn{args.bn_batches}"
+            recipe = (f"-mix{mixup:g}" if mixup else "") + (f"-crop{crop:g}" if crop < 1 else "") + ("-fc" if frozen else "")
+            workdir = out / f"ft-{tag}-{size}-{steps}-{lr:g}-{lw:g}-bn{args.bn_batches}{recipe}"
             res = finetune_student(student, partition, train, cfg, workdir, seed=args.seed,
                                    input_size=None if size == size0 else size)  # as the pipeline calls it
-            row(f"{steps} steps, lr {lr:g}, label weight {lw:g}", res.student, size,
+            row(f"{steps} steps, lr {lr:g}, label weight {lw:g}"
+                + (f", mixup {mixup:g}" if mixup else "") + (f", crops >= {crop:g}" if crop < 1 else "")
+                + (", classifier frozen" if frozen else ""), res.student, size,
                 round(time.perf_counter() - t0, 1))
     atomic_write_text(out / "finetune_resolution.json", json.dumps(
         {"command": "python benchmarks/finetune_resolution.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -72,6 +72,7 @@ class FinetuneConfig(Strict):
     label_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term on labelled images; 0: distillation from the teacher only (labels skewed to a few classes pull the student's prior toward them)")
     mixup: float = Field(0.0, ge=0, description="mixup's Beta(a, a) parameter for each fine-tuning batch (the teacher sees the mixed images too: function matching); 0: off")
     crop_scale: float = Field(1.0, gt=0, le=1, description="random resized crops of each fine-tuning image, at least this fraction of its area (the teacher sees the same crops); 1: off (flips only)")
+    freeze_classifier: bool = Field(False, description="keep the student's classifier (its last linear layer) as the teacher's while fine-tuning: the rest learns to feed it what the teacher's features fed it")
     bn_recalibration_batches: int = Field(8, ge=0, description="batches of training images that recompute BatchNorm statistics after assembly (0: off)")
     checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints (one is always written at the end)")
     keep_best: bool = Field(True, description="in `bespoke run` and `bespoke finetune`, keep the fine-tuned student only when it agrees with the teacher on the held-out images at least as well as the assembled one did; else save the assembled student (the report says which)")

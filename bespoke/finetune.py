@@ -416,9 +416,13 @@ def finetune_student(
     teacher_model = teacher.gm if hasattr(teacher, "gm") else teacher.model
     student = untie(student, teacher_model)
     freeze(teacher_model)
-    params = [p for p in student.parameters()]
-    for p in params:
-        p.requires_grad_(True)
+    frozen = set()
+    if getattr(cfg, "freeze_classifier", False):  # the last linear layer keeps the teacher's weights
+        linears = [m for m in student.modules() if isinstance(m, nn.Linear)]
+        frozen = {id(p) for p in (linears[-1].parameters() if linears else [])}
+    params = [p for p in student.parameters() if id(p) not in frozen]
+    for p in student.parameters():
+        p.requires_grad_(id(p) not in frozen)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-5)
 
     resumed_from, bn_images, history = 0, 0, []

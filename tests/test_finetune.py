@@ -148,6 +148,16 @@ def test_finetune_trains_student_leaves_teacher(tmp_path):
         assert torch.equal(v, s1[k]), k
 
 
+def test_freeze_classifier_keeps_the_last_linear_layer_and_trains_the_rest(tmp_path):
+    _, part, student, _ = tiny.make()
+    before = _weights(student)
+    res = finetune_student(student, part, tiny.ImageList(), _cfg(steps=6, freeze_classifier=True), tmp_path)
+    after = res.student.state_dict()
+    head = [k for k in after if k.startswith("after.") and k.endswith(("head.weight", "head.bias"))]
+    assert head and all(torch.equal(after[k], before[k]) for k in head)
+    assert not torch.equal(after["alt.0.weight"], before["alt.0.weight"])  # everything else trained
+
+
 def test_finetune_recalibrates_batchnorm_with_batch_statistics(tmp_path, monkeypatch):
     """Alternatives are distilled with batch statistics; the eval-mode estimate destroyed a real
     Lite2 student (0.84 -> 0.01 top-1), so the fine-tune must use train mode."""
