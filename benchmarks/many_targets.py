@@ -203,9 +203,10 @@ def main(argv=None) -> int:
                            "finetune_cpu_min": round(finetune_cpu / 60, 2), "wall_min": round((time.perf_counter() - w0) / 60, 2),
                            "stage_cpu_s": report.cpu_s, "stage_wall_s": report.timings_s,
                            "unmet_budgets": report.unmet_budgets, "students": []}
-        for s in report.students:
-            key = f"{target}@{by_budget.get(s.budget, s.budget)}"
-            students[key] = {"target": target, "budget": s.budget, "dir": s.student_dir,
+        for s in report.students:  # each budget's answer, and its best mixed student beside a zoo answer
+            key = f"{target}@{by_budget.get(s.budget, s.budget)}" + ("" if s.role == "answer" else "/mixed")
+            students[key] = {"target": target, "budget": s.budget, "dir": s.student_dir, "role": s.role,
+                             "kind": s.kind, "what": s.what,
                              "size": s.input_size or t_size, "donor": donor_of.get(s.budget),
                              "ratio_own": s.latency_ratio, "over_budget": s.over_budget,
                              "replaced": {r["segment"]: r["alternative"] for r in s.replaced}}
@@ -214,8 +215,12 @@ def main(argv=None) -> int:
     # ---- not the targets' cost: scoring, cross-device timing, the longer fine-tune ----------------
     for key, st in students.items():
         model = load_student(st["dir"]).eval()
-        m, preds[key] = evaluate(model, key, scoring_at(st["size"]), (1, 3, st["size"], st["size"]),
-                                 teacher=preds[TEACHER])
+        st["size"] = int(model.recipe.input_size[-1])
+        if model.recipe.teacher in refs and model.recipe.teacher != TEACHER:  # a donor as it is: its preprocessing
+            view = roles["scoring"].with_transform(transforms_for(refs[model.recipe.teacher][0], st["size"]))
+        else:
+            view = scoring_at(st["size"])
+        m, preds[key] = evaluate(model, key, view, (1, 3, st["size"], st["size"]), teacher=preds[TEACHER])
         st["top1"], st["agreement"] = m.top1, m.agreement
         if st["donor"]:
             st["vs_donor"] = paired_difference(preds[key], preds[st["donor"]], seed=args.seed).as_dict()
@@ -265,7 +270,7 @@ def full_finetune(args, base, students, registry, console, scoring_at, preds, ou
                                     "finetune": {**base["finetune"], "steps": args.full_finetune_steps}})
     stage = Students(cfg, registry, House.open(base["house"]), console)
     for key, st in students.items():
-        if st["donor"] != lite2_cpu.DONORS[0]:  # Lite0's latency: where the students are furthest behind
+        if st["donor"] != lite2_cpu.DONORS[0] or not st["replaced"]:  # Lite0's latency, mixed students only
             continue
         plan = {"budget": st["budget"], "input_size": st["size"],
                 "choices": [{"segment": seg, "start": int(seg.split("-")[0]), "end": int(seg.split("-")[1]),
@@ -309,7 +314,8 @@ def print_tables(result, console):
         return "-" if not v else f"{100 * v['diff']:+.1f} [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]"
 
     for key, s in result["students"].items():
-        t.add_row(key, f"{s['budget']:.3g}", str(s["size"]), f"{100 * s['top1']:.1f}", vs(s.get("vs_donor")),
+        t.add_row(key + (f" ({s['what']})" if s.get("what") else ""), f"{s['budget']:.3g}", str(s["size"]),
+                  f"{100 * s['top1']:.1f}", vs(s.get("vs_donor")),
                   "-" if s.get("top1_full") is None else f"{100 * s['top1_full']:.1f}", vs(s.get("vs_donor_full")),
                   *[("-" if s["ratio_on"].get(x) is None else f"{s['ratio_on'][x]:.3f}") for x in targets])
     console.print(t)

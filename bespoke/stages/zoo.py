@@ -89,8 +89,9 @@ def pick(cfg: Any, stage: Any, found: Any, sizes: list[int], console: Any) -> An
     with the answers as its results."""
     warn = lambda m: console.print(f"[yellow]warning:[/yellow] {m}", highlight=False)  # noqa: E731
     zoo = [_judge(cfg, stage, e) for e in entries(cfg, stage, sizes, warn)]
-    console.print("the zoo, as it is: " + ", ".join(
-        f"{z['what']} {z['fidelity']:.4f} at {z['measured_ratio']:.3f}" for z in zoo), highlight=False)
+    console.print("the zoo, as it is (score on the selection images, latency ratio):", highlight=False)
+    for z in zoo:
+        console.print(f"  {z['what']}: {z['fidelity']:.4f} at {z['measured_ratio']:.3f}", highlight=False)
     results = []
     for result in found.results:
         budget = result.budget if result.budget <= 1 else result.budget_ms / found.teacher_ms
