@@ -80,6 +80,11 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, default=DEFAULT_DATA,
                    help="../shared/data (imagenet-sample/ and, when present, imagenet-extra/), or an old-style "
                         "folder with train/, val/ and classes.txt")
+    p.add_argument("--pool", choices=["broad", "broad+extra", "extra"], default="broad",
+                   help="the distillation pool besides imagenet-sample/train: broad/ (3,605 unlabelled photos "
+                        "across ImageNet's classes and beyond; the default since 2026-12-07), broad/ and "
+                        "imagenet-extra/distill, or imagenet-extra/distill alone (12,447 images of 20 classes; "
+                        "the default before)")
     p.add_argument("--distill-images", type=int, default=0,
                    help="distil on this many images (imagenet-sample/train first, then a seeded draw from "
                         "imagenet-extra/distill); 0: all of them")
@@ -104,6 +109,9 @@ def parse_args(argv=None):
                    help="build.whole_sources [timm-donors]: each donor whole is one more alternative (for the whole "
                         "network), distilled from the teacher's logits at timm-donors' whole_lr_scale, so a "
                         "student may be a distilled donor")
+    p.add_argument("--stitch", action=argparse.BooleanOptionalAction, default=True,
+                   help="build.stitch_sources [timm-donors]: stitched stages (a donor's early stages then the "
+                        "teacher's later ones, and the other way round, one adapter between them)")
     p.add_argument("--max-fraction", type=float, default=0.12,
                    help="longest segment as a fraction of the cut points (0.12: Lite2's blocks, not its stages)")
     p.add_argument("--prune-ratios", type=float, nargs="+", default=[0.25, 0.5],
@@ -115,10 +123,9 @@ def parse_args(argv=None):
     p.add_argument("--lowrank-fractions", type=float, nargs="+", default=[0.5], help="lowrank rank fractions")
     from bespoke.data import BALANCE
 
-    p.add_argument("--data-balance", choices=list(BALANCE), default="class",
-                   help="data_balance: the distillation draws give every class an equal share (default since "
-                        "2026-12-04, twelfth session): 98 %% of the pool is imagenet-extra's twenty classes, "
-                        "while the scoring images span ImageNet's. none: each image once per epoch")
+    p.add_argument("--data-balance", choices=list(BALANCE), default=None,
+                   help="data_balance (default: none with the broad pools, whose images are unlabelled and spread "
+                        "over many classes; class with --pool extra, whose images are 98 %% twenty classes)")
     p.add_argument("--distill-epochs", type=int, default=1)
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="fine-tuning steps per student (batch 16). 0 since 2026-12-04, eleventh session: "
@@ -157,14 +164,19 @@ def parse_args(argv=None):
     p.add_argument("--distilled-donor-steps", type=int, default=150,
                    help="fine-tuning steps of each distilled donor (batch 16, --finetune-lr, distillation only)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.data_balance is None:
+        args.data_balance = "class" if args.pool == "extra" else "none"
+    return args
 
 
 def data_layout(args, out: Path) -> dict:
     """The images of each role, as folders of links under OUT/data (read by path, never copied):
 
-    - ``distill/``: imagenet-sample/train and imagenet-extra/distill, less the selection images
-      (``--distill-images``: imagenet-sample/train first, then a seeded draw from the rest);
+    - ``distill/``: imagenet-sample/train, less the selection images, and by ``--pool``
+      ``broad/`` (every sub-folder: unlabelled photos spread over ImageNet's classes and beyond)
+      and/or imagenet-extra/distill (20 classes); ``--distill-images``: the first N of them,
+      imagenet-sample/train first;
     - ``selection/``: ``--selection-images`` held back from imagenet-sample/train (``--selection-from
       broad``: its classes are spread like the scoring images', where imagenet-extra/distill is 20
       classes), or half from each root (``each``), for everything that chooses;
@@ -188,8 +200,14 @@ def data_layout(args, out: Path) -> dict:
         return found
 
     if (args.data / "imagenet-sample").is_dir():
-        sample, extra = args.data / "imagenet-sample", args.data / "imagenet-extra"
-        pools = [files(sample / "train")] + ([files(extra / "distill")] if (extra / "distill").is_dir() else [])
+        sample, extra, broad = args.data / "imagenet-sample", args.data / "imagenet-extra", args.data / "broad"
+        pools = [files(sample / "train")]
+        if "broad" in args.pool:
+            if not broad.is_dir():
+                raise SystemExit(f"error: --pool {args.pool} needs {broad} (broad unlabelled photos)")
+            pools += [files(d) for d in sorted(broad.iterdir()) if d.is_dir()]
+        if "extra" in args.pool and (extra / "distill").is_dir():
+            pools.append(files(extra / "distill"))
         scoring = [sample / "val"] + ([extra / "val"] if (extra / "val").is_dir() else [])
         class_list = sample / "classes.txt"
     elif (args.data / "train").is_dir() and (args.data / "val").is_dir():
@@ -269,6 +287,7 @@ def run_config(args, layout: dict, selection_images: int, budgets: list[float]) 
         },
         "build": {"segments": args.segments, "tiles": args.tiles, "modules": args.modules,
                   "whole_sources": ["timm-donors"] if args.whole_donors else [],
+                  "stitch_sources": ["timm-donors"] if args.stitch else [],
                   "max_fraction": args.max_fraction, "epochs": args.distill_epochs, "batch_size": 16,
                   "calibration_images": args.calibration_images,
                   "validation_images": selection_images, "augment": True,
@@ -407,7 +426,9 @@ def main(argv=None) -> int:
     if not args.skip_baselines:
         lut = out / "latency.json"
         # at the donors' latencies only: where every row is compared with a donor (and with bespoke)
+        # the random search's own students: the zoo stays out of its pick (the donors have rows of their own)
         rnd_cfg = RunConfig.model_validate({**base, "budgets": at_donors, "out": str(out / "baselines" / "random"),
+                                            "search": {**base["search"], "zoo": False},
                                             "plugins": {**base["plugins"], "search": "random",
                                                         "latency": "lut-latency"},
                                             "plugin_options": {**base["plugin_options"],
@@ -448,10 +469,15 @@ def main(argv=None) -> int:
     # ---- 4. Everything measured side by side -----------------------------------------------
     from bespoke import load_student
 
-    students = {}
+    students = {}  # each budget's answer, and its best mixed student (the answer itself when that is mixed)
     for s in report.students:
-        name = f"bespoke@{budget_names.get(s.budget, s.budget)}"
-        students[name] = (load_student(s.student_dir).eval(), s)
+        where = budget_names.get(s.budget, s.budget)
+        names = [f"bespoke@{where}"] if s.role == "answer" else [f"mixed@{where}"]
+        if s.role == "answer" and s.kind == "mixed":
+            names.append(f"mixed@{where}")
+        model = load_student(s.student_dir).eval()
+        for name in names:
+            students[name] = (model, s)
     # the check that what ships runs as the teacher: the teacher saved as a student, nothing replaced
     from bespoke.partition import Partition
     from bespoke.student import StudentRecipe, assemble, save_student
@@ -462,7 +488,9 @@ def main(argv=None) -> int:
     identity = load_student(identity_dir).eval()
     every = {n: (r["model"], r["size"]) for n, r in refs.items()}
     every["teacher-as-student"] = (identity, t_size)
-    every.update({n: (m, s.input_size or t_size) for n, (m, s) in students.items()})
+    aliases = {n: f"bespoke@{n.split('@', 1)[1]}" for n, (m, s) in students.items()
+               if n.startswith("mixed@") and students.get(f"bespoke@{n.split('@', 1)[1]}", (None,))[0] is m}
+    every.update({n: (m, m.recipe.input_size[-1]) for n, (m, s) in students.items() if n not in aliases})
     every.update({n: (m, size) for n, (m, _, _, size) in baseline_models.items()})
     torch_ms, torch_ratio = measure(every)
     ort = registry.latency_estimator("onnxruntime-latency", {"threads": args.threads, "runs": args.runs,
@@ -473,17 +501,23 @@ def main(argv=None) -> int:
         console.print(f"[yellow]ONNX Runtime latency skipped: {exc}[/yellow]")
         ort_ms, ort_ratio = {}, {}
 
+    for alias, name in aliases.items():  # the answer is the mixed student itself: timed once
+        for table in (torch_ms, torch_ratio, ort_ms, ort_ratio):
+            if name in table:
+                table[alias] = table[name]
     rows = []
     from bespoke.evaluate import paired_difference
 
     donor_at = {at_donors[0]: DONORS[0], at_donors[1]: DONORS[1]}  # the budgets set by a donor's latency
 
-    def row(name, kind, budget, m, note="", at_pick=None, in_run=None):
+    def row(name, kind, budget, m, note="", at_pick=None, in_run=None, what=None):
         versus = None
         if budget in donor_at and name in preds:  # top-1 minus the donor's, on the same images
             versus = {"donor": donor_at[budget], **paired_difference(preds[name], preds[donor_at[budget]],
                                                                       seed=args.seed).as_dict()}
-        rows.append({"name": name, "kind": kind, "budget": budget, "top1": m.top1, "agreement": m.agreement,
+        rows.append({"name": name, "kind": kind, "budget": budget,
+                     "budget_name": None if budget is None else budget_names.get(budget, f"{budget:g}"),
+                     "what": what, "top1": m.top1, "agreement": m.agreement,
                      "latency_ms": torch_ms[name], "latency_ratio": torch_ratio[name],
                      "latency_ms_onnxruntime": ort_ms.get(name), "latency_ratio_onnxruntime": ort_ratio.get(name),
                      "params": m.params, "vs_donor": versus, "note": note,
@@ -493,12 +527,15 @@ def main(argv=None) -> int:
     for d in DONORS:
         row(d, "donor", None, ref_metrics[d], f"{refs[d]['size']} px, pretrained as is")
     for name, (model, s) in students.items():  # all val images, like every other row
-        size = s.input_size or t_size
-        m, preds[name] = evaluate(model, name, val_set(t_model, size), (1, 3, size, size), teacher=teacher_pred)
+        # a donor as it is sees its own preprocessing; a mixed student and the teacher, the teacher's
+        size = model.recipe.input_size[-1]
+        base_model = refs[model.recipe.teacher]["model"] if model.recipe.teacher in refs else t_model
+        m, preds[name] = evaluate(model, name, val_set(base_model, size), (1, 3, size, size), teacher=teacher_pred)
         predicted = "" if s.latency_ms_predicted is None else f"; predicted {s.latency_ms_predicted:.2f} ms"
-        row(name, "student", s.budget, m, f"{size} px, {len(s.replaced)} segment(s) replaced{predicted}"
+        row(name, "answer" if name.startswith("bespoke@") else "mixed", s.budget, m,
+            f"{size} px, {s.what or s.kind}{predicted}"
             + (" (over budget as saved)" if s.over_budget else "") + (f" (finalist {s.fallback + 1})" if s.fallback else ""),
-            at_pick=s.latency_ratio_at_pick, in_run=s.latency_ratio)
+            at_pick=s.latency_ratio_at_pick, in_run=s.latency_ratio, what=s.kind)
     m, preds["teacher-as-student"] = evaluate(identity, "teacher-as-student", val_set(t_model, t_size),
                                               (1, 3, t_size, t_size), teacher=teacher_pred)
     row("teacher-as-student", "check", None, m, "the teacher saved and loaded as a student, nothing replaced")
@@ -512,7 +549,7 @@ def main(argv=None) -> int:
                     "torch": torch.__version__, "python": platform.python_version()},
         "command": "python benchmarks/lite2_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "distill_images": data_summary["distill_images"], "data_balance": args.data_balance,
+        "distill_images": data_summary["distill_images"], "data_balance": args.data_balance, "pool": args.pool,
         "selection_images": data_summary["selection_images"],
         "scoring_images": data_summary["scoring_images"],
         "data": data_summary,
@@ -589,7 +626,7 @@ def uniform_pruning(cfg, registry, at_donors, budget_names, measure, teacher, si
                            held_out=0, seed=cfg.seed, balance=cfg.data_balance)
     train = images.eval_view(split, teacher, size)
     found = {}
-    for b in budgets:
+    for b in at_donors:
         lo, hi, best = 0.0, 0.9, None
         for _ in range(7):
             mid = (lo + hi) / 2
@@ -646,7 +683,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    styles = {"teacher": ("k", "*"), "donor": ("tab:blue", "s"), "student": ("tab:red", "o"),
+    styles = {"teacher": ("k", "*"), "donor": ("tab:blue", "s"), "answer": ("tab:red", "o"), "mixed": ("tab:orange", "o"),
               "baseline": ("tab:gray", "x"), "check": ("tab:green", "+")}
     for r in rows:
         if r["top1"] is None:
