@@ -31,6 +31,7 @@ class BuildConfig(Strict):
     whole_sources: list[str] = Field(default_factory=list, description="also the whole network as one segment (image to logits), for these block sources only (e.g. [timm-donors]: each donor whole, its classes the teacher's, distilled from the teacher's logits like any alternative); a student may then be a donor distilled from the teacher, which the search weighs against the assembled ones. Empty: no whole-network segment (build.tiles 1 gives one for every source)")
     enumerate_max_len: int | None = Field(None, ge=1, description="instead of sampling, take every segment up to this many cut points")
     stitch_sources: list[str] = Field(default_factory=list, description="stitched stages: at each point where the teacher's stages meet (for each stride but the last, the cut point with the smallest activation: Partition.stitch_points), the network before it and the network after it become two more segments, offered to these block sources only (e.g. [timm-donors]: a donor's early stages then the teacher's later ones, or the teacher's early stages then a donor's later ones, joined by one adapter fitted in closed form and then distilled). They fill the space between the donors; the search takes them like any alternative. Empty: none")
+    stitch_span: tuple[float, float] = Field((0.3, 0.65), description="the stitched segments kept: those spanning this fraction of the teacher's cut points, at least the first and at most the second (shorter ones are a few early blocks or the head, which the other segments cover; near-whole ones cost a whole network's distillation for each). Lite2 keeps four: to and from the points at strides 8 and 16")
     modules: bool = Field(False, description="also one segment per block and stage of the network (every submodule mapping a cut point to a cut point, up to max_fraction of the network): where skip, pruning and same-family donors fit best")
     epochs: int = Field(1, ge=0, description="passes over the training images distilling the alternatives (0: none; every alternative stays as its block source fitted it, in closed form, and is only profiled)")
     few_images: int = Field(300, ge=0, description="with fewer training images than this, a run switches to the few-image recipe wherever the configuration leaves the keys unset: no block distillation by SGD (build.epochs 0; the block sources' closed-form fits on build.calibration_images augmented views of the images), no fine-tuning and no BatchNorm recalibration (finetune.epochs, steps, bn_recalibration_batches 0). SGD on a few images overfits and destroys the student (issue 23). 0: never")
@@ -50,6 +51,13 @@ class BuildConfig(Strict):
     halving_eta: float = Field(3.0, gt=1, description="growth of the image slices between rounds of successive halving")
     halving_stall: float = Field(0.05, ge=0, lt=1, description="successive halving also stops an alternative whose replace-one KL improved by less than this fraction over the last round")
     halving_margin: float = Field(0.2, ge=0, lt=1, description="an alternative is clearly dominated when a no-costlier one of its segment has a replace-one KL lower by more than this fraction of its own")
+
+    @field_validator("stitch_span")
+    @classmethod
+    def _span(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] <= v[1] <= 1:
+            raise ValueError(f"build.stitch_span {list(v)} must be two fractions 0 <= low <= high <= 1")
+        return v
 
     @model_validator(mode="after")
     def _some_segments(self) -> "BuildConfig":

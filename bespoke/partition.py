@@ -437,11 +437,12 @@ class Partition:
         size = lambda k: math.prod(self.cut_points[k].shape[1:])  # noqa: E731
         return [max(ks, key=lambda k: (-size(k), k)) for _, ks in sorted(by_stride.items())[:-1]]
 
-    def stitched_segments(self) -> list[SegmentInfo]:
-        """Input to each stitch point, and each stitch point to the output (stitched stages)."""
+    def stitched_segments(self, span: tuple[float, float] = (0.0, 1.0)) -> list[SegmentInfo]:
+        """Input to each stitch point, and each stitch point to the output (stitched stages), of
+        those spanning ``span`` (low, high) of the cut points."""
         last = len(self.cut_points) - 1
         segs = [seg for b in self.stitch_points() for seg in (self.segment(0, b), self.segment(b, last))]
-        return [seg for seg in segs if self.has_compute(seg)]
+        return [s for s in segs if span[0] * last <= s.end - s.start <= span[1] * last and self.has_compute(s)]
 
     def is_whole(self, segment: Any) -> bool:
         """Whether ``segment`` is the whole network (the input to the last cut point)."""

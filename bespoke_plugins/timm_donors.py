@@ -82,7 +82,9 @@ class TimmDonorsOptions(PluginOptions):
     whole_lr_scale: float = Field(
         0.1, gt=0, description="distillation learning rate of a donor offered whole (the teacher's whole-network segment, build.whole_sources), as a multiple of build.lr: a pretrained network is fine-tuned, not trained from its adapters (0.1 of the default 1e-3: the 1e-4 at which fine-tuning Lite0 against Lite2 raised its held-out agreement)")
     whole_max_images: int | None = Field(
-        2400, ge=1, description="distil a donor offered whole, or a donor piece for a segment from the input or to the output (stitched stages, build.stitch_sources), on at most about this many images (its spec's max_images; null: as many as any alternative). Fine-tuning Lite0 against Lite2 on 2,400 images (150 steps of 16) raised its held-out agreement by 2 points; a whole network's distillation costs what a whole network's training step does, every image")
+        2400, ge=1, description="distil a donor offered whole on at most about this many images (its spec's max_images; null: as many as any alternative). Fine-tuning Lite0 against Lite2 on 2,400 images (150 steps of 16) raised its held-out agreement by 2 points; a whole network's distillation costs what a whole network's training step does, every image")
+    stitch_max_images: int | None = Field(
+        1024, ge=1, description="distil a donor piece for a stitched segment (from the input to where stages meet, or from there to the output: build.stitch_sources) on at most about this many images (its spec's max_images; null: as many as any alternative): a stage-long piece costs a large part of a network's training step, every image, and starts from pretrained stages joined by an adapter fitted in closed form")
     prune_importance: Literal["magnitude", "error"] = Field(
         "error", description="channel importance for pruned donors: magnitude (group L1) or error (measured on adapted calibration activations)")
 
@@ -217,14 +219,15 @@ class TimmDonors:
         specs = []
         whole = ctx.teacher.is_whole(segment)
         last = len(ctx.teacher.cut_points) - 1
-        long = segment.start == 0 or segment.end == last  # whole, or stitched stages (a stage-long piece)
+        stitched = not whole and (segment.start == 0 or segment.end == last)  # stitched stages
         for tier, names, dist, name, u, w in found[: self.options.max_per_segment]:
             base = AlternativeSpec(
                 source=NAME, kind="donor", label=f"{name}[{u}-{w}]",
                 options={"donor": name, "donor_start": u, "donor_end": w,
                          "same_stride": tier == 0, "name_matches": -names},
                 lr_scale=self.options.whole_lr_scale if whole else 1.0,
-                max_images=self.options.whole_max_images if long else None)
+                max_images=(self.options.whole_max_images if whole
+                            else self.options.stitch_max_images if stitched else None))
             specs.append(base)
             specs.extend(self._pruned_specs(ctx, segment, base, weights))
         return specs

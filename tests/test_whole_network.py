@@ -163,6 +163,8 @@ def test_stitch_points_are_where_stages_meet_at_a_block_output():
         assert size(k) == min(size(j) for j in same)
     segs = part.stitched_segments()
     assert {(s.start, s.end) for s in segs} == {p for k in points for p in ((0, k), (k, last))}
+    mid = part.stitched_segments((0.3, 0.65))  # the default span: neither a few early blocks nor near-whole
+    assert mid and all(0.3 * last <= s.end - s.start <= 0.65 * last for s in mid) and len(mid) < len(segs)
 
 
 def test_stitched_segments_are_offered_to_the_named_sources_only(tmp_path):
@@ -171,8 +173,8 @@ def test_stitched_segments_are_offered_to_the_named_sources_only(tmp_path):
     from bespoke import pipeline
 
     cfg = load_config(None, {"preset": "tiny", "out": str(tmp_path / "out"), "house": str(tmp_path / "house"),
-                             "build": {"stitch_sources": ["timm-donors"], "epochs": 0, "modules": False,
-                                       "segments": 0, "tiles": 0}})
+                             "build": {"stitch_sources": ["timm-donors"], "stitch_span": [0.0, 1.0], "epochs": 0,
+                                       "modules": False, "segments": 0, "tiles": 0}})
     house = pipeline.build(cfg, get_registry())
     segs = {s.id for s in house.manifest.segments}
     from bespoke.models import load_model
@@ -184,10 +186,18 @@ def test_stitched_segments_are_offered_to_the_named_sources_only(tmp_path):
     sources = {a.source for a in house.manifest.alternatives}
     assert sources == {"timm-donors"}
     last = len(part.cut_points) - 1
-    for a in house.manifest.alternatives:  # stage-long donor pieces: capped like a whole donor
-        assert a.spec.max_images == 2400
+    for a in house.manifest.alternatives:  # stage-long donor pieces: capped (stitch_max_images)
+        assert a.spec.max_images == 1024
         start, end = map(int, a.segment.split("-"))
         assert start == 0 or end == last
+
+
+def test_stitch_span_must_be_two_ordered_fractions():
+    from bespoke.config import load_config
+    from bespoke.errors import UsageError
+
+    with pytest.raises((UsageError, ValueError), match="stitch_span"):
+        load_config(None, {"build": {"stitch_span": [0.7, 0.3]}})
 
 
 def test_stitch_sources_must_name_a_block_source_of_the_run():

@@ -192,7 +192,7 @@ def draw_segments(cfg: Any, partition: Partition, house: House) -> list[Any]:
     if b.whole_sources:  # image to logits, for the sources that offer whole networks
         extra.append(partition.whole_segment())
     if b.stitch_sources:  # before and after each point where stages meet: stitched stages
-        extra += partition.stitched_segments()
+        extra += partition.stitched_segments(b.stitch_span)
     if extra:
         segments = sorted({(s.start, s.end): s for s in [*extra, *segments]}.values(),
                           key=lambda s: (s.start, s.end))
@@ -224,7 +224,7 @@ def offered_sources(cfg: Any, partition: Partition) -> dict[str, set[str]]:
     named = stitch_sources(cfg)
     if not named:
         return {}
-    return {seg.id: named for seg in partition.stitched_segments()}
+    return {seg.id: named for seg in partition.stitched_segments(cfg.build.stitch_span)}
 
 
 def note_teacher_top1(house: House, partition: Partition, split: Any, settings: Any) -> None:
@@ -241,7 +241,7 @@ def segment_settings_changed(house: House, cfg: Any) -> list[str]:
         return []
     stored = house.manifest.build or {}
     now = {**{k: getattr(cfg.build, k) for k in ("segments", "tiles", "modules", "max_fraction",
-                                                  "enumerate_max_len", "whole_sources", "stitch_sources")},
+                                                  "enumerate_max_len", "whole_sources", "stitch_sources", "stitch_span")},
            "seed": cfg.seed}
     changed = [f"{'' if k == 'seed' else 'build.'}{k} {stored[k]!r} -> {v!r}"
                for k, v in now.items() if k in stored and stored[k] != v]
