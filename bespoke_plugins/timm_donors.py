@@ -80,7 +80,7 @@ class TimmDonorsOptions(PluginOptions):
     prune_ratios: list[float] = Field(default_factory=list,
                                       description="also offer channel-pruned copies of each donor segment at these ratios (pruned-self's pruning; donor boundary channels kept)")
     whole_lr_scale: float = Field(
-        0.1, gt=0, description="distillation learning rate of a donor offered whole (the teacher's whole-network segment, build.whole_sources), as a multiple of build.lr: a pretrained network is fine-tuned, not trained from its adapters (0.1 of the default 1e-3: the 1e-4 at which fine-tuning Lite0 against Lite2 raised its held-out agreement)")
+        0.1, gt=0, description="distillation learning rate of a donor offered whole (the teacher's whole-network segment, build.whole_sources) or of a stitched piece (build.stitch_sources: pretrained stages behind an adapter fitted in closed form), as a multiple of build.lr: pretrained stages are fine-tuned, not trained from their adapters (0.1 of the default 1e-3: the 1e-4 at which fine-tuning Lite0 against Lite2 raised its held-out agreement)")
     whole_max_images: int | None = Field(
         2400, ge=1, description="distil a donor offered whole on at most about this many images (its spec's max_images; null: as many as any alternative). Fine-tuning Lite0 against Lite2 on 2,400 images (150 steps of 16) raised its held-out agreement by 2 points; a whole network's distillation costs what a whole network's training step does, every image")
     stitch_max_images: int | None = Field(
@@ -225,7 +225,7 @@ class TimmDonors:
                 source=NAME, kind="donor", label=f"{name}[{u}-{w}]",
                 options={"donor": name, "donor_start": u, "donor_end": w,
                          "same_stride": tier == 0, "name_matches": -names},
-                lr_scale=self.options.whole_lr_scale if whole else 1.0,
+                lr_scale=self.options.whole_lr_scale if whole or stitched else 1.0,
                 max_images=(self.options.whole_max_images if whole
                             else self.options.stitch_max_images if stitched else None))
             specs.append(base)

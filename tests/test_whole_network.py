@@ -186,8 +186,8 @@ def test_stitched_segments_are_offered_to_the_named_sources_only(tmp_path):
     sources = {a.source for a in house.manifest.alternatives}
     assert sources == {"timm-donors"}
     last = len(part.cut_points) - 1
-    for a in house.manifest.alternatives:  # stage-long donor pieces: capped (stitch_max_images)
-        assert a.spec.max_images == 1024
+    for a in house.manifest.alternatives:  # stage-long pretrained pieces: capped, at a fine-tuning rate
+        assert a.spec.max_images == 1024 and a.spec.lr_scale == 0.1
         start, end = map(int, a.segment.split("-"))
         assert start == 0 or end == last
 
