@@ -240,8 +240,9 @@ def segment_settings_changed(house: House, cfg: Any) -> list[str]:
     if not house.manifest.segments:
         return []
     stored = house.manifest.build or {}
-    now = {**{k: getattr(cfg.build, k) for k in ("segments", "tiles", "modules", "max_fraction",
-                                                  "enumerate_max_len", "whole_sources", "stitch_sources", "stitch_span")},
+    build = cfg.build.model_dump(mode="json")  # as the manifest stores it (a tuple is a list there)
+    now = {**{k: build[k] for k in ("segments", "tiles", "modules", "max_fraction", "enumerate_max_len",
+                                    "whole_sources", "stitch_sources", "stitch_span")},
            "seed": cfg.seed}
     changed = [f"{'' if k == 'seed' else 'build.'}{k} {stored[k]!r} -> {v!r}"
                for k, v in now.items() if k in stored and stored[k] != v]
