@@ -160,6 +160,13 @@ def _overlap(a: Sequence[Digest], b: Sequence[Digest]) -> list[tuple[Digest, Dig
     return [found[k] for k in sorted(found)]
 
 
+def shared_images(a: ImageSet, b: ImageSet, workers: int | None = None) -> list[tuple[str, str, str]]:
+    """``(image of a, image of b, why)`` for every pair the roles' check counts as one image (the
+    same file, bytes or pixels, :func:`check_disjoint`): what to take out of one of two sets
+    before they can play two roles. Images are named by their path (or name, without a file)."""
+    return [(_shown(p), _shown(q), why) for p, q, why in _overlap(image_digests(a, workers), image_digests(b, workers))]
+
+
 def _shown(d: Digest) -> str:
     return d.path or d.name
 
@@ -203,4 +210,5 @@ def role_summary(roles: dict[str, ImageSet], pairs: Sequence[tuple[str, str]] | 
 
 
 __all__ = ["Digest", "ROLES", "SAME_PIXELS", "check_disjoint", "image_digests", "open_roles", "role_summary",
+           "shared_images",
            "set_digest"]

@@ -18,7 +18,7 @@ def categories(tmp_path):
     for name, n in (("accordion", 20), ("ant", 41), ("Faces", 30), ("Faces_easy", 30), ("BACKGROUND_Google", 10)):
         (root / name).mkdir(parents=True)
         for i in range(n):
-            (root / name / f"image_{i:04d}.jpg").write_bytes(b"not decoded by the split")
+            (root / name / f"image_{i:04d}.jpg").write_bytes(f"{name} {i}: not decoded here".encode())
     return root
 
 
@@ -36,8 +36,25 @@ def test_the_split_is_stratified_seeded_and_leaves_out_the_near_copies(categorie
     pool = {p.resolve() for p in (out / "pool").iterdir()}
     assert pool == paths["train"]  # the same images, flat, without labels
     again = caltech101.split(categories, seed=0)
-    assert caltech101.digest_of(again) == record["digest"]
+    assert caltech101.digest_of(again) == record["digest"] == record["drawn"]  # no copies here
     assert caltech101.digest_of(caltech101.split(categories, seed=1)) != record["digest"]
+
+
+def test_copies_of_a_training_image_are_taken_out_of_selection_and_test(categories, tmp_path):
+    drawn = caltech101.split(categories, seed=0)
+    original = drawn["train"]["ant"][0]
+    copies = [drawn["selection"]["ant"][0], drawn["test"]["ant"][0], drawn["test"]["ant"][1]]
+    for c in copies:  # the same photo under three other names (Caltech-101 has a few)
+        c.write_bytes(original.read_bytes())
+    out = tmp_path / "split"
+    assert caltech101.main(["--images", str(categories), "--out", str(out)]) == 0
+    record = json.loads((out / "split.json").read_text())
+    assert sorted(record["copies_dropped"]["selection"]) == [str(copies[0].resolve())]
+    assert sorted(record["copies_dropped"]["test"]) == sorted(str(c.resolve()) for c in copies[1:])
+    for c in copies:
+        assert not any(p.resolve() == c.resolve() for r in ("selection", "test") for p in (out / r).rglob("*.jpg"))
+    assert record["counts"]["test"] == sum(round(0.485 * n) for n in (20, 41, 30)) - 2
+    assert caltech101.main(["--images", str(categories), "--out", str(out)]) == 0  # rerun: the same split
 
 
 def test_another_split_is_refused_in_the_same_folder_and_a_missing_folder_is_an_error(categories, tmp_path, capsys):

@@ -22,7 +22,12 @@ first is clutter, not a class; the second near-copies ``Faces``):
 - ``pool/``: the same training images as one flat folder (no labels): the unlabelled images a
   user hands to ``bespoke run --data``.
 
-``split.json`` records the seed, the counts per class and role, and a digest of the file lists.
+A few photos appear twice in Caltech-101: a copy of a training image (the same file, bytes or
+pixels, by the rule ``bespoke run`` checks its roles with) is taken out of ``selection/``, and a
+copy of a training or selection image out of ``test/``; ``train/`` stays as drawn (3 and 14
+images with seed 0: selection 418, test 3,984). ``split.json`` records the counts per class and
+role, the files taken out, and digests of the file lists (``drawn``: before copies were taken
+out; a second run into the same ``--out`` must draw the same split).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ import os
 import random
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bespoke.roles import shared_images  # noqa: E402
 
 LEFT_OUT = ("BACKGROUND_Google", "Faces_easy")
 SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -59,6 +67,27 @@ def split(images: Path, seed: int = 0, test: float = 0.485, selection: float = 0
     return roles
 
 
+def drop_copies(out: Path, roles: dict[str, dict[str, list[Path]]]) -> dict[str, list[str]]:
+    """Caltech-101 holds a few copies of the same photo within a class: take out of ``selection``
+    every image that is one of ``train`` (the same file, bytes or pixels, by the rule a
+    ``bespoke run`` checks its roles with: ``bespoke.roles.shared_images``), and out of ``test``
+    every one that is one of ``train`` or ``selection``; ``train`` stays as drawn. Removes their
+    links under ``out`` and from ``roles``; returns the files taken out, by role."""
+    from bespoke.data import open_images
+
+    dropped: dict[str, list[str]] = {}
+    for role, against in (("selection", ["train"]), ("test", ["train", "selection"])):
+        copies = {Path(q).resolve() for other in against
+                  for _, q, _ in shared_images(open_images(str(out / other)), open_images(str(out / role)))}
+        for c, files in roles[role].items():
+            for f in files:
+                if f.resolve() in copies:
+                    (out / role / c / f.name).unlink()
+            roles[role][c] = [f for f in files if f.resolve() not in copies]
+        dropped[role] = sorted(str(p) for p in copies)
+    return dropped
+
+
 def digest_of(roles: dict[str, dict[str, list[Path]]]) -> str:
     h = hashlib.sha256()
     for role, by_class in roles.items():
@@ -68,7 +97,7 @@ def digest_of(roles: dict[str, dict[str, list[Path]]]) -> str:
     return h.hexdigest()
 
 
-def write(roles: dict[str, dict[str, list[Path]]], out: Path) -> dict:
+def write(roles: dict[str, dict[str, list[Path]]], out: Path, dropped: dict[str, list[str]] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for role, by_class in roles.items():
         for c, files in by_class.items():
@@ -88,7 +117,11 @@ def write(roles: dict[str, dict[str, list[Path]]], out: Path) -> dict:
     record = {"source": SOURCE, "left_out": list(LEFT_OUT), "classes": len(roles["train"]),
               "counts": {r: sum(len(v) for v in by.values()) for r, by in roles.items()},
               "per_class": {c: {r: len(roles[r][c]) for r in roles} for c in roles["train"]},
-              "digest": digest_of(roles)}
+              "digest": digest_of(roles), "copies_dropped": dropped or {}}
+    if dropped is None:
+        record["drawn"] = digest_of(roles)  # the split as drawn, before copies were taken out
+    else:
+        record["drawn"] = json.loads((out / "split.json").read_text(encoding="utf-8"))["drawn"]
     (out / "split.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return record
 
@@ -104,10 +137,11 @@ def main(argv=None) -> int:
         return 2
     existing = args.out / "split.json"
     roles = split(args.images, args.seed)
-    if existing.exists() and json.loads(existing.read_text(encoding="utf-8")).get("digest") != digest_of(roles):
+    if existing.exists() and json.loads(existing.read_text(encoding="utf-8")).get("drawn") != digest_of(roles):
         print(f"error: {args.out} holds another split; give an empty --out", file=sys.stderr)
         return 2
-    record = write(roles, args.out)
+    write(roles, args.out)
+    record = write(roles, args.out, drop_copies(args.out, roles))
     print(f"{record['classes']} classes: " + ", ".join(f"{r} {n:,}" for r, n in record["counts"].items())
           + f" -> {args.out}")
     return 0
