@@ -28,8 +28,8 @@ Caltech-101's ``train/`` split (``benchmarks/own_model_setup.py``; made once, re
 
 Writes ``DIR/benchmark.json`` and prints one table. ``--quick`` (minutes, for trying the steps
 of docs/own-model.md): the set-up on 5 training images a class, one view, 3 epochs (in
-``CACHE/quick``), a small house (4 segments, 192 images, no halving), one other input size, 500
-test images.
+``CACHE/quick``), a small house (the teacher cut into 8 consecutive segments, 192 images, no
+halving), one other input size, 500 test images.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def bespoke_config(args, out: Path, budgets: list[float], cache: Path) -> dict:
                                       "--runs", str(args.runs), "--repeats", str(args.repeats),
                                       "--threads", str(args.threads), "--seed", str(args.seed),
                                       "--data-balance", "none"]
-                                     + (["--segments", "4", "--no-modules", "--trials", "40"] if args.quick else []))
+                                     + (["--tiles", "8", "--no-modules", "--prune-ratios", "0.5", "--trials", "40"]
+                                        if args.quick else []))
     layout = {"distill": args.split / "pool", "selection": args.split / "selection", "class_list": None}
     selection = sum(1 for _ in (args.split / "selection").rglob("*") if _.is_file() or _.is_symlink())
     cfg = lite2_cpu.run_config(base_args, layout, selection, budgets)

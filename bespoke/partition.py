@@ -444,6 +444,11 @@ class Partition:
         segs = [seg for b in self.stitch_points() for seg in (self.segment(0, b), self.segment(b, last))]
         return [s for s in segs if span[0] * last <= s.end - s.start <= span[1] * last and self.has_compute(s)]
 
+    def is_stitched(self, segment: Any) -> bool:
+        """Whether ``segment`` is a stitched stage: the input to a stitch point, or one to the output."""
+        points, last = self.stitch_points(), len(self.cut_points) - 1
+        return (segment.start == 0 and segment.end in points) or (segment.end == last and segment.start in points)
+
     def is_whole(self, segment: Any) -> bool:
         """Whether ``segment`` is the whole network (the input to the last cut point)."""
         return segment.start == 0 and segment.end == len(self.cut_points) - 1
@@ -627,16 +632,11 @@ class Partition:
         return out
 
     def inspect(self) -> dict:
-        return {
-            "model": self.name,
-            "input_shape": list(self.input_shape),
-            "cut_points": [{"index": c.index, "name": c.name, "shape": list(c.shape),
-                            "stride": c.stride} for c in self.cut_points],
-        }
+        cuts = [{"index": c.index, "name": c.name, "shape": list(c.shape), "stride": c.stride} for c in self.cut_points]
+        return {"model": self.name, "input_shape": list(self.input_shape), "cut_points": cuts}
 
     def __repr__(self) -> str:
-        return (f"Partition({self.name}, input {self.input_shape}, "
-                f"{len(self.cut_points)} cut points)")
+        return f"Partition({self.name}, input {self.input_shape}, {len(self.cut_points)} cut points)"
 
 
 def _native_size(model: nn.Module) -> tuple[int, ...] | None:

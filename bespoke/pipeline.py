@@ -259,12 +259,14 @@ def run(cfg, registry, console=None):
         raise UsageError("search.input_sizes compares students at different input sizes by their agreement with "
                          "the teacher on held-out images, and this run has none: give val_data, or raise "
                          "build.validation_images")
+    def search_again(c, o, **kw):  # the search of this run, for other sizes and second looks
+        return search(c, registry, o, console=console, **kw)
+
     with clock("search"):
         found = search(search_cfg, registry, out / ("search.json" if not sizes else f"search-{stage.size}px.json"),
                        console=console, evaluate=stage.fidelity if rerank else None)
         if sizes:
-            found = pick.search_sizes(cfg, stage, found, sized_cfgs, out, console,
-                                      search=lambda c, o, **kw: search(c, registry, o, console=console, **kw))
+            found = pick.search_sizes(cfg, stage, found, sized_cfgs, out, console, search=search_again)
         if cfg.search.zoo and rerank:  # the donors and the teacher at each size, as they are, compete
             found = zoo.pick(cfg, stage, found, sizes, console)
             S.write_report(found, out / "search.json")
@@ -276,7 +278,7 @@ def run(cfg, registry, console=None):
                      for r in met if (plan := zoo.mixed_plan(r)) is not None]
     with clock("evaluate"):
         measured = stage.measure(students)  # as saved: what ships is what is timed
-        students = stage.hold_budgets(students, search=lambda c, o, **kw: search(c, registry, o, console=console, **kw),
+        students = stage.hold_budgets(students, search=search_again,
                                       configs={stage.size: search_cfg, **sized_cfgs})  # a fallback's second look
         measured.update({m.name: m.after.latency_ms for m in students})
         # what the table at the teacher's size predicted (a fallback's prediction is not recorded)

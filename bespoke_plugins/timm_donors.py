@@ -25,8 +25,8 @@ images than classes has no output adapter (its own classifier trains instead). A
 for the whole network (``build.whole_sources``) is then exactly the donor.
 
 Donor list: ``plugin_options.timm-donors.donors``; when not given, the run's ``donors``
-(:attr:`bespoke.config.RunConfig.donors`) are used: the build stage fills the ``donors`` option
-of any block source that has one from ``cfg.donors`` (``bespoke.distill._source_options``). Used
+(:attr:`bespoke.config.RunConfig.donors`) are used: the registry fills the ``donors`` option
+of any block source that has one from ``cfg.donors`` (``bespoke.plugins.Registry.block_source``). Used
 on its own, this options model defaults to RunConfig's default donor list.
 
 Pruned donors (option ``prune_ratios``, default none): for each matched donor segment, also
@@ -218,8 +218,7 @@ class TimmDonors:
         found.sort()
         specs = []
         whole = ctx.teacher.is_whole(segment)
-        last = len(ctx.teacher.cut_points) - 1
-        stitched = not whole and (segment.start == 0 or segment.end == last)  # stitched stages
+        stitched = not whole and ctx.teacher.is_stitched(segment)  # a stage-long pretrained piece
         for tier, names, dist, name, u, w in found[: self.options.max_per_segment]:
             base = AlternativeSpec(
                 source=NAME, kind="donor", label=f"{name}[{u}-{w}]",

@@ -202,6 +202,16 @@ def test_report_names_the_answer_and_the_best_mixed_student_beside_it():
     assert "donor" in text and "mixed-0.6" in text and "…" not in text
 
 
+def twin():
+    """The tiny teacher itself, made at the tiny preset's 64 px (timm's config says 160): a donor
+    that agrees with the teacher on every image, as it is."""
+    from bespoke import tiny
+
+    model = tiny.teacher()
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, tiny.INPUT_SIZE, tiny.INPUT_SIZE)}
+    return model
+
+
 @pytest.fixture(scope="module")
 def donor_wins(tmp_path_factory):
     """`bespoke run` on the tiny preset where the zoo gives the answer: a donor that is the
@@ -213,14 +223,14 @@ def donor_wins(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("zoo") / "out"
     cfg = load_config(None, {"preset": "tiny", "out": str(out), "budgets": [0.8],
-                             "donors": ["bespoke.tiny:donor", "bespoke.tiny:teacher"],
+                             "donors": ["bespoke.tiny:donor", "test_zoo:twin"],
                              "search": {"pick_fallbacks": 0},
                              "plugin_options": {"measured-latency": {"runs": 3}}})
     judge = zoo._judge
 
     def fast_twin(cfg_, stage, entry):
         row = judge(cfg_, stage, entry)
-        if entry.get("model") == "bespoke.tiny:teacher":
+        if entry.get("model") == "test_zoo:twin":
             row.update(measured_ratio=0.5, measured_ratios=[0.5])
         return row
 
@@ -238,7 +248,7 @@ def test_a_run_whose_answer_is_a_donor_saves_it_and_its_mixed_student_beside_it(
 
     out, report = donor_wins
     answer = next(s for s in report.students if s.role == "answer")
-    assert answer.kind == "donor" and answer.what == "bespoke.tiny:teacher as it is" and answer.replaced == []
+    assert answer.kind == "donor" and answer.what == "test_zoo:twin as it is" and answer.replaced == []
     assert answer.latency_ms_predicted is None and answer.finetune_steps == 0
     twin = load_student(answer.student_dir)
     x = torch.randn(2, 3, tiny.INPUT_SIZE, tiny.INPUT_SIZE)
