@@ -384,7 +384,7 @@ def test_alternatives_assemble_into_a_student():
 # --------------------------------------------------------------------------------------------
 
 
-def _load_images(folder: Path, classes: Path, transform, limit: int | None = None):
+def _load_images(folder: Path, classes: Path, transform, limit: int | None = None, step: int = 1):
     from PIL import Image
 
     index = {}
@@ -392,7 +392,7 @@ def _load_images(folder: Path, classes: Path, transform, limit: int | None = Non
         parts = line.split()
         if len(parts) >= 2:
             index[parts[1]] = int(parts[0])
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:limit]
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:limit:step]
     x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
     y = torch.tensor([index[f.name.split("_")[0]] for f in files])
     return x, y
@@ -415,7 +415,9 @@ def test_lite0_stage_in_lite2_keeps_accuracy(imagenet_sample):
     transform = create_transform(**data_config(model, size))
     classes = imagenet_sample / "classes.txt"
     calibration, _ = _load_images(imagenet_sample / "train", classes, transform, limit=100)
-    xv, yv = _load_images(imagenet_sample / "val", classes, transform)
+    # every other val image (150 of 300): Lite2 at 260 px is the test's cost, and a
+    # 10-point margin does not need the rest
+    xv, yv = _load_images(imagenet_sample / "val", classes, transform, step=2)
     part = Partition.from_model(model, (1, 3, size, size), name="tf_efficientnet_lite2")
     ctx = Context(part, "tf_efficientnet_lite2", size, calibration=calibration, donor_weights="packaged")
     src = TimmDonors(TimmDonorsOptions(donors=["tf_efficientnet_lite0"], max_per_segment=1))

@@ -62,7 +62,10 @@ def test_bespoke_run_preset_tiny_runs_every_stage(tiny_out):
     assert report["teacher"]["name"] == "bespoke.tiny:teacher"
     assert report["students"]
     for s in report["students"]:
-        assert s["replaced"] and Path(s["onnx"]).is_file() and Path(s["student_dir"]).is_dir()
+        assert Path(s["onnx"]).is_file() and Path(s["student_dir"]).is_dir()
+        # a mixed student replaces something; a zoo answer (the donor as it is, the teacher at a
+        # smaller size) replaces nothing -- which wins depends on the latencies measured here
+        assert bool(s["replaced"]) == (s["kind"] == "mixed"), s
     for stage in ("build", "profile", "search", "finetune", "evaluate", "export"):
         assert stage in report["timings_s"], stage
     for product in ("house", "latency.json", "search.json", "pareto.png"):
