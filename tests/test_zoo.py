@@ -300,7 +300,7 @@ def test_a_zoo_answer_over_its_budget_as_saved_is_timed_again_before_a_much_wors
         ms = real_time(self, made)
         for m in made:
             m.latency_interval = None
-            if m.name == "student-0.8" and _zoo_plan(m.plan) and (not answers or m is answers[0]):
+            if m.name == "student-0.8" and stage._zoo_of(m.plan) and (not answers or m is answers[0]):
                 answers.append(m)
                 m.latency_ratio = m.budget_ratio * (1.05 if len(answers) == 1 else second)
                 m.over_budget = m.latency_ratio > m.budget_ratio * 1.02
@@ -335,7 +335,3 @@ def test_a_zoo_answer_over_its_budget_as_saved_is_timed_again_before_a_much_wors
         assert detail["kept"] == "finalist 1" and detail["outcome"] == "over the budget"
         assert detail["retimed"] == pytest.approx([0.8 * 1.05, 0.8 * second])
         assert line.endswith(": over")
-
-
-def _zoo_plan(plan):
-    return plan["zoo"] if "zoo" in plan else (plan.get("meta") or {}).get("zoo")

@@ -423,16 +423,16 @@ class Students:
                 for k, alt in enumerate(finalists(m.plan)[1:1 + self.cfg.search.pick_fallbacks], start=1):
                     detail = self.fallback_detail(m, alt)
                     drop = detail.get("agreement_drop")
-                    if searched is None and drop is not None and drop > self.cfg.search.fallback_max_drop \
-                            and _zoo_of(m.plan):  # a fixed network is not searched again: timed again
-                        searched = self.retime(m, detail)
-                        if not m.over_budget:
-                            break
                     if searched is None and drop is not None and drop > self.cfg.search.fallback_max_drop:
-                        searched, other = self.search_tighter(m, alt, detail, search, configs)
-                        if other is not None:
-                            m = other
-                            break
+                        if _zoo_of(m.plan):  # a fixed network is not searched again: it is timed again
+                            searched = self.retime(m, detail)
+                            if not m.over_budget:
+                                break
+                        else:
+                            searched, other = self.search_tighter(m, alt, detail, search, configs)
+                            if other is not None:
+                                m = other
+                                break
                     detail.update(searched or {})
                     self.console.print(f"{m.name}: measures {m.latency_ratio:.3f} of the teacher as saved, over "
                                        f"its budget {m.budget_ratio:.3f}; trying the next finalist "
@@ -499,7 +499,7 @@ class Students:
         first, first_iv, first_ms = m.latency_ratio, m.latency_interval, m.after.latency_ms
         self.time_students([m])
         second, second_iv = m.latency_ratio, m.latency_interval
-        if first is None or second is None:
+        if second is None:  # (first is not: an untimed student is never over its budget)
             info = {"retimed": [first, second], "outcome": "not timed again"}
         else:
             m.latency_ratio = (first + second) / 2
