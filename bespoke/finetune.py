@@ -42,6 +42,7 @@ from torch import nn
 
 from bespoke.checkpoint import (CHECKPOINT_SCHEMA_VERSION, CheckpointState, fingerprint,  # noqa: F401 (re-exported)
                                 load_checkpoint, save_checkpoint, unflatten_optimizer)
+from bespoke.data import fast_layout
 from bespoke.errors import UsageError
 
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -67,7 +68,7 @@ def _stack(items: list) -> tuple[torch.Tensor, torch.Tensor] | None:
     items = [it for it in items if it is not None]
     if not items:
         return None
-    return (torch.stack([it[0] for it in items]),
+    return (fast_layout(torch.stack([it[0] for it in items])),
             torch.tensor([it[1] for it in items], dtype=torch.long))
 
 
@@ -123,7 +124,7 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, step: int, seed: int, *, mixup: 
             left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
             crop = img[None, :, top:top + ch, left:left + cw]
             out.append(F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0])
-        x = torch.stack(out)
+        x = fast_layout(torch.stack(out))
     if mixup > 0 and x.shape[0] > 1:
         lam = random.Random(seed * 1_000_003 + step).betavariate(mixup, mixup)
         perm = torch.randperm(x.shape[0], generator=g)
