@@ -358,9 +358,22 @@ def paired_difference(a: Predictions, b: Predictions, *, resamples: int = 10000,
         raise ValueError("paired_difference needs labelled images")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
-    ra = (a.top5[mask, 0] == a.labels[mask]).float()
-    rb = (b.top5[mask, 0] == b.labels[mask]).float()
-    d = ra - rb
+    return paired_flags(a.top5[mask, 0] == a.labels[mask], b.top5[mask, 0] == b.labels[mask],
+                        resamples=resamples, confidence=confidence, seed=seed)
+
+
+def paired_flags(right_a: torch.Tensor, right_b: torch.Tensor, *, resamples: int = 10000, confidence: float = 0.95,
+                 seed: int = 0) -> PairedDifference:
+    """:func:`paired_difference` of two models given, per image, whether each is right (two bool
+    tensors over the same images, in the same order; "right" may mean "agrees with the teacher")."""
+    if right_a.shape != right_b.shape or right_a.dim() != 1:
+        raise ValueError("paired_flags needs one flag per image for both models, over the same images")
+    n = int(right_a.numel())
+    if n == 0:
+        raise ValueError("paired_flags needs at least one image")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+    d = right_a.float() - right_b.float()
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n, (resamples, n), generator=g)
     boot = d[idx].mean(dim=1)

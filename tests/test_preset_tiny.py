@@ -165,7 +165,7 @@ def test_a_fallback_much_worse_than_the_pick_searches_again_at_a_tighter_budget_
     monkeypatch.setattr(stage, "finalists", finalists)
     monkeypatch.setattr(stage.Students, "time_students", time_students)
     cfg = load_config(None, {"preset": "tiny", "out": str(tmp_path / "out"), "budgets": [0.9],
-                             "search": {"rerank_top_k": 3}})
+                             "search": {"rerank_top_k": 3, "zoo_confidence": 0}})
     log = io.StringIO()
     report = pipeline.run(cfg, get_registry(), console=Console(file=log, width=80, color_system=None))
     (s,) = report.students

@@ -57,6 +57,21 @@ class Stage:
     def pick_fidelity(self, choices, size=None):
         return self.scores["mixed"]
 
+    def agreement_flags(self, student, size, base=None):
+        return self.flags_of(base)
+
+    def finalist_flags(self, choices, size=None):
+        return self.flags_of("mixed")
+
+    flags: dict[str, torch.Tensor] = {}
+
+    def flags_of(self, key, n=1000):
+        """Per-image agreement: given, or the first score * n of n images (nested: the better
+        candidate is right wherever the worse one is, so any difference is a sure one)."""
+        if key in self.flags:
+            return self.flags[key]
+        return torch.arange(n) < round(self.scores[key] * n)
+
 
 def cfg(**search):
     from bespoke.config import load_config
@@ -123,6 +138,34 @@ def test_the_mixed_student_keeps_the_pick_where_it_agrees_better():
     rows = finalists(out.results[1].model_dump())
     assert rows[0]["zoo"] is None and [r["zoo"]["model"] for r in rows[1:]] == ["lite1", "lite0"]
     assert finalists(out.results[1].model_dump(), zoo=False) == rows[:1]
+
+
+def test_a_mixed_student_the_images_cannot_tell_from_the_zoo_leaves_the_answer_to_the_zoo():
+    from bespoke.stages import zoo
+
+    # on 200 images the mixed student agrees 93.0 %, lite1 91.0 %; they differ on 30 images (17 to 13)
+    stage = Stage({"mixed": 0.93, "lite0": 0.85, "lite1": 0.91, "teacher@260": 1.0}, {"lite0": 0.58, "lite1": 0.79})
+    a, b = torch.zeros(200, dtype=torch.bool), torch.zeros(200, dtype=torch.bool)
+    a[:169], b[:169] = True, True  # both agree on the first 169, then each on its own images
+    a[169:186] = True  # 17 only the mixed student
+    b[186:199] = True  # 13 only lite1
+    assert int(a.sum()) == 186 and int(b.sum()) == 182 and int((a & ~b).sum()) == 17 and int((b & ~a).sum()) == 13
+    stage.flags = {"mixed": a, "lite1": b}
+    console = Console()
+    out = zoo.pick(cfg(), stage, found(budgets=(0.8,)), [], console).results[0]
+    assert out.meta["zoo"]["model"] == "lite1" and out.choices == []
+    ev = out.meta["answer"]["evidence"]
+    assert ev["against"] == "lite1 as it is" and ev["images"] == 200 and ev["only_a"] == 17 and ev["only_b"] == 13
+    assert ev["low"] < 0 < ev["high"] and ev["diff"] == pytest.approx(0.02)
+    assert out.meta["mixed"]["fidelity"] == 0.93  # kept beside the answer
+    assert any("not surely better: +2.0 [" in line and "on 200 images" in line for line in console.lines)
+    # with the rule off, the better score wins however small the difference
+    off = zoo.pick(cfg(zoo_confidence=0), stage, found(budgets=(0.8,)), [], Console()).results[0]
+    assert off.meta["answer"]["kind"] == "mixed" and off.meta["answer"]["evidence"] is None
+    # a difference the images do resolve: the mixed student wins, and the evidence is recorded
+    stage.flags = {}
+    sure = zoo.pick(cfg(), stage, found(budgets=(0.8,)), [], Console()).results[0]
+    assert sure.meta["answer"]["kind"] == "mixed" and sure.meta["answer"]["evidence"]["low"] > 0
 
 
 def test_a_tie_and_an_over_budget_mixed_pick_go_to_the_zoo():

@@ -200,14 +200,25 @@ class Students:
         """:meth:`pick_fidelity` of any module ``student`` at input ``size``, its images made with
         the preprocessing of ``base`` (a model with timm's pretrained config; default: the
         teacher's)."""
+        flags = self.agreement_flags(student, size, base)
+        return float(flags.float().mean()) if len(flags) else 0.0
+
+    def agreement_flags(self, student, size, base=None):
+        """Per image of :meth:`pick_agreement`'s images, whether ``student`` gives the teacher's
+        top-1 class (a bool tensor, in the images' order): what a paired comparison of two
+        candidates on the same images needs (:func:`bespoke.stages.zoo.pick`)."""
         targets = torch.cat([t.argmax(-1) for t in self._teacher_on_pick_images()])
-        agree, n = 0, 0
+        flags, n = [], 0
         with torch.no_grad(), student.taps(False):
             for x in self._pick_images(size, base):
                 s = student(x.to(self.cfg.device)).argmax(-1).cpu()
-                agree += int((s == targets[n:n + len(s)]).sum())
+                flags.append(s == targets[n:n + len(s)])
                 n += len(s)
-        return agree / max(n, 1)
+        return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
+
+    def finalist_flags(self, choices, size=None):
+        """:meth:`agreement_flags` of the student of ``choices`` at input ``size``."""
+        return self.agreement_flags(self._finalist(choices, size), self.at(size).size)
 
     def _pick_images(self, size, base=None):
         """Batches of the held-out images and the pick's training subset at input ``size``,

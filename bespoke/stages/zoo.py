@@ -9,7 +9,10 @@ the median; within a budget up to ``search.budget_tolerance``, the margin every 
 held to, so a donor whose own latency set the budget is not lost to timing noise) and judged on the selection images by the same criterion as the mixed student
 (agreement with the teacher on the held-out images plus ``search.pick_train_images`` training
 images; without those, the re-ranking score). The **answer** of a budget is the best one within
-it; the best mixed student is kept beside it (``meta["mixed"]``), so the report says what mixing
+it, with one rule of evidence: the best mixed student displaces the best network of the zoo only
+when the pick's images are sure it agrees better (``search.zoo_confidence``: a paired interval of
+the difference, image by image, above zero), since the zoo's network is what the user already
+has. The best mixed student is kept beside the answer (``meta["mixed"]``), so the report says what mixing
 gained or cost. A donor whose outputs are not the teacher's classes is not offered, and the run
 says so. ``search.zoo`` (on by default) turns it off.
 """
@@ -92,7 +95,7 @@ def pick(cfg: Any, stage: Any, found: Any, sizes: list[int], console: Any) -> An
     console.print("the zoo, as it is (score on the selection images, latency ratio):", highlight=False)
     for z in zoo:
         console.print(f"  {z['what']}: {z['fidelity']:.4f} at {z['measured_ratio']:.3f}", highlight=False)
-    results = []
+    results, flags = [], {}
     for result in found.results:
         budget = result.budget if result.budget <= 1 else result.budget_ms / found.teacher_ms
         mixed = _mixed_row(cfg, stage, result, found.teacher_ms)
@@ -103,15 +106,47 @@ def pick(cfg: Any, stage: Any, found: Any, sizes: list[int], console: Any) -> An
             # to (search.budget_tolerance): a donor whose own latency set the budget is not lost to noise
             rows.append({k: v for k, v in z.items() if k not in ("student", "view")}
                         | {"within_budget": z["measured_ratio"] <= budget * (1 + cfg.search.budget_tolerance)})
-        results.append(_answer(result, mixed, rows, found.teacher_ms, console))
+        compare = (lambda row, result=result, rows=rows: _evidence(cfg, stage, flags, zoo[_index(rows, row)], result)
+                   ) if cfg.search.zoo_confidence else None
+        results.append(_answer(result, mixed, rows, found.teacher_ms, console, compare))
     return found.model_copy(update={"results": results})
 
 
-def _answer(result: Any, mixed: dict[str, Any], zoo: list[dict[str, Any]], teacher_ms: float, console: Any) -> Any:
-    """The result of one budget with its answer chosen between ``mixed`` and the ``zoo`` rows."""
+def _index(rows: list[dict[str, Any]], row: dict[str, Any]) -> int:
+    return next(i for i, r in enumerate(rows) if r is row)
+
+
+def _evidence(cfg: Any, stage: Any, flags: dict[Any, Any], entry: dict[str, Any], result: Any) -> dict[str, Any]:
+    """How much better the budget's mixed pick agrees with the teacher than the zoo ``entry``, image
+    by image on the pick's images, with a paired bootstrap interval at ``search.zoo_confidence``
+    (:func:`bespoke.evaluate.paired_flags`). ``flags`` keeps each candidate's per-image agreement."""
+    from bespoke.evaluate import paired_flags
+
+    zkey = ("zoo", entry["what"])
+    if zkey not in flags:
+        flags[zkey] = stage.agreement_flags(entry["student"], entry["view"].size, getattr(entry["view"], "base", None))
+    choices = plain(result.choices)
+    mkey = ("mixed", result.input_size, tuple(c["alternative"] for c in choices))
+    if mkey not in flags:
+        flags[mkey] = stage.finalist_flags(choices, result.input_size)
+    diff = paired_flags(flags[mkey], flags[zkey], resamples=4000, confidence=cfg.search.zoo_confidence,
+                        seed=cfg.seed)
+    return {**diff.as_dict(), "against": entry["what"]}
+
+
+def _answer(result: Any, mixed: dict[str, Any], zoo: list[dict[str, Any]], teacher_ms: float, console: Any,
+            compare: Any = None) -> Any:
+    """The result of one budget with its answer chosen between ``mixed`` and the ``zoo`` rows.
+    ``compare(row)``, when given, says how sure the pick's images are that the mixed student
+    agrees better than the zoo ``row`` (:func:`_evidence`); the mixed student wins only when the
+    interval's lower bound is above zero."""
     mixed_ok = bool(mixed.get("within_budget")) and result.feasible
     best = max((z for z in zoo if z["within_budget"]), default=None,
                key=lambda z: (z["fidelity"], -z["measured_ratio"]))
+    evidence = None
+    if best is not None and mixed_ok and compare is not None and \
+            (mixed.get("fidelity") or float("-inf")) > best["fidelity"]:
+        evidence = compare(best)
     mixed_info = {"choices": plain(result.choices), "input_size": result.input_size,
                   "fidelity": mixed.get("fidelity"), "measured_ratio": mixed.get("measured_ratio"),
                   "within_budget": mixed_ok, "latency_ms": result.latency_ms}
@@ -119,32 +154,38 @@ def _answer(result: Any, mixed: dict[str, Any], zoo: list[dict[str, Any]], teach
     out.meta["zoo"] = None
     out.meta["zoo_rows"] = zoo  # every entry as judged for this budget: finalists too (pick.finalists)
     # a tie goes to the zoo: on the selection images the mixed student is then no better than what the user has
-    if best is not None and (not mixed_ok or best["fidelity"] >= (mixed.get("fidelity") or float("-inf"))):
+    unsure = evidence is not None and evidence["low"] <= 0
+    if best is not None and (not mixed_ok or unsure or best["fidelity"] >= (mixed.get("fidelity") or float("-inf"))):
         out.choices, out.input_size = [], best["input_size"]
         out.feasible, out.loss, out.score = True, 0.0, 0.0
         out.latency_ms = best["measured_ratio"] * teacher_ms  # measured, not predicted: the answer's meta says so
         out.speedup = 1.0 / best["measured_ratio"] if best["measured_ratio"] else out.speedup
         out.meta["zoo"] = {"kind": best["kind"], "model": best.get("model"), "what": best["what"]}
         out.meta["answer"] = {"kind": best["kind"], "what": best["what"], "fidelity": best["fidelity"],
-                              "measured_ratio": best["measured_ratio"]}
+                              "measured_ratio": best["measured_ratio"], "evidence": evidence}
         out.meta["mixed"] = mixed_info if result.choices else None
         out.meta["ratio_at_pick"] = best["measured_ratio"]
         console.print(f"budget {result.budget:g}: the answer is {best['what']} ({best['fidelity']:.4f} at "
                       f"{best['measured_ratio']:.3f}); the best mixed student "
                       + (f"{mixed_info['fidelity']:.4f} at {mixed_info['measured_ratio'] or float('nan'):.3f}"
-                         + ("" if mixed_ok else ", over the budget") if result.choices else "replaces nothing"),
-                      highlight=False)
+                         + ("" if mixed_ok else ", over the budget") if result.choices else "replaces nothing")
+                      + (f", not surely better: {_points(evidence)}" if unsure else ""), highlight=False)
     else:
         kind = "mixed" if result.choices else "teacher"
         what = (f"{len(result.choices)} segment(s) replaced" if result.choices
                 else f"the teacher at {result.input_size or 'its own size'} px")
         out.meta["answer"] = {"kind": kind, "what": what, "fidelity": mixed.get("fidelity"),
-                              "measured_ratio": mixed.get("measured_ratio")}
+                              "measured_ratio": mixed.get("measured_ratio"), "evidence": evidence}
         out.meta["mixed"] = None  # the answer is the mixed student itself
         console.print(f"budget {result.budget:g}: the answer is the mixed pick ({what}); the best of the zoo "
-                      + (f"is {best['what']} ({best['fidelity']:.4f})" if best else "does not fit the budget"),
-                      highlight=False)
+                      + (f"is {best['what']} ({best['fidelity']:.4f})" if best else "does not fit the budget")
+                      + (f"; mixed minus zoo {_points(evidence)}" if evidence else ""), highlight=False)
     return out
+
+
+def _points(evidence: dict[str, Any]) -> str:
+    return (f"{100 * evidence['diff']:+.1f} [{100 * evidence['low']:+.1f}, {100 * evidence['high']:+.1f}] "
+            f"points on {evidence['images']} images")
 
 
 def mixed_plan(result: Any) -> dict[str, Any] | None:
