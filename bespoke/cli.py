@@ -44,13 +44,22 @@ def _registry():
     return reg
 
 
-def _parse_budgets(text: str | None) -> list[float] | None:
+def _parse_budgets(text: str | None, names: bool = False) -> list[float | str] | None:
+    """``--budget``: comma-separated ratios (<= 1) or ms (> 1); with ``names`` (``bespoke run``),
+    also donor names (a budget as fast as that model)."""
     if text is None:
         return None
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--budget {text!r}: give comma-separated numbers, e.g. 0.6,0.8 (ratios) or 12.5 (ms)") from None
+    vals: list[float | str] = []
+    for x in (x.strip() for x in text.split(",")):
+        if not x:
+            continue
+        try:
+            vals.append(float(x))
+        except ValueError:
+            if not names:
+                raise UsageError(f"--budget {text!r}: give comma-separated numbers, e.g. 0.6,0.8 (ratios) or 12.5 (ms)"
+                                 ) from None
+            vals.append(x)
     if not vals:
         raise UsageError("--budget is empty; give e.g. 0.6,0.8")
     return vals
@@ -232,7 +241,7 @@ def export(
 def run(
     config: Optional[Path] = typer.Argument(None, help="YAML/TOML run configuration (optional)"),
     plugin: Optional[List[str]] = PluginOpt,
-    budget: Optional[str] = typer.Option(None, "--budget", "-b", help="comma-separated ratios (<=1) or ms (>1)"),
+    budget: Optional[str] = typer.Option(None, "--budget", "-b", help="comma-separated ratios (<=1), ms (>1) or donor names (as fast as that model on the device), e.g. 0.5,tf_efficientnet_lite0"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (the config key out)"),
     data: Optional[List[str]] = typer.Option(None, "--data", help=DATA_HELP),
     val_data: Optional[List[str]] = typer.Option(None, "--val-data", help=VAL_DATA_HELP),
@@ -249,7 +258,7 @@ def run(
     """Everything: build (or reuse) the house, profile, search each budget, fine-tune, export, score, report."""
     from bespoke import pipeline
 
-    cfg, reg = _config(config, plugin, budgets=_parse_budgets(budget), out=str(out) if out else None,
+    cfg, reg = _config(config, plugin, budgets=_parse_budgets(budget, names=True), out=str(out) if out else None,
                        data=_roots(data), val_data=_roots(val_data), score_data=_roots(score_data),
                        class_list=class_list, data_balance=data_balance, teacher=teacher,
                        teacher_weights=teacher_weights, preset=preset, seed=seed,

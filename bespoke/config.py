@@ -139,6 +139,16 @@ class PluginSelection(Strict):
     search: str = Field("optuna", description="search strategy")
 
 
+def _number_or_name(b: float | str) -> float | str:
+    """A budget as given: a number (also when written as a string, "0.5"), else a model's name."""
+    if isinstance(b, str):
+        try:
+            return float(b)
+        except ValueError:
+            return b.strip()
+    return b
+
+
 class RunConfig(Strict):
     schema_version: int = Field(CONFIG_SCHEMA_VERSION, description="version of this configuration format")
     teacher: str = Field("tf_efficientnet_lite2", description="timm name, package.module:attribute, or a checkpoint path")
@@ -150,7 +160,7 @@ class RunConfig(Strict):
     score_data: str | list[str] | None = Field(None, description="the scoring images: a folder, package.module:attribute, or a list of them, read once at the end of `bespoke run` to score the teacher and each saved student (report.json: score_top1, score_agreement); nothing that chooses reads them, and they must share no image with data or the selection images; default: none")
     data_balance: Literal["none", "class", "root"] = Field("none", description="how the distillation images are drawn: none (each once per epoch, as the folders hold them), class (as many draws, an equal share for every class -- unlabelled images count by root --, so a pool skewed to a few classes trains the blocks on all of them; the images of small classes repeat, each draw under its own augmentation) or root (an equal share for every root of data). The held-out selection images are taken off first and are never redrawn")
     class_list: str | None = Field(None, description="classes.txt mapping WordNet ids to indices, for files named by WordNet id")
-    budgets: list[float] = Field(default_factory=lambda: [0.7, 0.85], description="latency budgets: ratios of the teacher (<= 1) or milliseconds (> 1)")
+    budgets: list[float | str] = Field(default_factory=lambda: [0.7, 0.85], description="latency budgets: ratios of the teacher (<= 1), milliseconds (> 1), or the name of one of `donors` (in `bespoke run`): as fast as that model is on the target device, its latency ratio timed beside the teacher (search.check_repeats calls, the median) before the search; the model itself then meets its own budget by definition, however the device's timings drift, and competes in the pick as it is (search.zoo)")
     out: str = Field("bespoke-out", description="output directory")
     house: str | None = Field(None, description="model house directory; default: OUT/house")
     seed: int = Field(0, description="random seed of every stage")
@@ -190,10 +200,15 @@ class RunConfig(Strict):
 
     @field_validator("budgets")
     @classmethod
-    def _budgets_positive(cls, v: list[float]) -> list[float]:
+    def _budgets_positive(cls, v: list[float | str]) -> list[float | str]:
         if not v:
             raise ValueError("give at least one budget")
+        v = [_number_or_name(b) for b in v]
         for b in v:
+            if isinstance(b, str):
+                if not b:
+                    raise ValueError("a budget named by a model needs the model's name (one of donors)")
+                continue
             if b <= 0:
                 raise ValueError(f"budget {b} must be > 0 (a ratio of the teacher's latency, or milliseconds)")
         return v

@@ -58,6 +58,7 @@ class StudentEntry(BaseModel):
     latency_ratio_interval: list[float] | None = Field(None, description="95 % interval of latency_ratio (bootstrap of the per-round ratios)")
     latency_ratio_at_pick: float | None = Field(None, description="the ratio the final pick measured for this student's architecture, before fine-tuning and saving")
     budget_ratio: float | None = Field(None, description="the budget as a ratio of the teacher at its own size")
+    budget_model: str | None = Field(None, description="the model whose latency on the device set this budget (a budget given as a donor's name), else null; that model meets it by definition")
     over_budget: bool = Field(False, description="true: the saved student measures over its budget by more than search.budget_tolerance or the measured noise (listed in unmet_budgets)")
     fallback: int | None = Field(None, description="n: the budget's pick measured over budget as saved, and this is its n-th other finalist (search.pick_fallbacks)")
     fallback_detail: dict[str, Any] | None = Field(None, description="why this student stands in for the budget's pick, when it does: the pick's and the finalist's agreement on the pick's images, and what a second, tighter search found (search.fallback_max_drop); also OUT/students/budget-B/fallback.json")

@@ -45,6 +45,9 @@ def resolve_budgets(budgets: Iterable[float], teacher_ms: float) -> list[float]:
     """Budgets in ms: a value <= 1 is a ratio of ``teacher_ms``, a value > 1 is milliseconds."""
     out = []
     for b in budgets:
+        if isinstance(b, str):
+            raise UsageError(f"budget {b!r} names a model: only `bespoke run` times it on the device (beside the "
+                             "teacher) to make it a budget; here give a ratio (<= 1) or milliseconds (> 1)")
         b = float(b)
         if not b > 0 or math.isinf(b):
             raise UsageError(f"budget {b} must be a positive ratio (<= 1) or milliseconds (> 1)")

@@ -114,7 +114,7 @@ def test_a_student_over_budget_as_saved_is_replaced_by_the_next_finalist_in_the_
     monkeypatch.setattr(stage, "finalists", lambda plan: [f if i == 0 else {**f, "fidelity": 0.79}
                                                           for i, f in enumerate(real(plan))])
     cfg = load_config(None, {"preset": "tiny", "out": str(tmp_path / "out"), "budgets": [0.95],
-                             "search": {"rerank_top_k": 3}})
+                             "search": {"rerank_top_k": 3, "zoo_confidence": 0}})
     report = pipeline.run(cfg, get_registry())
     (s,) = report.students
     budget = tmp_path / "out" / "students" / "budget-0.95"

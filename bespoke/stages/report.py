@@ -114,6 +114,7 @@ def write_run_report(cfg: Any, stage: Any, found: Any, made: list[Any], measured
             input_size=m.size if m.size != stage.size else None,
             latency_ratio=m.latency_ratio, latency_ratio_interval=list(m.latency_interval) if m.latency_interval else None,
             latency_ratio_at_pick=m.ratio_at_pick, budget_ratio=m.budget_ratio, over_budget=m.over_budget,
+            budget_model=getattr(stage, "budget_models", {}).get(r["budget"]),
             fallback=r.get("fallback"), fallback_detail=r.get("fallback_detail"), images=a.images, usable=usable, usable_note=note,
             agreement_interval=list(proportion_interval(a.agreement, distinct))
             if a.agreement is not None and distinct else None, **scored(m.name)))

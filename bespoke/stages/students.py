@@ -99,6 +99,7 @@ class Students:
         self._size_ratios = {}  # the teacher at other sizes over itself at its own, as the pick timed it
         self._pick_cache, self._pick_teacher, self._last_finalist = DecodedBatches(), None, (None, None)  # the final pick's
         self._zoo = {}  # the donors as they are, by name (donor_as_is)
+        self.budget_models = {}  # budget ratio -> the model whose latency set it (zoo.named_budgets)
 
     def at(self, size=None):
         """The teacher's partition, block-source context and held-out images at input ``size``
@@ -412,6 +413,9 @@ class Students:
             m.budget_ratio = budget_ratio(m.plan, ms.get("teacher"))
             m.over_budget = m.budget_ratio is not None and over_budget(
                 m.latency_ratio, m.latency_interval, m.budget_ratio, self.cfg.search.budget_tolerance)
+            zoo = _zoo_of(m.plan)
+            if zoo and zoo.get("model") is not None and self.budget_models.get(m.plan.get("budget")) == zoo["model"]:
+                m.over_budget = False  # the model whose latency is the budget meets it by definition
         return {m.name: ms[m.name] for m in made}
 
     def hold_budgets(self, made, search=None, configs=None):

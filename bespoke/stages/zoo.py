@@ -27,6 +27,45 @@ from bespoke.stages import plain
 from bespoke.stages.pick import scored_pick
 
 
+def named_budgets(cfg: Any, stage: Any, console: Any) -> list[float]:
+    """``cfg.budgets`` with each budget named by a model (one of ``donors``) replaced by that
+    model's latency ratio to the teacher on the run's device: its flat traced graph at its own
+    input size, timed beside the teacher in ``search.check_repeats`` calls (the median), as saved
+    students are timed. Records ``stage.budget_models`` (ratio -> name): at the pick, that model
+    meets its own budget by definition (:func:`pick`), and so does it as saved."""
+    from bespoke.evaluate import measure_ratios
+    from bespoke.models import default_input_size, load_model
+    from bespoke.student import deployed
+
+    out = []
+    for b in cfg.budgets:
+        if not isinstance(b, str):
+            out.append(b)
+            continue
+        if b not in cfg.donors:
+            raise UsageError(f"budget {b!r} names a model that is not one of donors {list(cfg.donors)}: add it to "
+                             "donors (a budget is named by a donor, timed on the device), or give a ratio")
+        model = load_model(b, weights="auto").eval()
+        size = default_input_size(model, stage.size)
+        estimator, fallback = stage._estimators()
+        _, ratios = measure_ratios({"teacher": stage.deployed(), b: deployed(model, (1, 3, size, size))},
+                                   {"teacher": stage.shape, b: (1, 3, size, size)}, estimator, fallback,
+                                   pairwise=True, repeats=cfg.search.check_repeats)
+        ratio = ratios.get(b)
+        if ratio is None or not 0 < ratio < 1:
+            raise UsageError(f"budget {b!r}: " + ("the latency estimator cannot time it" if ratio is None else
+                             f"it runs at {ratio:.3f} of the teacher on this device, not faster, so a budget "
+                             "named by it compresses nothing") + "; give a ratio instead")
+        ratio = round(ratio, 3)
+        if ratio in stage.budget_models or ratio in out:
+            raise UsageError(f"budget {b!r} comes to {ratio}, which another budget already is; give each once")
+        stage.budget_models[ratio] = b
+        out.append(ratio)
+        console.print(f"budget {b}: {ratio:.3f} of the teacher ({size} px, timed beside it on this device)",
+                      highlight=False)
+    return out
+
+
 def entries(cfg: Any, stage: Any, sizes: list[int], warn: Any) -> list[dict[str, Any]]:
     """The zoo: the teacher at its own and at each searched input size, then each donor that
     gives the teacher's classes, as it is."""
@@ -99,13 +138,17 @@ def pick(cfg: Any, stage: Any, found: Any, sizes: list[int], console: Any) -> An
     for result in found.results:
         budget = result.budget if result.budget <= 1 else result.budget_ms / found.teacher_ms
         mixed = _mixed_row(cfg, stage, result, found.teacher_ms)
-        rows = []
+        rows, named = [], getattr(stage, "budget_models", {}).get(result.budget)
         for z in zoo:
             _remeasure(cfg, stage, z, budget)
             # a fixed network at the budget is within it up to the margin every saved student is held
             # to (search.budget_tolerance): a donor whose own latency set the budget is not lost to noise
-            rows.append({k: v for k, v in z.items() if k not in ("student", "view")}
-                        | {"within_budget": z["measured_ratio"] <= budget * (1 + cfg.search.budget_tolerance)})
+            row = {k: v for k, v in z.items() if k not in ("student", "view")} \
+                | {"within_budget": z["measured_ratio"] <= budget * (1 + cfg.search.budget_tolerance)}
+            if named is not None and z["kind"] == "donor" and z.get("model") == named:
+                # the budget is this model's latency on the device: it meets it by definition
+                row |= {"within_budget": True, "sets_budget": True, "measured_ratio": budget}
+            rows.append(row)
         compare = (lambda row, result=result, rows=rows: _evidence(cfg, stage, flags, zoo[_index(rows, row)], result)
                    ) if cfg.search.zoo_confidence else None
         results.append(_answer(result, mixed, rows, found.teacher_ms, console, compare))
@@ -202,4 +245,4 @@ def mixed_plan(result: Any) -> dict[str, Any] | None:
     return plan
 
 
-__all__ = ["entries", "mixed_plan", "pick"]
+__all__ = ["entries", "mixed_plan", "named_budgets", "pick"]
