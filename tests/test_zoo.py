@@ -416,6 +416,18 @@ def test_a_budget_named_by_a_donor_is_its_latency_on_the_device_and_it_meets_it(
     row = next(z for z in out.meta["zoo_rows"] if z.get("model") == "lite0")
     assert row["sets_budget"] and row["within_budget"] and row["measured_ratio"] == 0.564
     assert out.meta["zoo"]["model"] == "lite0"
+    # at its named budget, another network of the zoo displaces the donor only when surely better
+    stage.scores["teacher@224"], stage.ratios["teacher@224"] = 0.855, 0.55  # 5 more images of 1000
+    stage.flags = {"lite0": torch.arange(1000) < 850, "teacher@224": (torch.arange(1000) < 855) & (torch.arange(1000) != 3)}
+    out = zoo.pick(cfg(), stage, found(budgets=(0.564,)), [224], Console()).results[0]
+    assert out.meta["zoo"]["model"] == "lite0"
+    ev = out.meta["answer"]["zoo_evidence"]
+    assert ev["candidate"] == "the teacher at 224 px" and ev["against"] == "lite0 as it is" and ev["low"] <= 0
+    stage.scores["teacher@224"], stage.flags = 0.90, {}  # 50 more images, every one of them: surely better
+    out = zoo.pick(cfg(), stage, found(budgets=(0.564,)), [224], Console()).results[0]
+    assert out.meta["zoo"] == {"kind": "teacher", "model": None, "what": "the teacher at 224 px"}
+    assert out.meta["answer"]["zoo_evidence"]["low"] > 0
+    del stage.scores["teacher@224"], stage.ratios["teacher@224"]
     # without the name, the same timing puts it out of the budget given as a number
     stage.budget_models = {}
     assert zoo.pick(cfg(), stage, found(budgets=(0.564,)), [], Console()).results[0].meta["answer"]["kind"] == "mixed"

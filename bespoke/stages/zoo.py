@@ -12,9 +12,11 @@ images; without those, the re-ranking score). The **answer** of a budget is the 
 it, with one rule of evidence: the best mixed student displaces the best network of the zoo only
 when the pick's images are sure it agrees better (``search.zoo_confidence``: a paired interval of
 the difference, image by image, above zero), since the zoo's network is what the user already
-has. The best mixed student is kept beside the answer (``meta["mixed"]``), so the report says what mixing
-gained or cost. A donor whose outputs are not the teacher's classes is not offered, and the run
-says so. ``search.zoo`` (on by default) turns it off.
+has; and at a budget named by a donor (:func:`named_budgets`), another network of the zoo
+displaces that donor only on the same evidence, since that donor is the one the user named.
+The best mixed student is kept beside the answer (``meta["mixed"]``), so the report says what
+mixing gained or cost. A donor whose outputs are not the teacher's classes is not offered, and
+the run says so. ``search.zoo`` (on by default) turns it off.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def pick(cfg: Any, stage: Any, found: Any, sizes: list[int], console: Any) -> An
                 # the budget is this model's latency on the device: it meets it by definition
                 row |= {"within_budget": True, "sets_budget": True, "measured_ratio": budget}
             rows.append(row)
-        compare = (lambda row, result=result, rows=rows: _evidence(cfg, stage, flags, zoo[_index(rows, row)], result)
+        compare = (lambda a, b, result=result, rows=rows: _evidence(cfg, stage, flags, a, b, result, zoo, rows)
                    ) if cfg.search.zoo_confidence else None
         results.append(_answer(result, mixed, rows, found.teacher_ms, console, compare))
     return found.model_copy(update={"results": results})
@@ -159,37 +161,53 @@ def _index(rows: list[dict[str, Any]], row: dict[str, Any]) -> int:
     return next(i for i, r in enumerate(rows) if r is row)
 
 
-def _evidence(cfg: Any, stage: Any, flags: dict[Any, Any], entry: dict[str, Any], result: Any) -> dict[str, Any]:
-    """How much better the budget's mixed pick agrees with the teacher than the zoo ``entry``, image
-    by image on the pick's images, with a paired bootstrap interval at ``search.zoo_confidence``
-    (:func:`bespoke.evaluate.paired_flags`). ``flags`` keeps each candidate's per-image agreement."""
+def _evidence(cfg: Any, stage: Any, flags: dict[Any, Any], a: Any, b: dict[str, Any], result: Any,
+              zoo: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How much better candidate ``a`` (``"mixed"``: the budget's mixed pick, or a zoo row) agrees
+    with the teacher than the zoo row ``b``, image by image on the pick's images, with a paired
+    bootstrap interval at ``search.zoo_confidence`` (:func:`bespoke.evaluate.paired_flags`).
+    ``flags`` keeps each candidate's per-image agreement across budgets."""
     from bespoke.evaluate import paired_flags
 
-    zkey = ("zoo", entry["what"])
-    if zkey not in flags:
-        flags[zkey] = stage.agreement_flags(entry["student"], entry["view"].size, getattr(entry["view"], "base", None))
-    choices = plain(result.choices)
-    mkey = ("mixed", result.input_size, tuple(c["alternative"] for c in choices))
-    if mkey not in flags:
-        flags[mkey] = stage.finalist_flags(choices, result.input_size)
-    diff = paired_flags(flags[mkey], flags[zkey], resamples=4000, confidence=cfg.search.zoo_confidence,
-                        seed=cfg.seed)
-    return {**diff.as_dict(), "against": entry["what"]}
+    def flags_of(c):
+        if isinstance(c, str):  # the mixed pick
+            choices = plain(result.choices)
+            key = ("mixed", result.input_size, tuple(x["alternative"] for x in choices))
+            if key not in flags:
+                flags[key] = stage.finalist_flags(choices, result.input_size)
+            return flags[key]
+        entry, key = zoo[_index(rows, c)], ("zoo", c["what"])
+        if key not in flags:
+            flags[key] = stage.agreement_flags(entry["student"], entry["view"].size, getattr(entry["view"], "base", None))
+        return flags[key]
+
+    diff = paired_flags(flags_of(a), flags_of(b), resamples=4000, confidence=cfg.search.zoo_confidence, seed=cfg.seed)
+    return {**diff.as_dict(), "against": b["what"]}
 
 
 def _answer(result: Any, mixed: dict[str, Any], zoo: list[dict[str, Any]], teacher_ms: float, console: Any,
             compare: Any = None) -> Any:
     """The result of one budget with its answer chosen between ``mixed`` and the ``zoo`` rows.
-    ``compare(row)``, when given, says how sure the pick's images are that the mixed student
-    agrees better than the zoo ``row`` (:func:`_evidence`); the mixed student wins only when the
-    interval's lower bound is above zero."""
+    ``compare(a, b)``, when given, says how sure the pick's images are that candidate ``a`` (a
+    zoo row, or ``"mixed"``) agrees better than the zoo row ``b`` (:func:`_evidence`): at a budget
+    named by a donor, another network of the zoo displaces that donor only when the interval's
+    lower bound is above zero; the mixed student displaces the zoo's choice only then too."""
     mixed_ok = bool(mixed.get("within_budget")) and result.feasible
-    best = max((z for z in zoo if z["within_budget"]), default=None,
-               key=lambda z: (z["fidelity"], -z["measured_ratio"]))
+    within = [z for z in zoo if z["within_budget"]]
+    best = max(within, default=None, key=lambda z: (z["fidelity"], -z["measured_ratio"]))
+    named = next((z for z in within if z.get("sets_budget")), None)
+    zoo_evidence = None
+    if named is not None and best is not named and compare is not None:
+        zoo_evidence = {**compare(best, named), "candidate": best["what"]}
+        if zoo_evidence["low"] <= 0:  # the donor the user named stays: the other is not surely better
+            console.print(f"budget {result.budget:g}: {best['what']} agrees {best['fidelity']:.4f}, "
+                          f"{named['what']} {named['fidelity']:.4f}; not surely better: {_points(zoo_evidence)}",
+                          highlight=False)
+            best = named
     evidence = None
     if best is not None and mixed_ok and compare is not None and \
             (mixed.get("fidelity") or float("-inf")) > best["fidelity"]:
-        evidence = compare(best)
+        evidence = compare("mixed", best)
     mixed_info = {"choices": plain(result.choices), "input_size": result.input_size,
                   "fidelity": mixed.get("fidelity"), "measured_ratio": mixed.get("measured_ratio"),
                   "within_budget": mixed_ok, "latency_ms": result.latency_ms}
@@ -205,7 +223,8 @@ def _answer(result: Any, mixed: dict[str, Any], zoo: list[dict[str, Any]], teach
         out.speedup = 1.0 / best["measured_ratio"] if best["measured_ratio"] else out.speedup
         out.meta["zoo"] = {"kind": best["kind"], "model": best.get("model"), "what": best["what"]}
         out.meta["answer"] = {"kind": best["kind"], "what": best["what"], "fidelity": best["fidelity"],
-                              "measured_ratio": best["measured_ratio"], "evidence": evidence}
+                              "measured_ratio": best["measured_ratio"], "evidence": evidence,
+                              "zoo_evidence": zoo_evidence}
         out.meta["mixed"] = mixed_info if result.choices else None
         out.meta["ratio_at_pick"] = best["measured_ratio"]
         console.print(f"budget {result.budget:g}: the answer is {best['what']} ({best['fidelity']:.4f} at "
@@ -218,7 +237,8 @@ def _answer(result: Any, mixed: dict[str, Any], zoo: list[dict[str, Any]], teach
         what = (f"{len(result.choices)} segment(s) replaced" if result.choices
                 else f"the teacher at {result.input_size or 'its own size'} px")
         out.meta["answer"] = {"kind": kind, "what": what, "fidelity": mixed.get("fidelity"),
-                              "measured_ratio": mixed.get("measured_ratio"), "evidence": evidence}
+                              "measured_ratio": mixed.get("measured_ratio"), "evidence": evidence,
+                              "zoo_evidence": zoo_evidence}
         out.meta["mixed"] = None  # the answer is the mixed student itself
         console.print(f"budget {result.budget:g}: the answer is the mixed pick ({what}); the best of the zoo "
                       + (f"is {best['what']} ({best['fidelity']:.4f})" if best else "does not fit the budget")
