@@ -356,8 +356,6 @@ def paired_difference(a: Predictions, b: Predictions, *, resamples: int = 10000,
     n = int(mask.sum())
     if n == 0:
         raise ValueError("paired_difference needs labelled images")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
     return paired_flags(a.top5[mask, 0] == a.labels[mask], b.top5[mask, 0] == b.labels[mask],
                         resamples=resamples, confidence=confidence, seed=seed)
 
