@@ -5,8 +5,9 @@
 One process, this machine's CPU, batch 1, 2 threads. The images play three roles that share no
 image (checked by file, bytes and pixels; counts and digests in DIR/benchmark.json):
 
-- distillation: imagenet-sample/train and imagenet-extra/distill (12,747 images by default;
-  ``--distill-images N`` takes the first N: imagenet-sample/train first, then a seeded draw);
+- distillation: imagenet-sample/train and broad/ (3,905 images less the selection images by
+  default; ``--pool`` adds or swaps in imagenet-extra/distill; ``--distill-images N`` takes the
+  first N: imagenet-sample/train first, then the pool in a seeded order);
 - selection: ``--selection-images`` (200) held back from imagenet-sample/train (the broad
   classes; ``--selection-from each``: half from each root), for everything that chooses
   (replace-one proxy, re-rank, pick, keep-best, halving);
@@ -88,8 +89,8 @@ def parse_args(argv=None):
                         "imagenet-extra/distill, or imagenet-extra/distill alone (12,447 images of 20 classes; "
                         "the default before)")
     p.add_argument("--distill-images", type=int, default=0,
-                   help="distil on this many images (imagenet-sample/train first, then a seeded draw from "
-                        "imagenet-extra/distill); 0: all of them")
+                   help="distil on this many images (imagenet-sample/train first, then the --pool images in a "
+                        "seeded order); 0: all of them")
     p.add_argument("--selection-images", type=int, default=200,
                    help="images held back from the distillation pool for everything that chooses (proxy, "
                         "re-rank, pick, keep-best, halving); never scored on")
