@@ -10,9 +10,10 @@ and serves three targets from it, one after the other:
 
 - ``torch-cpu``: torch eager, batch 1, this machine (``measured-latency``);
 - ``onnxruntime-cpu``: ONNX Runtime on the same CPU (``onnxruntime-latency``): block latencies
-  measured on exported ONNX pieces, every whole model exported and timed in ONNX Runtime beside
-  the teacher's export (the torch.export-based exporter ``bespoke export`` ships with; worker
-  threads do not spin, so the sessions timed in turn do not take each other's cores);
+  measured on exported ONNX pieces (the legacy exporter, ``piece_exporter``: a tenth of the
+  export time), every whole model exported and timed in ONNX Runtime beside the teacher's export
+  (the torch.export-based exporter ``bespoke export`` ships with; worker threads do not spin, so
+  the sessions timed in turn do not take each other's cores);
 - ``vendor-npu``: an int8 accelerator we cannot reach, whose latencies come from the documented
   cost model of the plugin package ``examples/bespoke-latency-vendor-npu`` (installed with pip
   when missing; ``bespoke profile HOUSE --plugin vendor-npu -o npu.lut.json`` writes its table).

@@ -85,7 +85,8 @@ def evaluate(model: nn.Module, name: str, dataset: Any, input_shape: Sequence[in
 
 def _queries(models: dict[str, nn.Module],
              input_shape: Sequence[int] | Mapping[str, Sequence[int]]) -> dict[str, Any]:
-    """One latency query per model (in eval mode): ``input_shape`` is one shape, or one per name."""
+    """One latency query per model (in eval mode), each a whole network as it ships
+    (``as_shipped``): ``input_shape`` is one shape, or one per name."""
     from bespoke.latency import make_query
     from bespoke.types import LatencyQuery
 
@@ -98,11 +99,11 @@ def _queries(models: dict[str, nn.Module],
     queries: dict[str, Any] = {}
     owner: dict[str, int] = {}  # query key -> the module object that has it
     for name, m in models.items():
-        q = make_query(m, shape_of(name))
+        q = make_query(m, shape_of(name), as_shipped=True)
         if owner.setdefault(q.key, id(m)) != id(m):
             # the same architecture as another model here, but another module (a saved student
             # beside the network it came from): timed in its own right, not answered for the other
-            q = LatencyQuery(key=f"{q.key}@{name}", input_shape=q.input_shape, module=q.module)
+            q = LatencyQuery(key=f"{q.key}@{name}", input_shape=q.input_shape, module=q.module, as_shipped=True)
         queries[name] = q
     return queries
 

@@ -167,11 +167,16 @@ class LatencyQuery:
 
     ``key`` is a stable signature of the architecture and input shape (independent of weights):
     lookup tables answer from it. ``module`` may be ``None`` for table-only queries.
+    ``as_shipped``: ``module`` is a whole network as it ships (a student or the teacher timed for a
+    budget): an estimator that converts what it times (exports ONNX, compiles) should convert it
+    the way ``bespoke export`` does. Pieces of a network (a profile's blocks) leave it ``False``,
+    and such an estimator may take a faster path for them, the same for every query of one call.
     """
 
     key: str
     input_shape: tuple[int, ...]
     module: "nn.Module | None" = None
+    as_shipped: bool = False
 
 
 @runtime_checkable

@@ -34,7 +34,9 @@ class OnnxRuntimeLatencyOptions(PluginOptions):
     device_name: str | None = Field(None, description="name written into the DeviceInfo (default: the CPU model)")
     opset: int = Field(18, ge=7)
     exporter: Literal["dynamo", "torchscript"] = Field(
-        "dynamo", description="torch.onnx exporter: the torch.export-based one (default), or the legacy TorchScript one (faster to export, deprecated)")
+        "dynamo", description="torch.onnx exporter of whole networks as they ship (students, the teacher): the torch.export-based one `bespoke export` uses (default), or the legacy TorchScript one (faster to export, deprecated)")
+    piece_exporter: Literal["dynamo", "torchscript"] | None = Field(
+        "torchscript", description="torch.onnx exporter when a call times pieces of a network (`bespoke profile`'s blocks and alternatives; the teacher timed with them goes the same way, so their ratios compare like with like); none: `exporter`. The legacy one exports a block in about a tenth of the CPU time")
     cache_dir: str | None = Field(None, description="where exported models are kept, by signature (default: a temporary directory)")
     allow_spinning: bool = Field(False, description="let ORT worker threads spin between runs (ORT's own default). Off by default here: the estimator interleaves many sessions in one process, and each idle session's spinning threads take the cores from the one being timed (Lite2 at 260 px timed beside its 20 blocks, 2 threads: 33.1 ms with spinning, 14.3 ms without; the blocks summed to 54.8 ms against 12.7)")
 
@@ -103,11 +105,15 @@ class OnnxRuntimeLatency:
         path, _ = self._export(query, exporter)
         return path
 
-    def _export(self, query: LatencyQuery, exporter: str | None = None) -> tuple[Path, str]:
+    def _export(self, query: LatencyQuery, exporter: str | None = None, prefer: str | None = None,
+                ) -> tuple[Path, str]:
+        """Export ``query`` with ``exporter``, or with ``prefer`` (default: the configured one) and
+        the other one when it fails."""
         import torch
 
         o = self.options
-        tries = [exporter] if exporter else ([o.exporter, "torchscript"] if o.exporter == "dynamo" else [o.exporter])
+        prefer = prefer or o.exporter
+        tries = [exporter] if exporter else [prefer] + [e for e in ("dynamo", "torchscript") if e != prefer]
         errors = []
         for how in tries:
             path = self.cache / f"{query.key}-b{o.batch}-{how}-op{o.opset}.onnx"
@@ -124,14 +130,23 @@ class OnnxRuntimeLatency:
             f"onnxruntime-latency: could not export {type(query.module).__name__} "
             f"(key {query.key}, input {tuple(query.input_shape)}) to ONNX: " + "; ".join(errors))
 
+    def exporter_for(self, queries: Sequence[LatencyQuery]) -> str:
+        """The exporter a call prefers: ``exporter`` when every query is a whole network as it
+        ships, ``piece_exporter`` (when set) as soon as one is a piece."""
+        o = self.options
+        pieces = any(not getattr(q, "as_shipped", False) for q in queries)
+        return o.piece_exporter if pieces and o.piece_exporter else o.exporter
+
     def exported(self, queries: Sequence[LatencyQuery]) -> tuple[list[Path], str]:
-        """Every query exported by one exporter, so that ratios between them compare like with
-        like: when one graph needs the legacy exporter, all of them are exported with it."""
-        done = [self._export(q) for q in queries]
+        """Every query exported by one exporter (:meth:`exporter_for`, the other one for all of
+        them when a graph needs it), so that ratios between them compare like with like."""
+        prefer = self.exporter_for(queries)
+        done = [self._export(q, prefer=prefer) for q in queries]
         used = {how for _, how in done}
         if len(used) > 1:
-            done = [self._export(q, "torchscript") for q in queries]
-        return [p for p, _ in done], done[0][1] if done else self.options.exporter
+            other = next(e for e in used if e != prefer)
+            done = [self._export(q, other) for q in queries]
+        return [p for p, _ in done], done[0][1] if done else prefer
 
     def _session(self, path: Path):
         import onnxruntime as ort

@@ -154,11 +154,42 @@ def test_onnxruntime_exports_every_model_timed_together_with_one_exporter(tmp_pa
     monkeypatch.setattr(plugin, "_export", export)
     est = plugin.OnnxRuntimeLatency(plugin.OnnxRuntimeLatencyOptions(runs=2, warmup=0, cache_dir=str(tmp_path)))
     wide, narrow = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 2, 3)
-    paths, how = est.exported([make_query(wide, (1, 3, 16, 16)), make_query(narrow, (1, 3, 16, 16))])
+    shape = (1, 3, 16, 16)
+    paths, how = est.exported([make_query(wide, shape, as_shipped=True), make_query(narrow, shape, as_shipped=True)])
     assert how == "torchscript" and all("-torchscript-" in p.name for p in paths)
     assert (4, "torchscript") in used  # the one dynamo could export was exported again, like the other
-    alone, how_alone = est.exported([make_query(wide, (1, 3, 16, 16))])
+    alone, how_alone = est.exported([make_query(wide, shape, as_shipped=True)])
     assert how_alone == "dynamo" and "-dynamo-" in alone[0].name
+
+
+def test_onnxruntime_exports_pieces_with_the_piece_exporter(tmp_path, monkeypatch):
+    """Whole networks as they ship go through `exporter` (what `bespoke export` uses); a call that
+    times pieces (a profile) goes through `piece_exporter`, its whole teacher too."""
+    pytest.importorskip("onnxruntime")
+    import bespoke_plugins.onnxruntime_latency as plugin
+    from bespoke.latency import make_query
+
+    real = plugin._export
+    used = []
+
+    def export(module, x, path, opset, exporter):
+        used.append(exporter)
+        real(module, x, path, opset, "torchscript")  # quick; the file name records `exporter`
+
+    monkeypatch.setattr(plugin, "_export", export)
+    options = dict(runs=2, warmup=0, cache_dir=str(tmp_path))
+    est = plugin.OnnxRuntimeLatency(plugin.OnnxRuntimeLatencyOptions(**options))
+    whole, piece, shape = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 2, 3), (1, 3, 16, 16)
+    assert est.exported([make_query(whole, shape, as_shipped=True)])[1] == "dynamo"
+    paths, how = est.exported([make_query(whole, shape, as_shipped=True), make_query(piece, shape)])
+    assert how == "torchscript" and all("-torchscript-" in p.name for p in paths)
+    assert used == ["dynamo", "torchscript", "torchscript"]
+    ms = est.latencies([make_query(whole, shape, as_shipped=True), make_query(piece, shape)])
+    assert len(ms) == 2 and all(v > 0 for v in ms.values())
+    same = plugin.OnnxRuntimeLatency(plugin.OnnxRuntimeLatencyOptions(**options, piece_exporter=None))
+    assert same.exported([make_query(piece, shape)])[1] == "dynamo"
+    with pytest.raises(Exception):
+        plugin.OnnxRuntimeLatencyOptions(piece_exporter="tvm")
 
 
 def _plan(**kw):

@@ -171,7 +171,7 @@ def measure_students(estimator: LatencyEstimator, students: Sequence[tuple],
     with uncalibrated additive predictions. Feed the result to :func:`calibrate_table`
     (``[s.predicted_ms ...]``, ``[s.measured_ms ...]``, ``n_replaced=[s.n_replaced ...]``).
     """
-    queries = [make_query(st[1], input_shape) for st in students]
+    queries = [make_query(st[1], input_shape, as_shipped=True) for st in students]
     ms = estimator.latencies(queries)
     out = []
     for st, q in zip(students, queries):

@@ -121,7 +121,8 @@ def module_signature(module: "nn.Module", input_shape: Sequence[int]) -> str:
     return "sig-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
 
 
-def make_query(module: "nn.Module", input_shape: Sequence[int]) -> LatencyQuery:
-    """A :class:`LatencyQuery` for ``module``, keyed by :func:`module_signature`."""
+def make_query(module: "nn.Module", input_shape: Sequence[int], *, as_shipped: bool = False) -> LatencyQuery:
+    """A :class:`LatencyQuery` for ``module``, keyed by :func:`module_signature`; ``as_shipped``:
+    it is a whole network as it ships (:class:`LatencyQuery`)."""
     shape = tuple(int(s) for s in input_shape)
-    return LatencyQuery(key=module_signature(module, shape), input_shape=shape, module=module)
+    return LatencyQuery(key=module_signature(module, shape), input_shape=shape, module=module, as_shipped=as_shipped)
