@@ -453,3 +453,59 @@ def test_only_bespoke_run_takes_a_budget_named_by_a_model():
     assert load_config(None, {"budgets": ["0.5", " x "]}).budgets == [0.5, "x"]  # a number written as text
     with pytest.raises(Exception, match="model's name"):
         load_config(None, {"budgets": [" "]})
+
+
+def test_the_rule_of_evidence_counts_top1_on_labelled_images_where_there_are_some():
+    """Agreement with the teacher favours the teacher at a lower size (it inherits the teacher's
+    mistakes); on labelled held-out images the rule compares top-1 instead, so a donor the user
+    named stays unless the other network is surely more accurate."""
+    from bespoke.stages import zoo
+
+    n = 400
+    stage = Stage({"mixed": 0.70, "lite0": 0.80, "lite1": 0.81, "teacher@260": 1.0, "teacher@224": 0.86},
+                  {"lite0": 0.58, "lite1": 0.809, "teacher@224": 0.78})
+    stage.budget_models = {0.809: "lite1"}
+    stage.flags = {"lite1": torch.arange(n) < 324, "teacher@224": torch.arange(n) < 344}  # +5 points: sure
+    correct = {"lite1": torch.arange(200) < 170, "teacher@224": (torch.arange(200) < 172) & (torch.arange(200) != 5)}
+    stage.correct_flags = lambda student, size, base=None: correct.get(base)
+    stage.finalist_correct_flags = lambda choices, size=None: correct.get("mixed")
+    console = Console()
+    out = zoo.pick(cfg(), stage, found(budgets=(0.809,)), [224], console).results[0]
+    assert out.meta["zoo"]["model"] == "lite1"
+    ev = out.meta["answer"]["zoo_evidence"]
+    assert ev["on"] == "labels" and ev["images"] == 200 and ev["low"] <= 0
+    assert any("points of top-1 on 200 labelled images" in line for line in console.lines)
+    # judged by agreement, the teacher at 224 px is surely better and displaces the named donor
+    out = zoo.pick(cfg(zoo_evidence="agreement"), stage, found(budgets=(0.809,)), [224], Console()).results[0]
+    assert out.meta["zoo"]["what"] == "the teacher at 224 px"
+    assert out.meta["answer"]["zoo_evidence"]["on"] == "agreement" and out.meta["answer"]["zoo_evidence"]["low"] > 0
+    # no labelled image among the pick's: agreement, as before
+    stage.correct_flags = lambda student, size, base=None: None
+    out = zoo.pick(cfg(), stage, found(budgets=(0.809,)), [224], Console()).results[0]
+    assert out.meta["zoo"]["what"] == "the teacher at 224 px" and out.meta["answer"]["zoo_evidence"]["on"] == "agreement"
+    # top-1 that is surely better displaces the donor too
+    correct["teacher@224"] = torch.arange(200) < 195
+    stage.correct_flags = lambda student, size, base=None: correct.get(base)
+    out = zoo.pick(cfg(), stage, found(budgets=(0.809,)), [224], Console()).results[0]
+    assert out.meta["zoo"]["what"] == "the teacher at 224 px" and out.meta["answer"]["zoo_evidence"]["low"] > 0
+
+
+def test_correct_flags_line_up_with_the_labelled_pick_images(monkeypatch):
+    from bespoke.data import ImageSet, _Item
+    from bespoke.stages.students import Students
+
+    def images(labels, labelled=True):
+        return ImageSet([_Item(f"{i}.jpg", lab, lambda: None) for i, lab in enumerate(labels)],
+                        labelled=labelled, source="x")
+
+    st = Students.__new__(Students)
+    val, train = images([3, 1, 2]), images([-1, -1], labelled=False)
+    monkeypatch.setattr(st, "_pick_sets", lambda: (val, train), raising=False)
+    monkeypatch.setattr(st, "_pick_predictions", lambda student, size, base=None: torch.tensor([3, 0, 2, 7, 7]),
+                        raising=False)
+    assert st.correct_flags(None, 224).tolist() == [True, False, True]  # the held-out three only
+    monkeypatch.setattr(st, "_pick_predictions", lambda student, size, base=None: torch.tensor([3, 0, 2, 7]),
+                        raising=False)
+    assert st.correct_flags(None, 224) is None  # an image failed to decode: the labels cannot be lined up
+    val = images([0, 0, 0], labelled=False)
+    assert st.correct_flags(None, 224) is None  # nothing labelled

@@ -209,17 +209,53 @@ class Students:
         top-1 class (a bool tensor, in the images' order): what a paired comparison of two
         candidates on the same images needs (:func:`bespoke.stages.zoo.pick`)."""
         targets = torch.cat([t.argmax(-1) for t in self._teacher_on_pick_images()])
-        flags, n = [], 0
+        return self._pick_predictions(student, size, base) == targets
+
+    def correct_flags(self, student, size, base=None):
+        """Per *labelled* image of :meth:`pick_agreement`'s images (the held-out images, when
+        they are labelled), whether ``student``'s top-1 class is the label; ``None`` when none of
+        them is labelled (or an image failed to decode, so the labels cannot be lined up)."""
+        labels = self._pick_labels()
+        if labels is None:
+            return None
+        pred = self._pick_predictions(student, size, base)
+        return (pred == labels)[labels >= 0] if len(pred) == len(labels) else None
+
+    def _pick_predictions(self, student, size, base=None):
+        """``student``'s top-1 class on each of the pick's images, in their order."""
+        out = []
         with torch.no_grad(), student.taps(False):
             for x in self._pick_images(size, base):
-                s = student(x.to(self.cfg.device)).argmax(-1).cpu()
-                flags.append(s == targets[n:n + len(s)])
-                n += len(s)
-        return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
+                out.append(student(x.to(self.cfg.device)).argmax(-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+    def _pick_labels(self):
+        """The labels of the pick's images in their order (-1 where an image has none), or
+        ``None`` when none has one."""
+        val, train = self._pick_sets()
+        labels = torch.tensor([it.label if part.labelled else -1 for part in (val, train) for it in part.items],
+                              dtype=torch.long)
+        return labels if bool((labels >= 0).any()) else None
 
     def finalist_flags(self, choices, size=None):
         """:meth:`agreement_flags` of the student of ``choices`` at input ``size``."""
         return self.agreement_flags(self._finalist(choices, size), self.at(size).size)
+
+    def finalist_correct_flags(self, choices, size=None):
+        """:meth:`correct_flags` of the student of ``choices`` at input ``size``."""
+        return self.correct_flags(self._finalist(choices, size), self.at(size).size)
+
+    def _pick_sets(self):
+        """The pick's images: the held-out images, and ``search.pick_train_images`` training
+        images (a fixed subset), each without a transform."""
+        n = min(self.cfg.search.pick_train_images, len(self.split.train))
+        if self.split.balance != "none":  # the draws come shuffled: the first n distinct ones
+            distinct = self.split.train.distinct()
+            train = distinct.subset(range(min(n, len(distinct))))
+        else:
+            order = torch.randperm(len(self.split.train), generator=torch.Generator().manual_seed(self.cfg.seed + 1))
+            train = self.split.train.subset(sorted(order[:n].tolist()))
+        return self.split.val, train
 
     def _pick_images(self, size, base=None):
         """Batches of the held-out images and the pick's training subset at input ``size``,
@@ -229,14 +265,9 @@ class Students:
         pixels, normalize = split_normalize(images.transforms_for(base, size))
 
         def make():
-            if self.split.balance != "none":  # the draws come shuffled: the first n distinct ones
-                distinct = self.split.train.distinct()
-                train = distinct.subset(range(min(n, len(distinct))))
-            else:
-                order = torch.randperm(len(self.split.train), generator=torch.Generator().manual_seed(self.cfg.seed + 1))
-                train = self.split.train.subset(sorted(order[:n].tolist()))
+            val, train = self._pick_sets()
             train = train.with_transform(pixels)
-            val = self.split.val.with_transform(pixels)
+            val = val.with_transform(pixels)
             batches = (x for part in (val, train) if len(part) for x, _ in iter_batches(part, 32))
             return (to_pixels(x) for x in batches) if normalize is not None else batches
 

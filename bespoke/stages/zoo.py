@@ -163,26 +163,35 @@ def _index(rows: list[dict[str, Any]], row: dict[str, Any]) -> int:
 
 def _evidence(cfg: Any, stage: Any, flags: dict[Any, Any], a: Any, b: dict[str, Any], result: Any,
               zoo: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """How much better candidate ``a`` (``"mixed"``: the budget's mixed pick, or a zoo row) agrees
-    with the teacher than the zoo row ``b``, image by image on the pick's images, with a paired
-    bootstrap interval at ``search.zoo_confidence`` (:func:`bespoke.evaluate.paired_flags`).
-    ``flags`` keeps each candidate's per-image agreement across budgets."""
+    """How much better candidate ``a`` (``"mixed"``: the budget's mixed pick, or a zoo row) does
+    than the zoo row ``b``, image by image on the pick's images, with a paired bootstrap interval
+    at ``search.zoo_confidence`` (:func:`bespoke.evaluate.paired_flags`): top-1 against the labels
+    of the labelled ones (``search.zoo_evidence: labels``), else agreement with the teacher's
+    top-1. ``flags`` keeps each candidate's per-image flags across budgets."""
     from bespoke.evaluate import paired_flags
 
-    def flags_of(c):
+    labels = cfg.search.zoo_evidence == "labels" and getattr(stage, "correct_flags", None) is not None
+
+    def flags_of(c, on_labels):
         if isinstance(c, str):  # the mixed pick
             choices = plain(result.choices)
-            key = ("mixed", result.input_size, tuple(x["alternative"] for x in choices))
+            key = ("mixed", on_labels, result.input_size, tuple(x["alternative"] for x in choices))
             if key not in flags:
-                flags[key] = stage.finalist_flags(choices, result.input_size)
+                flags[key] = (stage.finalist_correct_flags if on_labels else stage.finalist_flags)(
+                    choices, result.input_size)
             return flags[key]
-        entry, key = zoo[_index(rows, c)], ("zoo", c["what"])
+        entry, key = zoo[_index(rows, c)], ("zoo", on_labels, c["what"])
         if key not in flags:
-            flags[key] = stage.agreement_flags(entry["student"], entry["view"].size, getattr(entry["view"], "base", None))
+            flags[key] = (stage.correct_flags if on_labels else stage.agreement_flags)(
+                entry["student"], entry["view"].size, getattr(entry["view"], "base", None))
         return flags[key]
 
-    diff = paired_flags(flags_of(a), flags_of(b), resamples=4000, confidence=cfg.search.zoo_confidence, seed=cfg.seed)
-    return {**diff.as_dict(), "against": b["what"]}
+    fa, fb = (flags_of(a, True), flags_of(b, True)) if labels else (None, None)
+    on = "labels"
+    if fa is None or fb is None or not len(fa):  # no labelled image among the pick's: agreement, as without labels
+        fa, fb, on = flags_of(a, False), flags_of(b, False), "agreement"
+    diff = paired_flags(fa, fb, resamples=4000, confidence=cfg.search.zoo_confidence, seed=cfg.seed)
+    return {**diff.as_dict(), "against": b["what"], "on": on}
 
 
 def _answer(result: Any, mixed: dict[str, Any], zoo: list[dict[str, Any]], teacher_ms: float, console: Any,
@@ -247,8 +256,9 @@ def _answer(result: Any, mixed: dict[str, Any], zoo: list[dict[str, Any]], teach
 
 
 def _points(evidence: dict[str, Any]) -> str:
+    what = "points of top-1 on" if evidence.get("on") == "labels" else "points of agreement on"
     return (f"{100 * evidence['diff']:+.1f} [{100 * evidence['low']:+.1f}, {100 * evidence['high']:+.1f}] "
-            f"points on {evidence['images']} images")
+            f"{what} {evidence['images']} {'labelled ' if evidence.get('on') == 'labels' else ''}images")
 
 
 def mixed_plan(result: Any) -> dict[str, Any] | None:
