@@ -192,6 +192,28 @@ def test_onnxruntime_exports_pieces_with_the_piece_exporter(tmp_path, monkeypatc
         plugin.OnnxRuntimeLatencyOptions(piece_exporter="tvm")
 
 
+def test_whole_networks_timed_for_a_budget_are_asked_for_as_shipped():
+    """What measures students, donors and the teacher end to end marks its queries as whole
+    networks as they ship; a profile's pieces are not."""
+    from bespoke.evaluate import _queries
+    from bespoke.latency import make_query
+    from bespoke.latency.calibration import measure_students
+
+    a, b = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 4, 3)  # one architecture, two modules
+    queries = _queries({"teacher": a, "student": b}, (1, 3, 16, 16))
+    assert all(q.as_shipped for q in queries.values()) and len({q.key for q in queries.values()}) == 2
+    asked = []
+
+    class Estimator:
+        def latencies(self, qs):
+            asked.extend(qs)
+            return {q.key: 1.0 for q in qs}
+
+    measure_students(Estimator(), [("s", a, 1.0)], (1, 3, 16, 16))
+    assert asked and all(q.as_shipped for q in asked)
+    assert not make_query(a, (1, 3, 16, 16)).as_shipped
+
+
 def _plan(**kw):
     plan = {"budget": 0.8, "budget_ms": 8.0, "input_size": None, "latency_ms": 7.9, "feasible": True,
             "choices": [{"segment": "1-3", "start": 1, "end": 3, "alternative": "a1"}],
