@@ -57,6 +57,11 @@ def _export(module, x, path: Path, opset: int, exporter: str) -> None:
     tmp.replace(path)
 
 
+def _first(exporter: str) -> list[str]:
+    """The exporters to try, ``exporter`` first: a graph one cannot take goes to the other."""
+    return [exporter] + [e for e in ("dynamo", "torchscript") if e != exporter]
+
+
 class OnnxRuntimeLatency:
     """ONNX Runtime timing: each module exported once (cached by signature), fixed threads,
     warm-up, interleaved timed runs, median."""
@@ -102,18 +107,14 @@ class OnnxRuntimeLatency:
         """The exported model for ``query`` (exported on first use) with ``exporter`` (default:
         the configured one, falling back to the legacy one for graphs the dynamo exporter cannot
         take); the file name says which exporter wrote it."""
-        path, _ = self._export(query, exporter)
+        path, _ = self._export(query, [exporter] if exporter else _first(self.options.exporter))
         return path
 
-    def _export(self, query: LatencyQuery, exporter: str | None = None, prefer: str | None = None,
-                ) -> tuple[Path, str]:
-        """Export ``query`` with ``exporter``, or with ``prefer`` (default: the configured one) and
-        the other one when it fails."""
+    def _export(self, query: LatencyQuery, tries: Sequence[str]) -> tuple[Path, str]:
+        """Export ``query`` with the first of the exporters ``tries`` that takes it."""
         import torch
 
         o = self.options
-        prefer = prefer or o.exporter
-        tries = [exporter] if exporter else [prefer] + [e for e in ("dynamo", "torchscript") if e != prefer]
         errors = []
         for how in tries:
             path = self.cache / f"{query.key}-b{o.batch}-{how}-op{o.opset}.onnx"
@@ -141,11 +142,11 @@ class OnnxRuntimeLatency:
         """Every query exported by one exporter (:meth:`exporter_for`, the other one for all of
         them when a graph needs it), so that ratios between them compare like with like."""
         prefer = self.exporter_for(queries)
-        done = [self._export(q, prefer=prefer) for q in queries]
+        done = [self._export(q, _first(prefer)) for q in queries]
         used = {how for _, how in done}
         if len(used) > 1:
             other = next(e for e in used if e != prefer)
-            done = [self._export(q, other) for q in queries]
+            done = [self._export(q, [other]) for q in queries]
         return [p for p, _ in done], done[0][1] if done else prefer
 
     def _session(self, path: Path):
