@@ -63,6 +63,12 @@ class Stage:
     def finalist_flags(self, choices, size=None):
         return self.flags_of("mixed")
 
+    def correct_flags(self, student, size, base=None):  # unlabelled images: the rule goes by agreement
+        return None
+
+    def finalist_correct_flags(self, choices, size=None):
+        return None
+
     flags: dict[str, torch.Tensor] = {}
 
     def flags_of(self, key, n=1000):
@@ -509,3 +515,35 @@ def test_correct_flags_line_up_with_the_labelled_pick_images(monkeypatch):
     assert st.correct_flags(None, 224) is None  # an image failed to decode: the labels cannot be lined up
     val = images([0, 0, 0], labelled=False)
     assert st.correct_flags(None, 224) is None  # nothing labelled
+
+
+def test_the_pick_predicts_each_module_once_and_not_after_it_ends():
+    import weakref
+
+    from bespoke.stages.students import Students
+    from bespoke.stages.pick import DecodedBatches
+
+    class Counting(Net):
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return super().forward(x)
+
+        def taps(self, enabled):
+            import contextlib
+            return contextlib.nullcontext()
+
+    st = Students.__new__(Students)
+    st.cfg = SimpleNamespace(device="cpu")
+    st._pick_preds, st._pick_cache = weakref.WeakKeyDictionary(), DecodedBatches()
+    st._pick_images = lambda size, base=None: [torch.ones(2, 4)]
+    net = Counting()
+    first = st._pick_predictions(net, 224)
+    assert torch.equal(st._pick_predictions(net, 224), first) and Counting.calls == 1
+    st._pick_predictions(net, 192)  # another size is another pass
+    assert Counting.calls == 2
+    st.release_pick_images()  # the pick is over: a module may be trained now, so nothing is kept
+    st._pick_predictions(net, 224)
+    st._pick_predictions(net, 224)
+    assert Counting.calls == 4

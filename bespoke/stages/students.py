@@ -9,6 +9,7 @@ once per run.
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,7 @@ class Students:
         self._at = {}
         self._size_ratios = {}  # the teacher at other sizes over itself at its own, as the pick timed it
         self._pick_cache, self._pick_teacher, self._last_finalist = DecodedBatches(), None, (None, None)  # the final pick's
+        self._pick_preds = weakref.WeakKeyDictionary()  # the pick's predictions per module (release_pick_images)
         self._zoo = {}  # the donors as they are, by name (donor_as_is)
         self.budget_models = {}  # budget ratio -> the model whose latency set it (zoo.named_budgets)
 
@@ -222,12 +224,18 @@ class Students:
         return (pred == labels)[labels >= 0] if len(pred) == len(labels) else None
 
     def _pick_predictions(self, student, size, base=None):
-        """``student``'s top-1 class on each of the pick's images, in their order."""
-        out = []
-        with torch.no_grad(), student.taps(False):
-            for x in self._pick_images(size, base):
-                out.append(student(x.to(self.cfg.device)).argmax(-1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+        """``student``'s top-1 class on each of the pick's images, in their order. Until the pick
+        ends (:meth:`release_pick_images`), made once per module, size and preprocessing: its score,
+        its agreement flags and its label flags read the same pass."""
+        memo = self._pick_preds.setdefault(student, {}) if self._pick_preds is not None else {}
+        key = (int(size), None if base is None else id(base))
+        if key not in memo:
+            out = []
+            with torch.no_grad(), student.taps(False):
+                for x in self._pick_images(size, base):
+                    out.append(student(x.to(self.cfg.device)).argmax(-1).cpu())
+            memo[key] = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+        return memo[key]
 
     def _pick_labels(self):
         """The labels of the pick's images in their order (-1 where an image has none), or
@@ -278,8 +286,10 @@ class Students:
 
     def release_pick_images(self):
         """Let the final pick's decoded images go (they are decoded again if asked for): the
-        fine-tune that follows needs the memory."""
+        fine-tune that follows needs the memory. The pick's predictions go too, and are no longer
+        kept: a module may be trained after the pick."""
         self._pick_cache = DecodedBatches()
+        self._pick_preds = None
 
     def _teacher_on_pick_images(self):
         if self._pick_teacher is None:

@@ -170,7 +170,7 @@ def _evidence(cfg: Any, stage: Any, flags: dict[Any, Any], a: Any, b: dict[str, 
     top-1. ``flags`` keeps each candidate's per-image flags across budgets."""
     from bespoke.evaluate import paired_flags
 
-    labels = cfg.search.zoo_evidence == "labels" and getattr(stage, "correct_flags", None) is not None
+    labels = cfg.search.zoo_evidence == "labels"
 
     def flags_of(c, on_labels):
         if isinstance(c, str):  # the mixed pick
