@@ -214,19 +214,19 @@ class Students:
         return self._pick_predictions(student, size, base) == targets
 
     def correct_flags(self, student, size, base=None):
-        """Per *labelled* image of :meth:`pick_agreement`'s images (the held-out images, when
-        they are labelled), whether ``student``'s top-1 class is the label; ``None`` when none of
-        them is labelled (or an image failed to decode, so the labels cannot be lined up)."""
-        labels = self._pick_labels()
-        if labels is None:
+        """Per *labelled* image of :meth:`pick_agreement`'s images, whether ``student``'s top-1 is
+        the label; ``None`` when none is labelled or one failed to decode (nothing to line up)."""
+        val, train = self._pick_sets()
+        labels = torch.tensor([it.label if part.labelled else -1 for part in (val, train) for it in part.items],
+                              dtype=torch.long)
+        if not bool((labels >= 0).any()):
             return None
         pred = self._pick_predictions(student, size, base)
         return (pred == labels)[labels >= 0] if len(pred) == len(labels) else None
 
     def _pick_predictions(self, student, size, base=None):
-        """``student``'s top-1 class on each of the pick's images, in their order. Until the pick
-        ends (:meth:`release_pick_images`), made once per module, size and preprocessing: its score,
-        its agreement flags and its label flags read the same pass."""
+        """``student``'s top-1 class on each of the pick's images, in their order; until the pick
+        ends (:meth:`release_pick_images`), one pass per module, size and preprocessing."""
         memo = self._pick_preds.setdefault(student, {}) if self._pick_preds is not None else {}
         key = (int(size), None if base is None else id(base))
         if key not in memo:
@@ -236,14 +236,6 @@ class Students:
                     out.append(student(x.to(self.cfg.device)).argmax(-1).cpu())
             memo[key] = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
         return memo[key]
-
-    def _pick_labels(self):
-        """The labels of the pick's images in their order (-1 where an image has none), or
-        ``None`` when none has one."""
-        val, train = self._pick_sets()
-        labels = torch.tensor([it.label if part.labelled else -1 for part in (val, train) for it in part.items],
-                              dtype=torch.long)
-        return labels if bool((labels >= 0).any()) else None
 
     def finalist_flags(self, choices, size=None):
         """:meth:`agreement_flags` of the student of ``choices`` at input ``size``."""
