@@ -336,6 +336,37 @@ def test_a_finalist_much_worse_than_the_pick_is_taken_only_after_a_tighter_searc
     assert len(said[0]) <= 80
 
 
+def test_a_mixed_reference_that_searches_again_stays_the_mixed_reference(tmp_path):
+    """The best mixed student beside a zoo answer (``mixed-B``, role ``mixed``) over its budget as
+    saved: the student its tighter search makes keeps that name and role, so it never stands in
+    for the budget's answer (report.json: one answer per budget)."""
+    import types
+
+    from bespoke.config import RunConfig
+    from bespoke.search_report import BudgetResult, ChoiceRecord
+
+    made, plans = [], []
+    stage = _holding(RunConfig.model_validate({"search": {"pick_fallbacks": 2}}),
+                     {"a1": 0.86, "c1": 0.84, "b1": 0.76, "d1": 0.79}, made)
+    make = stage.make
+    stage.make = lambda plan, workdir: plans.append(plan) or make(plan, workdir)
+
+    def search(scfg, output, *, evaluate, tighten):
+        row = {"chosen": [0], "choices": [{"segment": "1-3", "start": 1, "end": 3, "alternative": "d1"}],
+               "fidelity": 0.87, "within_budget": True, "measured_ratio": 0.7}
+        return types.SimpleNamespace(results=[BudgetResult(
+            budget=0.8, budget_ms=8.0, feasible=True, latency_ms=6.0, loss=0.1, score=1.0, speedup=1.3,
+            choices=[ChoiceRecord(segment="1-3", start=1, end=3, alternative="d1", saving_ms=2.0, loss=0.1)],
+            meta={"reranked": [row], "picked": 0})])
+
+    first = stage.make(_plan(name="mixed-0.8", role="mixed"), tmp_path)
+    stage.time_students([first])
+    (kept,) = stage.hold_budgets([first], search=search, configs={64: stage.cfg})
+    assert kept.plan["choices"][0]["alternative"] == "d1" and kept.plan["fallback_detail"]["kept"] == "search"
+    assert [(p["choices"][0]["alternative"], p.get("name"), p.get("role")) for p in plans] == [
+        ("a1", "mixed-0.8", "mixed"), ("c1", "mixed-0.8", "mixed"), ("d1", "mixed-0.8", "mixed")]
+
+
 def test_two_modules_with_one_architecture_are_both_timed():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
     twin = copy.deepcopy(net)

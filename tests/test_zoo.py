@@ -547,3 +547,33 @@ def test_the_pick_predicts_each_module_once_and_not_after_it_ends():
     st._pick_predictions(net, 224)
     st._pick_predictions(net, 224)
     assert Counting.calls == 4
+
+
+def test_rerank_scores_and_times_each_candidate_once_a_run():
+    from bespoke.search import RealScore
+    from bespoke.stages.pick import ScoreMemo
+    from bespoke.stages.students import Students
+
+    st = Students.__new__(Students)
+    st.scores, scored, timed = ScoreMemo(), [], []
+    st.at = lambda size=None: SimpleNamespace(size=size or 260)
+    st.assemble = lambda chosen, size: (("student", size, len(chosen)), None)
+
+    def fidelity_of(student, view):
+        scored.append(student)
+        return RealScore(fidelity=0.9 - 0.1 * student[2], timer=lambda: timed.append(student) or 0.5)
+
+    st.fidelity_of, st._pair_ratio = fidelity_of, lambda student, view: timed.append(student) or 0.6
+    one = [{"start": 0, "end": 1, "alternative": "a"}]
+    two = one + [{"start": 2, "end": 3, "alternative": "b"}]
+    first = st.fidelity(one, 224)
+    again = st.fidelity([dict(one[0], segment="0-1")], 224)  # the same choices, in another form
+    assert (first.fidelity, again.fidelity) == (0.8, 0.8) and len(scored) == 1 and st.scores.hits == 1
+    assert first.timer() == 0.5 and again.timer() == 0.5 and len(timed) == 1  # the first timing, kept
+    assert st.fidelity(one, 192).fidelity == 0.8 and len(scored) == 2  # another size is another student
+    assert st.fidelity(two, 224).fidelity == pytest.approx(0.7) and len(scored) == 3
+    late = st.fidelity(one, 192)  # kept before it was ever timed: timed on a new assembly, once
+    assert late.timer() == 0.6 and st.fidelity(one, 192).timer() == 0.6 and len(timed) == 2
+    untimed = ScoreMemo()  # re-ranking without latency: no timer, before or after the memo answers
+    assert untimed.get(224, one, lambda: RealScore(fidelity=0.5), lambda: 1 / 0).timer is None
+    assert untimed.get(224, one, lambda: 1 / 0, lambda: 1 / 0).timer is None and untimed.hits == 1

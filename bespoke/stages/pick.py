@@ -48,6 +48,10 @@ def search_sizes(cfg: Any, stage: Any, native: Any, sized_cfgs: dict[int, Any], 
                                   + (f" (timed x{len(row['measured_ratios'])}: {row['measured_ratio']:.3f})"
                                      if "measured_ratios" in row else "")
                                   for (s, _), row in zip(feasible, rows)) + ")", highlight=False)
+    memo = getattr(stage, "scores", None)
+    if memo is not None and memo.rows:
+        console.print(f"re-ranking scored {len(memo.rows)} students on the held-out images"
+                      + (f"; {memo.hits} met again were not scored again" if memo.hits else ""), highlight=False)
     report = native.model_copy(update={"results": merged})
     S.write_report(report, out / "search.json")
     return report
@@ -89,6 +93,39 @@ def scored_pick(result: Any, teacher_ms: float) -> dict[str, Any]:
     return {"fidelity": row.get("fidelity", float("-inf")), "measured_ratio": measured,
             "predicted_ratio": result.latency_ms / reference,
             "within_budget": bool(row.get("within_budget", result.feasible)) and result.feasible}
+
+
+class ScoreMemo:
+    """The real scores of assembled candidates in one run, by input size and choices: a candidate
+    that re-ranking meets again -- in another budget's best, a search again at a tighter budget
+    (``search.rerank_tighten``, a fallback's second look) -- is neither scored nor timed twice.
+    Its agreement is the same images' and its ratio the first timing's (timing it again until it
+    fits would be choosing on noise). Keeps numbers only, never the assembled student."""
+
+    def __init__(self):
+        self.rows, self.hits = {}, 0
+
+    def get(self, size: int, choices: list[dict[str, Any]], measure: Callable[[], Any],
+            retime: Callable[[], Any]) -> Any:
+        """``measure()``: the candidate's :class:`bespoke.search.RealScore` (its lazy ``timer``, if
+        any, is kept for the first timing); ``retime()``: its ratio when it is first timed after
+        the score was kept (a new assembly)."""
+        key = (int(size), tuple((int(c["start"]), int(c["end"]), c["alternative"]) for c in choices))
+        row, first = self.rows.get(key), None
+        if row is None:
+            score = measure()
+            row = self.rows[key] = {"fidelity": score.fidelity, "timed": score.timer is not None}
+            first = score.timer
+        else:
+            self.hits += 1
+        if not row["timed"]:
+            return S.RealScore(fidelity=row["fidelity"])
+
+        def timer():
+            if "ratio" not in row:
+                row["ratio"] = (first or retime)()
+            return row["ratio"]
+        return S.RealScore(fidelity=row["fidelity"], timer=timer)
 
 
 class DecodedBatches:
@@ -151,7 +188,7 @@ class Normalized:
             yield self.normalize(b.to(torch.float32).div(255))
 
 
-__all__ = ["PICK_CACHE_BYTES", "DecodedBatches", "Normalized", "split_normalize", "to_pixels", "refine_finalists", "scored_pick", "search_sizes"]
+__all__ = ["PICK_CACHE_BYTES", "DecodedBatches", "Normalized", "ScoreMemo", "split_normalize", "to_pixels", "refine_finalists", "scored_pick", "search_sizes"]
 
 
 def finalists(result: dict[str, Any], zoo: bool = True) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from bespoke.models import default_input_size, load_model
 from bespoke.partition import Partition
 from bespoke.search import RealScore
 from bespoke.stages import pct, plain, warner
-from bespoke.stages.pick import DecodedBatches, Normalized, finalists, ratio_at_pick, split_normalize, to_pixels
+from bespoke.stages.pick import DecodedBatches, Normalized, ScoreMemo, finalists, ratio_at_pick, split_normalize, to_pixels
 from bespoke.student import StudentChoice, StudentRecipe, assemble, deployed, load_student, save_student
 
 
@@ -100,6 +100,7 @@ class Students:
         self._size_ratios = {}  # the teacher at other sizes over itself at its own, as the pick timed it
         self._pick_cache, self._pick_teacher, self._last_finalist = DecodedBatches(), None, (None, None)  # the final pick's
         self._pick_preds = weakref.WeakKeyDictionary()  # the pick's predictions per module (release_pick_images)
+        self.scores = ScoreMemo()  # re-ranking's real scores, by size and choices
         self._zoo = {}  # the donors as they are, by name (donor_as_is)
         self.budget_models = {}  # budget ratio -> the model whose latency set it (zoo.named_budgets)
 
@@ -143,10 +144,10 @@ class Students:
         """How well the student these search candidates assemble into, before fine-tuning, agrees
         with the teacher on the held-out images: top-1 agreement, ties broken by lower KL. A
         student at another input ``size`` sees the images at that size; the teacher, at its own.
-        The latency ratio is to the teacher at its own size."""
-        view = self.at(size)
-        student, _ = self.assemble(plain(candidates), view.size)
-        return self.fidelity_of(student, view)
+        The latency ratio is to the teacher at its own size. Scored and timed once a run (ScoreMemo)."""
+        view, chosen = self.at(size), plain(candidates)
+        return self.scores.get(view.size, chosen, lambda: self.fidelity_of(self.assemble(chosen, view.size)[0], view),
+                                lambda: self._pair_ratio(self.assemble(chosen, view.size)[0], view))
 
     def fidelity_of(self, student, view):
         """:meth:`fidelity` of any module ``student`` fed ``view.val`` (the held-out images under
@@ -161,8 +162,7 @@ class Students:
                 x = x.to(self.cfg.device)
                 s = student(x)
                 agree += float((s.argmax(-1) == t.argmax(-1)).sum())
-                kl += float(F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True,
-                                     reduction="sum"))
+                kl += float(F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum"))
                 n += x.shape[0]
         n = max(n, 1)
         timer = (lambda: self._pair_ratio(student, view)) if self.cfg.search.rerank_latency else None
@@ -598,8 +598,8 @@ class Students:
                                                 else row.get("fidelity"))
         if alt.get("fidelity") is not None and agreement <= alt["fidelity"]:
             return self._looked(m, detail, info, "finalist better", "its best agreed no better than the finalist"), None
-        plan = {**result.model_dump(), "fallback": None,
-                "fallback_detail": {**detail, **info, "outcome": "kept its best", "kept": "search"}}
+        plan = {**result.model_dump(), **{k: m.plan[k] for k in ("name", "role") if k in m.plan},  # still mixed-B
+                "fallback": None, "fallback_detail": {**detail, **info, "outcome": "kept its best", "kept": "search"}}
         other = self.make(plan, m.workdir / "search-tighter")
         self.time_students([other])
         if other.over_budget:
