@@ -273,6 +273,8 @@ def run(cfg, registry, console=None):
                        console=console, evaluate=stage.fidelity if rerank else None)
         if sizes:
             found = pick.search_sizes(cfg, stage, found, sized_cfgs, out, console, search=search_again)
+        if (said := stage.scores.summary()) is not None:
+            console.print(said, highlight=False)
         if cfg.search.zoo and rerank:  # the donors and the teacher at each size, as they are, compete
             found = zoo.pick(cfg, stage, found, sizes, console)
             S.write_report(found, out / "search.json")

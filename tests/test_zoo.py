@@ -574,6 +574,8 @@ def test_rerank_scores_and_times_each_candidate_once_a_run():
     assert st.fidelity(two, 224).fidelity == pytest.approx(0.7) and len(scored) == 3
     late = st.fidelity(one, 192)  # kept before it was ever timed: timed on a new assembly, once
     assert late.timer() == 0.6 and st.fidelity(one, 192).timer() == 0.6 and len(timed) == 2
+    assert st.scores.summary() == "re-ranking scored 3 students on the held-out images; 3 met again were not scored again"
     untimed = ScoreMemo()  # re-ranking without latency: no timer, before or after the memo answers
     assert untimed.get(224, one, lambda: RealScore(fidelity=0.5), lambda: 1 / 0).timer is None
     assert untimed.get(224, one, lambda: 1 / 0, lambda: 1 / 0).timer is None and untimed.hits == 1
+    assert ScoreMemo().summary() is None  # nothing scored: nothing to say

@@ -48,10 +48,6 @@ def search_sizes(cfg: Any, stage: Any, native: Any, sized_cfgs: dict[int, Any], 
                                   + (f" (timed x{len(row['measured_ratios'])}: {row['measured_ratio']:.3f})"
                                      if "measured_ratios" in row else "")
                                   for (s, _), row in zip(feasible, rows)) + ")", highlight=False)
-    memo = getattr(stage, "scores", None)
-    if memo is not None and memo.rows:
-        console.print(f"re-ranking scored {len(memo.rows)} students on the held-out images"
-                      + (f"; {memo.hits} met again were not scored again" if memo.hits else ""), highlight=False)
     report = native.model_copy(update={"results": merged})
     S.write_report(report, out / "search.json")
     return report
@@ -104,6 +100,13 @@ class ScoreMemo:
 
     def __init__(self):
         self.rows, self.hits = {}, 0
+
+    def summary(self) -> str | None:
+        """What re-ranking scored, for the console; None when it scored nothing."""
+        if not self.rows:
+            return None
+        return (f"re-ranking scored {len(self.rows)} students on the held-out images"
+                + (f"; {self.hits} met again were not scored again" if self.hits else ""))
 
     def get(self, size: int, choices: list[dict[str, Any]], measure: Callable[[], Any],
             retime: Callable[[], Any]) -> Any:
