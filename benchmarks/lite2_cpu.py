@@ -156,7 +156,11 @@ def parse_args(argv=None):
                    help="search.pick_train_images: the final pick over input sizes also counts agreement on this many "
                         "training images (100 held-out images tell candidates one image apart)")
     p.add_argument("--pick-remeasure", type=int, default=2,
-                   help="search.pick_remeasure: finalists measured within 3 %% of the budget are timed this many more times")
+                   help="search.pick_remeasure: finalists measured within --pick-margin of the budget are timed this "
+                        "many more times")
+    p.add_argument("--pick-margin", type=float, default=0.03,
+                   help="search.pick_margin: the relative distance to the budget within which the pick times a "
+                        "finalist again (0.03: 3 %%, the default of bespoke run)")
     p.add_argument("--skip-baselines", action="store_true", help="only the bespoke students (faster)")
     p.add_argument("--uniform-pruning", action="store_true",
                    help="also the uniform channel-pruning baseline (torch-pruning; about 17 min; off by default "
@@ -297,7 +301,7 @@ def run_config(args, layout: dict, selection_images: int, budgets: list[float]) 
                   "halving": args.halving, "halving_eta": args.halving_eta, "workers": args.workers},
         "search": {"proxy": args.proxy, "rerank_top_k": args.rerank_top_k, "input_sizes": args.input_sizes,
                    "pick_train_images": args.pick_train_images, "pick_remeasure": args.pick_remeasure,
-                   "check_repeats": args.repeats},
+                   "pick_margin": args.pick_margin, "check_repeats": args.repeats},
         "finetune": finetune_settings(args),
     }
 

@@ -74,7 +74,7 @@ def test_the_benchmarks_configure_a_valid_run(tmp_path):
     import lite2_cpu
     import own_model
 
-    from bespoke.config import RunConfig
+    from bespoke.config import RunConfig, SearchConfig
 
     args = lite2_cpu.parse_args(["--out", str(tmp_path / "b")])
     assert args.pool == "broad" and args.data_balance == "none" and args.stitch
@@ -82,6 +82,9 @@ def test_the_benchmarks_configure_a_valid_run(tmp_path):
     layout = {"distill": tmp_path / "d", "selection": tmp_path / "s", "class_list": tmp_path / "classes.txt"}
     cfg = RunConfig.model_validate(lite2_cpu.run_config(args, layout, 200, [0.5, 0.7]))
     assert cfg.build.stitch_sources == ["timm-donors"] and cfg.search.zoo
+    assert cfg.search.pick_margin == SearchConfig().pick_margin  # the run's default, unless asked
+    wide = lite2_cpu.parse_args(["--out", "x", "--pick-margin", "0.1"])
+    assert RunConfig.model_validate(lite2_cpu.run_config(wide, layout, 200, [0.5])).search.pick_margin == 0.1
     split = tmp_path / "split"
     (split / "selection" / "a").mkdir(parents=True)
     (split / "selection" / "a" / "x.jpg").write_bytes(b"")
