@@ -158,9 +158,11 @@ def parse_args(argv=None):
     p.add_argument("--pick-remeasure", type=int, default=2,
                    help="search.pick_remeasure: finalists measured within --pick-margin of the budget are timed this "
                         "many more times")
-    p.add_argument("--pick-margin", type=float, default=0.03,
+    from bespoke.config import SearchConfig
+
+    p.add_argument("--pick-margin", type=float, default=SearchConfig().pick_margin,
                    help="search.pick_margin: the relative distance to the budget within which the pick times a "
-                        "finalist again (0.03: 3 %%, the default of bespoke run)")
+                        "finalist again (default: bespoke run's)")
     p.add_argument("--skip-baselines", action="store_true", help="only the bespoke students (faster)")
     p.add_argument("--uniform-pruning", action="store_true",
                    help="also the uniform channel-pruning baseline (torch-pruning; about 17 min; off by default "
